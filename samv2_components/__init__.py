@@ -1,0 +1,3 @@
+"""SAMv2 anatomical embeddings as MONAI components."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Error types of the project and the one-line error report used by the command-line entry points.
+
+Every problem with user input (a file, a checkpoint, a points list) raises a :class:`SAMv2InputError` whose
+message names the offending file and the problem in one line. ``python -m monai.bundle run`` shows a Python
+traceback for any exception; :func:`install_cli_error_handler` (called from the bundle configs) replaces
+that, for our errors only, by one readable line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
+
+__all__ = ["SAMv2Error", "SAMv2InputError", "CheckpointError", "install_cli_error_handler", "find_samv2_error"]
+
+
+class SAMv2Error(Exception):
+    """Base class of the errors this project raises on purpose."""
+
+
+class SAMv2InputError(SAMv2Error, ValueError):
+    """A user-supplied file or value cannot be used.
+
+    Args:
+        source: the file (or the name of the value) at fault; shown first in the message.
+        problem: what is wrong, in a few words a user can act on.
+    """
+
+    def __init__(self, source: str | os.PathLike | None, problem: str):
+        self.source = None if source is None else os.fspath(source)
+        self.problem = problem
+        super().__init__(problem if self.source is None else f"{self.source}: {problem}")
+
+
+class CheckpointError(SAMv2InputError):
+    """A checkpoint does not fit the network: missing, unexpected or wrongly shaped tensors."""
+
+
+def find_samv2_error(exc: BaseException | None) -> SAMv2Error | None:
+    """Return the first :class:`SAMv2Error` in ``exc``'s cause/context chain (MONAI wraps transform errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SAMv2Error):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_previous_hook = None
+
+
+def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    error = find_samv2_error(exc)
+    if error is None:
+        (_previous_hook or sys.__excepthook__)(exc_type, exc, tb)
+        return
+    sys.stderr.write(f"ERROR: {error}\n")
+    sys.stderr.flush()
+
+
+def install_cli_error_handler() -> None:
+    """Report :class:`SAMv2Error` exceptions as one line on stderr (the process still exits with code 1).
+
+    Any other exception keeps Python's normal traceback. Safe to call more than once.
+    """
+    global _previous_hook
+    if sys.excepthook is not _one_line_hook:
+        _previous_hook = sys.excepthook
+        sys.excepthook = _one_line_hook

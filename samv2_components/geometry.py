@@ -1,0 +1,120 @@
+"""The project's one place for coordinate conversions.
+
+Conventions (see the project README):
+
+* **World points** are physical millimetres in **LPS** (ITK/DICOM: +x left, +y posterior, +z superior) unless a
+  function is told ``"RAS"`` (NIfTI/3D Slicer display: +x right, +y anterior, +z superior). The two differ by
+  the sign of x and y.
+* **Affines** map voxel indices ``(i, j, k, 1)`` of an array (in its own axis order, channel excluded) to world
+  coordinates. MONAI's ``MetaTensor.affine`` is RAS by default (``meta["space"] == "RAS"``); the functions take
+  the affine's space explicitly so that no caller re-derives the flip.
+* Voxel index ``i`` means the **centre** of voxel ``i`` (ITK and NIfTI agree on this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from samv2_components.errors import SAMv2InputError
+
+__all__ = [
+    "COORDINATE_SYSTEMS",
+    "check_coordinate_system",
+    "convert_points",
+    "convert_affine",
+    "voxel_to_world",
+    "world_to_voxel",
+    "affine_and_space",
+    "strided_grid_affine",
+]
+
+COORDINATE_SYSTEMS = ("LPS", "RAS")
+_FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def check_coordinate_system(name: str, source: str | None = None) -> str:
+    """Return ``name`` upper-cased if it is ``"LPS"`` or ``"RAS"``, else raise :class:`SAMv2InputError`."""
+    system = str(name).strip().upper()
+    if system not in COORDINATE_SYSTEMS:
+        raise SAMv2InputError(source, f"unknown coordinate system {name!r}; expected one of {', '.join(COORDINATE_SYSTEMS)}")
+    return system
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_points(points) -> np.ndarray:
+    arr = _as_numpy(points)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"points must have shape (N, 3), got {arr.shape}")
+    return arr
+
+
+def convert_points(points, from_system: str, to_system: str) -> np.ndarray:
+    """Convert world points ``(N, 3)`` between LPS and RAS (negates x and y when the systems differ)."""
+    src, dst = check_coordinate_system(from_system), check_coordinate_system(to_system)
+    pts = _as_points(points).copy()
+    if src != dst:
+        pts[:, :2] *= -1.0
+    return pts
+
+
+def convert_affine(affine, from_system: str, to_system: str) -> np.ndarray:
+    """Re-express a 4x4 voxel-to-world affine in another world system (LPS <-> RAS flips world x and y)."""
+    aff = _as_numpy(affine)
+    if aff.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got {aff.shape}")
+    if check_coordinate_system(from_system) != check_coordinate_system(to_system):
+        aff = _FLIP_XY @ aff
+    return aff
+
+
+def voxel_to_world(indices, affine, affine_space: str = "RAS", world_space: str = "LPS") -> np.ndarray:
+    """Map voxel indices ``(N, 3)`` (array axis order, may be fractional) to world points ``(N, 3)`` in mm.
+
+    Args:
+        indices: voxel coordinates, ``(N, 3)`` or ``(3,)``.
+        affine: 4x4 voxel-to-world matrix of the array, expressed in ``affine_space``.
+        affine_space: ``"RAS"`` for MONAI ``MetaTensor`` affines (the default), ``"LPS"`` for ITK-style ones.
+        world_space: coordinate system of the returned points.
+    """
+    aff = convert_affine(affine, affine_space, world_space)
+    idx = _as_points(indices)
+    return idx @ aff[:3, :3].T + aff[:3, 3]
+
+
+def world_to_voxel(points, affine, affine_space: str = "RAS", world_space: str = "LPS") -> np.ndarray:
+    """Inverse of :func:`voxel_to_world`: world points ``(N, 3)`` in ``world_space`` to fractional voxel indices."""
+    aff = convert_affine(affine, affine_space, world_space)
+    pts = _as_points(points)
+    return np.linalg.solve(aff[:3, :3], (pts - aff[:3, 3]).T).T
+
+
+def affine_and_space(image) -> tuple[np.ndarray, str]:
+    """Return the 4x4 affine (un-batched) of a MONAI ``MetaTensor`` and the space it is expressed in."""
+    affine = _as_numpy(image.affine)
+    if affine.ndim == 3:
+        affine = affine[0]
+    space = str(image.meta.get("space", "RAS")) if hasattr(image, "meta") else "RAS"
+    return affine, check_coordinate_system(space)
+
+
+def strided_grid_affine(affine, stride: Sequence[float], offset: Sequence[float]) -> np.ndarray:
+    """Affine of a grid whose voxel ``i`` (per axis) has its centre at input voxel ``stride * i + offset``.
+
+    This is how every embedding map gets its affine: a network head with output stride ``s`` whose receptive
+    field centre lies at input index ``s * i + o``.
+    """
+    aff = _as_numpy(affine)
+    sub = np.eye(4)
+    sub[:3, :3] = np.diag(np.asarray(stride, dtype=np.float64))
+    sub[:3, 3] = np.asarray(offset, dtype=np.float64)
+    return aff @ sub

@@ -1,0 +1,3 @@
+from samv2_components.inference.embedder import SAMv2Inferer, bf16_supported
+
+__all__ = ["SAMv2Inferer", "bf16_supported"]

@@ -1,0 +1,162 @@
+"""Embedding a preprocessed scan with :class:`~samv2_components.networks.SAMv2Net`: precision, memory layout,
+tiling for bounded memory, and the affine of every output grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from samv2_components.geometry import strided_grid_affine
+from samv2_components.networks import HEAD_GRIDS, INPUT_DIVISOR, SAMv2Net
+
+__all__ = ["SAMv2Inferer", "bf16_supported"]
+
+logger = logging.getLogger("samv2_components")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on ``device`` (CUDA with bf16, or a CPU with AVX-512 BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+class SAMv2Inferer(Inferer):
+    """Run :meth:`SAMv2Net.forward_heads` on a whole volume or in overlapping tiles, returning each head as a
+    ``MetaTensor`` with the affine of its own grid.
+
+    Args:
+        bf16: ``"auto"`` uses bf16 autocast where the device supports it, ``True`` forces it, ``False`` is fp32.
+            Outputs are always returned as float32 and re-normalised to unit length.
+        channels_last: use ``torch.channels_last_3d`` (faster convolutions on CPU with oneDNN).
+        max_tile_voxels: largest input tile (including its halo) embedded in one pass; bounds peak memory.
+            ``None`` never tiles.
+        halo: input voxels (D, H, W) added on each side of a tile and discarded afterwards; multiples of
+            :data:`INPUT_DIVISOR`. Larger halos bring tiled results closer to the whole-volume pass.
+        pad_value: value used to pad an input that is not a multiple of :data:`INPUT_DIVISOR`
+            (-50 is air after CT normalisation and the minimum after MR normalisation).
+
+    Call: ``inferer(image, network)`` with ``image`` ``(B, 1, D, H, W)``; if it is a ``MetaTensor`` the outputs
+    carry affines (same space as the input's) computed from :data:`HEAD_GRIDS`.
+    Returns ``{head: (B, embedding_dim, d, h, w)}`` with ``d = ceil(D / stride_D)`` etc.
+    """
+
+    def __init__(
+        self,
+        bf16: bool | str = "auto",
+        channels_last: bool = True,
+        max_tile_voxels: int | None = 12_000_000,
+        halo: Sequence[int] = (16, 64, 64),
+        pad_value: float = -50.0,
+    ):
+        super().__init__()
+        if bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
+        if any(h % d for h, d in zip(halo, INPUT_DIVISOR)):
+            raise ValueError(f"halo {tuple(halo)} must be a multiple of {INPUT_DIVISOR}")
+        self.bf16 = bf16
+        self.channels_last = channels_last
+        self.max_tile_voxels = max_tile_voxels
+        self.halo = tuple(int(h) for h in halo)
+        self.pad_value = pad_value
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, inputs: torch.Tensor, network: SAMv2Net, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if inputs.ndim != 5 or inputs.shape[1] != 1:
+            raise ValueError(f"expected input (B, 1, D, H, W), got {tuple(inputs.shape)}")
+        size = tuple(inputs.shape[2:])
+        padded = self._pad(inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs)
+        with torch.no_grad():
+            heads = self._embed(padded, network)
+        out: dict[str, torch.Tensor] = {}
+        for name, emb in heads.items():
+            stride, offset = HEAD_GRIDS[name]
+            crop = [math.ceil(s / st) for s, st in zip(size, stride)]
+            emb = emb[:, :, : crop[0], : crop[1], : crop[2]].contiguous()
+            if isinstance(inputs, MetaTensor):
+                emb = self._with_grid_meta(emb, inputs, stride, offset)
+            out[name] = emb
+        return out
+
+    def tile_starts(self, size: Sequence[int]) -> list[tuple[tuple[int, int], ...]]:
+        """Core regions ``((d0, d1), (h0, h1), (w0, w1))`` covering a (padded) input of ``size``.
+
+        Among all splits into ``n_d x n_h x n_w`` equal cores (multiples of :data:`INPUT_DIVISOR`), take the one
+        with the fewest tiles whose tile-with-halo fits ``max_tile_voxels``, then the least total work.
+        If none fits, the smallest possible tile is used with a warning.
+        """
+        if self.max_tile_voxels is None:
+            return [tuple((0, n) for n in size)]
+        options = []
+        splits = [range(1, min(max(1, n // d), 32) + 1) for n, d in zip(size, INPUT_DIVISOR)]
+        for counts in itertools.product(*splits):
+            core = [math.ceil(n / k / d) * d for n, k, d in zip(size, counts, INPUT_DIVISOR)]
+            n_tiles = math.prod(math.ceil(n / c) for n, c in zip(size, core))
+            tile = math.prod(min(c + 2 * h, n) for c, h, n in zip(core, self.halo, size))
+            options.append((tile > self.max_tile_voxels, n_tiles if tile <= self.max_tile_voxels else tile, n_tiles * tile, core))
+        too_big, _, _, core = min(options)
+        if too_big:
+            logger.warning("no tile with halo %s fits max_tile_voxels=%s; using cores of %s", self.halo, self.max_tile_voxels, core)
+        ranges = [[(s, min(s + c, n)) for s in range(0, n, c)] for c, n in zip(core, size)]
+        return list(itertools.product(*ranges))
+
+    # ------------------------------------------------------------------ internals
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        pad = [(-s) % d for s, d in zip(x.shape[2:], INPUT_DIVISOR)]
+        if not any(pad):
+            return x
+        return F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=self.pad_value)
+
+    def _autocast(self, device: torch.device):
+        use = bf16_supported(device) if self.bf16 == "auto" else bool(self.bf16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+    def _forward(self, x: torch.Tensor, network: SAMv2Net) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with self._autocast(x.device):
+            heads = network.forward_heads(x)
+        return {k: F.normalize(v.float(), dim=1) for k, v in heads.items()}
+
+    def _embed(self, x: torch.Tensor, network: SAMv2Net) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            network.to(memory_format=torch.channels_last_3d)
+        size = tuple(x.shape[2:])
+        tiles = self.tile_starts(size)
+        if len(tiles) == 1:
+            return self._forward(x, network)
+        logger.info("embedding %s in %d tiles (max_tile_voxels=%s)", size, len(tiles), self.max_tile_voxels)
+        out: dict[str, torch.Tensor] = {}
+        for core in tiles:
+            lo = [max(0, c0 - h) for (c0, _), h in zip(core, self.halo)]
+            hi = [min(n, c1 + h) for (_, c1), h, n in zip(core, self.halo, size)]
+            heads = self._forward(x[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], network)
+            for name, emb in heads.items():
+                stride = HEAD_GRIDS[name][0]
+                if name not in out:
+                    full = [n // s for n, s in zip(size, stride)]
+                    out[name] = emb.new_zeros((x.shape[0], emb.shape[1], *full))
+                dst = tuple(slice(c0 // s, c1 // s) for (c0, c1), s in zip(core, stride))
+                src = tuple(slice((c0 - l) // s, (c1 - l) // s) for (c0, c1), l, s in zip(core, lo, stride))
+                out[name][(slice(None), slice(None), *dst)] = emb[(slice(None), slice(None), *src)]
+        return out
+
+    @staticmethod
+    def _with_grid_meta(emb: torch.Tensor, image: MetaTensor, stride, offset) -> MetaTensor:
+        affine = image.affine
+        batched = affine.ndim == 3
+        affines = affine if batched else affine[None]
+        grid = torch.stack([torch.as_tensor(strided_grid_affine(a, stride, offset)) for a in affines])
+        meta = {k: v for k, v in image.meta.items() if k in ("space", "filename_or_obj")}
+        return MetaTensor(emb, affine=grid if batched else grid[0], meta=meta)

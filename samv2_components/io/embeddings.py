@@ -1,0 +1,139 @@
+"""Writing embedding maps: one NIfTI per head, each with the affine of its own grid, plus a preview and a
+JSON summary. A case's files are written into a temporary folder and moved into place at the end, so a failure
+never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelWriter
+from monai.transforms import MapTransform
+
+from samv2_components.geometry import affine_and_space, convert_affine
+from samv2_components.networks import HEAD_GRIDS
+from samv2_components.visualize import embedding_preview
+
+__all__ = ["write_embedding_case", "SaveEmbeddingsd", "case_name"]
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """Output folder name of an input scan: its file name without image extensions (or the DICOM folder name)."""
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _lps_affine(image: MetaTensor) -> list[list[float]]:
+    affine, space = affine_and_space(image)
+    return convert_affine(affine, space, "LPS").tolist()
+
+
+def write_embedding_case(
+    heads: Mapping[str, MetaTensor],
+    image: MetaTensor,
+    output_dir: str | os.PathLike,
+    name: str,
+    output_ext: str = ".nii",
+    preview: bool = True,
+    info: Mapping[str, Any] | None = None,
+) -> str:
+    """Write ``<output_dir>/<name>/`` with ``<head>.nii[.gz]``, ``preview.png`` and ``embeddings.json``.
+
+    Args:
+        heads: ``{head: (C, d, h, w) MetaTensor}`` with each grid's affine (channel-first, un-batched).
+        image: the preprocessed input ``(1, D, H, W)`` (for the preview and the summary).
+        output_dir: parent folder; created if needed.
+        name: case folder name.
+        output_ext: ``".nii"`` (fast, default) or ``".nii.gz"``.
+        preview: also write the PCA-RGB ``preview.png``.
+        info: extra entries for ``embeddings.json`` (model, modality, weights, ...).
+
+    Returns the case folder path. An existing case folder is replaced only once the new one is complete.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir)
+    try:
+        summary: dict[str, Any] = {
+            "input": str(image.meta.get("filename_or_obj", "")),
+            "coordinate_system": "LPS",
+            "affine_convention": "4x4 voxel index (array axis order i, j, k) -> world mm; voxel centres",
+            "input_grid": {"shape": list(image.shape[1:]), "affine_lps": _lps_affine(image)},
+            "heads": {},
+            **(dict(info) if info else {}),
+        }
+        writer = NibabelWriter()
+        for head, emb in heads.items():
+            affine, _ = affine_and_space(emb)
+            file = f"{head}{output_ext}"
+            writer.set_data_array(emb, channel_dim=0)
+            # the array's own affine is written as is (no resampling to the input's)
+            writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+            writer.write(os.path.join(tmp, file), verbose=False)
+            stride, offset = HEAD_GRIDS[head]
+            summary["heads"][head] = {
+                "file": file,
+                "channels": int(emb.shape[0]),
+                "shape": list(emb.shape[1:]),
+                "affine_lps": _lps_affine(emb),
+                "stride_in_input_voxels": list(stride),
+                "offset_in_input_voxels": list(offset),
+            }
+        if preview:
+            strides = {h: HEAD_GRIDS[h][0] for h in heads}
+            embedding_preview(image[0].as_tensor(), {h: e.as_tensor() for h, e in heads.items()}, strides, os.path.join(tmp, "preview.png"))
+        with open(os.path.join(tmp, "embeddings.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+class SaveEmbeddingsd(MapTransform):
+    """Post-processing transform: write the embeddings under ``pred_key`` of each (decollated) item.
+
+    Args:
+        keys: the image key (the preprocessed input, used for the case name, preview and summary).
+        pred_key: key of the ``{head: MetaTensor}`` dict produced by :class:`~samv2_components.inference.SAMv2Inferer`.
+        output_dir: parent folder of the case folders.
+        output_ext: ``".nii"`` or ``".nii.gz"``.
+        preview: write ``preview.png``.
+        info: extra entries for every ``embeddings.json``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        pred_key: str = "pred",
+        output_ext: str = ".nii",
+        preview: bool = True,
+        info: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(keys)
+        self.output_dir, self.pred_key, self.output_ext = output_dir, pred_key, output_ext
+        self.preview, self.info = preview, dict(info or {})
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            source = image.meta.get("filename_or_obj", "scan")
+            info = {**self.info, **({"modality": d["modality"]} if "modality" in d else {})}
+            d["output_path"] = write_embedding_case(
+                d[self.pred_key], image, self.output_dir, case_name(source), self.output_ext, self.preview, info
+            )
+        return d

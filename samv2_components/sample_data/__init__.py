@@ -1,0 +1,29 @@
+"""Small real scans shipped with the package so that the bundles and tests run without external data.
+
+See ``README.md`` in this folder (and each bundle's ``docs/data_license.txt``) for provenance and licences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["SAMPLES", "sample_path"]
+
+_HERE = Path(__file__).resolve().parent
+
+#: sample name -> (file name, modality, description)
+SAMPLES: dict[str, tuple[str, str, str]] = {
+    "ct_abdomen": ("ct_abdomen.nii.gz", "ct", "30-slice abdominal CT, 122x101x30 @ 3 mm (TotalSegmentator test data)"),
+    "ct_abdomen_labels": ("ct_abdomen_labels.nii.gz", "label", "TotalSegmentator v2 organ labels of ct_abdomen"),
+    "mr_abdomen": ("mr_abdomen.nii.gz", "mr", "abdominal MR, 117x91x20 @ 3 mm (TotalSegmentator test data)"),
+    "mr_abdomen_labels": ("mr_abdomen_labels.nii.gz", "label", "TotalSegmentator-MR labels of mr_abdomen"),
+    "phantom_ct": ("phantom_ct_3mm.nii.gz", "ct", "porcine phantom CT, 67x67x85 @ 3 mm (TCIA MRI-DIR)"),
+    "phantom_mr": ("phantom_mr_t2_3mm.nii.gz", "mr", "porcine phantom T2 MR, 85x85x78 @ 3 mm (TCIA MRI-DIR)"),
+}
+
+
+def sample_path(name: str) -> str:
+    """Absolute path of the shipped sample scan ``name`` (one of :data:`SAMPLES`)."""
+    if name not in SAMPLES:
+        raise KeyError(f"unknown sample {name!r}; available: {', '.join(SAMPLES)}")
+    return str(_HERE / SAMPLES[name][0])
