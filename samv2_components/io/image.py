@@ -11,6 +11,7 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor
@@ -25,6 +26,29 @@ def _short(exc: BaseException) -> str:
     """First line of an exception message: ITK errors span many lines."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+
+
+def _nifti_nonfinite_count(path: str) -> int:
+    """Number of NaN/infinite voxels stored in a floating-point NIfTI/Analyze file (0 for any other file).
+
+    ITK reads NIfTI through the NIfTI C library, which silently replaces every NaN or infinite float by 0 on
+    reading; so the loaded array cannot show them and the file itself is checked here, with nibabel.
+    """
+    if not os.path.isfile(path) or not path.lower().endswith(_NIFTI_SUFFIXES):
+        return 0
+    try:
+        import nibabel as nib
+
+        img = nib.load(path)
+        if np.dtype(img.get_data_dtype()).kind not in "fc":
+            return 0  # integer voxels (even scaled by finite scl_slope/scl_inter) are always finite
+        data = np.asanyarray(img.dataobj)
+    except Exception:  # not readable by nibabel: leave the verdict to ITK
+        return 0
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def validate_scan(image: torch.Tensor, source: str | os.PathLike | None, check_intensities: bool = True) -> None:
@@ -70,6 +94,10 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
         raise SAMv2InputError(path, "file not found")
     if os.path.isdir(path) and not any(os.scandir(path)):
         raise SAMv2InputError(path, "folder is empty (expected a DICOM series)")
+    if check_intensities:
+        n_bad = _nifti_nonfinite_count(path)
+        if n_bad:
+            raise SAMv2InputError(path, f"image contains {n_bad} NaN or infinite voxels")
     loader = LoadImage(reader=ITKReader(), image_only=True, ensure_channel_first=True, dtype=torch.float32)
     try:
         image = loader(path)

@@ -131,7 +131,7 @@ class FPNEmbeddingHead(nn.Module):
 
 
 def upsample_to_fine_grid(coarse: torch.Tensor, fine_size: List[int], ratios: List[float]) -> torch.Tensor:
-    """Resample the coarse head ``(B, C, d, h, w)`` trilinearly onto the fine grid and re-normalise.
+    """Resample the coarse head ``(B, C, d, h, w)`` trilinearly onto the fine grid ``fine_size`` (not normalised).
 
     Voxel centres are matched physically (see :data:`HEAD_GRIDS`): fine voxel ``f`` sits at coarse voxel
     ``f * ratio`` along each axis, ``ratios = fine_stride / coarse_stride`` (the offsets are equal). A plain
@@ -147,8 +147,7 @@ def upsample_to_fine_grid(coarse: torch.Tensor, fine_size: List[int], ratios: Li
         coords.append(pos * (2.0 / max(n_coarse - 1, 1)) - 1.0 if n_coarse > 1 else torch.zeros_like(pos))
     zz, yy, xx = torch.meshgrid(coords[0], coords[1], coords[2], indexing="ij")
     grid = torch.stack((xx, yy, zz), dim=-1).unsqueeze(0).expand(coarse.shape[0], -1, -1, -1, -1)
-    up = F.grid_sample(coarse, grid.to(coarse.dtype), mode="bilinear", padding_mode="border", align_corners=True)
-    return F.normalize(up, dim=1)
+    return F.grid_sample(coarse, grid.to(coarse.dtype), mode="bilinear", padding_mode="border", align_corners=True)
 
 
 class SAMv2Net(nn.Module):
@@ -216,6 +215,7 @@ class SAMv2Net(nn.Module):
         for name in self.head_names:
             emb = heads[name]
             if name == "coarse":
-                emb = upsample_to_fine_grid(emb, list(fine.shape[2:]), self.coarse_to_fine_ratios)
+                # trilinear blends of unit vectors are shorter than 1: re-normalise
+                emb = F.normalize(upsample_to_fine_grid(emb, list(fine.shape[2:]), self.coarse_to_fine_ratios), dim=1)
             parts.append(emb)
         return torch.cat(parts, dim=1)

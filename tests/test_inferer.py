@@ -1,0 +1,91 @@
+"""SAMv2Inferer: grid affines, padding, tiling with a halo, bf16 precision."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from samv2_components.geometry import voxel_to_world
+from samv2_components.inference import SAMv2Inferer, bf16_supported
+from samv2_components.networks import HEAD_GRIDS, SAMv2Net
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SAMv2Net(width=0.25).eval()
+
+
+def smooth_volume(shape, seed=0):
+    """Random blobs: a smooth, image-like input in the network's range."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, *[s // 4 for s in shape], generator=g)
+    x = torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+    return (x - x.min()) / (x.max() - x.min()) * 255 - 50
+
+
+def test_output_affines_place_grid_voxels_at_their_input_positions(net):
+    rot = np.array([[0.0, 0.0, -1.5], [0.0, -1.2, 0.0], [2.0, 0.0, 0.0]])  # permuted, flipped, anisotropic
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = rot, [10.0, -20.0, 30.0]
+    image = MetaTensor(smooth_volume((16, 32, 48)), affine=torch.as_tensor(affine), meta={"space": "RAS"})
+    heads = SAMv2Inferer(bf16=False)(image, net)
+    for name, emb in heads.items():
+        stride, offset = HEAD_GRIDS[name]
+        idx = np.array([[0, 0, 0], [1, 2, 3], [emb.shape[2] - 1, emb.shape[3] - 1, emb.shape[4] - 1]], float)
+        got = voxel_to_world(idx, emb.affine)
+        want = voxel_to_world(idx * np.array(stride) + np.array(offset), affine)
+        np.testing.assert_allclose(got, want, atol=1e-9)
+        assert emb.meta["space"] == "RAS"
+
+
+def test_non_divisible_input_is_padded_and_cropped(net):
+    heads = SAMv2Inferer(bf16=False)(smooth_volume((10, 40, 50)), net)
+    assert heads["fine"].shape[2:] == (5, 20, 25)
+    assert heads["coarse"].shape[2:] == (3, 3, 4)  # ceil(10/4), ceil(40/16), ceil(50/16)
+
+
+def test_tiles_cover_the_volume_exactly_once():
+    inferer = SAMv2Inferer(max_tile_voxels=20_000, halo=(4, 16, 16))
+    size = (24, 64, 96)
+    cover = torch.zeros(size, dtype=torch.int32)
+    tiles = inferer.tile_starts(size)
+    assert len(tiles) > 1
+    for (d0, d1), (h0, h1), (w0, w1) in tiles:
+        assert d0 % 4 == 0 and h0 % 16 == 0 and w0 % 16 == 0
+        cover[d0:d1, h0:h1, w0:w1] += 1
+    assert bool((cover == 1).all())
+
+
+def test_tiled_pass_equals_whole_volume_pass(net):
+    size = (48, 192, 224)
+    x = smooth_volume(size)
+    whole = SAMv2Inferer(bf16=False, max_tile_voxels=None)(x, net)
+    # default halo; a budget that forces a split along depth and in-plane
+    tiled_inferer = SAMv2Inferer(bf16=False, max_tile_voxels=48 * 192 * 224 * 3 // 4)
+    tiles = tiled_inferer.tile_starts(size)
+    assert len(tiles) > 1
+    tiled = tiled_inferer(x, net)
+    for name in whole:
+        cosine = (whole[name] * tiled[name]).sum(1)
+        assert float(cosine.mean()) > 0.999, name
+        assert float(torch.quantile(cosine.flatten(), 0.01)) > 0.99, name
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no fast bf16")
+def test_bf16_embeddings_within_cosine_099_of_fp32(net):
+    x = smooth_volume((32, 64, 64))
+    fp32 = SAMv2Inferer(bf16=False)(x, net)
+    bf16 = SAMv2Inferer(bf16=True)(x, net)
+    for name in fp32:
+        assert bf16[name].dtype == torch.float32
+        assert float((fp32[name] * bf16[name]).sum(1).min()) > 0.99, name
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        SAMv2Inferer(halo=(3, 16, 16))
+    with pytest.raises(ValueError):
+        SAMv2Inferer(bf16="yes")
+    with pytest.raises(ValueError):
+        SAMv2Inferer()(torch.zeros(1, 2, 8, 16, 16), SAMv2Net(width=0.25))

@@ -1,0 +1,126 @@
+"""SAMv2Net: shapes and grids, normalisation, head switches, width, the single-tensor descriptor, Zoo tooling."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from samv2_components.networks import HEAD_GRIDS, SAMv2Net, upsample_to_fine_grid
+
+BUNDLE = os.path.join(os.path.dirname(__file__), "..", "bundles", "semantic_sam")
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    torch.manual_seed(0)
+    return SAMv2Net(width=0.25).eval()
+
+
+@pytest.mark.parametrize("size", [(32, 96, 96), (8, 32, 48)])
+def test_head_shapes_follow_grids(small_net, size):
+    with torch.no_grad():
+        heads = small_net.forward_heads(torch.randn(2, 1, *size))
+    assert set(heads) == {"fine", "coarse", "semantic"}
+    for name, emb in heads.items():
+        stride = HEAD_GRIDS[name][0]
+        assert emb.shape == (2, 128, *[s // st for s, st in zip(size, stride)])
+        # every voxel's embedding is unit length
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones_like(emb[:, 0]), atol=1e-5, rtol=0)
+
+
+def test_published_architecture_size():
+    net = SAMv2Net(width=1.0)
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 33.0e6 < n_params < 33.6e6  # "about 33 M parameters" of the reference network
+    assert len(net.state_dict()) == 146  # the upstream SAMv2 checkpoint has 146 tensors
+    assert len(SAMv2Net(width=1.0, heads=("fine", "coarse")).state_dict()) == 138
+    light = SAMv2Net(width=0.5)
+    assert sum(p.numel() for p in light.parameters()) < n_params / 3
+    assert light.out_channels == net.out_channels == 384
+
+
+def test_heads_can_be_switched_off():
+    net = SAMv2Net(width=0.25, heads=("coarse", "fine")).eval()
+    assert net.head_names == ["fine", "coarse"]  # canonical order whatever the config order
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 8, 32, 32))
+    assert out.shape == (1, 256, 4, 16, 16)
+    for bad in [("coarse",), ("fine", "fine"), ("fine", "deep")]:
+        with pytest.raises(ValueError):
+            SAMv2Net(heads=bad)
+
+
+def test_descriptor_gives_mean_cosine_score(small_net):
+    x = torch.randn(1, 1, 16, 64, 64)
+    with torch.no_grad():
+        heads = small_net.forward_heads(x)
+        desc = small_net(x)
+    torch.testing.assert_close(desc[:, :128], heads["fine"])
+    torch.testing.assert_close(desc[:, 256:], heads["semantic"])
+    # descriptor dot product / number of heads == mean of the per-head cosines
+    a, b = desc[0, :, 1, 2, 3], desc[0, :, 5, 6, 7]
+    coarse_up = torch.nn.functional.normalize(
+        upsample_to_fine_grid(heads["coarse"], list(heads["fine"].shape[2:]), small_net.coarse_to_fine_ratios), dim=1
+    )[0]
+    per_head = [
+        heads["fine"][0, :, 1, 2, 3] @ heads["fine"][0, :, 5, 6, 7],
+        coarse_up[:, 1, 2, 3] @ coarse_up[:, 5, 6, 7],
+        heads["semantic"][0, :, 1, 2, 3] @ heads["semantic"][0, :, 5, 6, 7],
+    ]
+    torch.testing.assert_close((a @ b) / 3, sum(per_head) / 3)
+
+
+def test_coarse_upsampling_matches_voxel_centres():
+    """A coarse map holding each voxel's own position (in input voxels) must resample to the fine positions."""
+    coarse_size, fine_size = (4, 3, 5), [8, 24, 40]
+    (fs, fo), (cs, co) = HEAD_GRIDS["fine"], HEAD_GRIDS["coarse"]
+    assert fo == co  # the offsets cancel, only the strides matter
+    ramps = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) * s for n, s in zip(coarse_size, cs)], indexing="ij")
+    coarse = torch.stack(ramps)[None]
+    ratios = [f / c for f, c in zip(fs, cs)]
+    up = upsample_to_fine_grid(coarse, fine_size, ratios)[0]
+    for axis in range(3):
+        expected = torch.arange(fine_size[axis], dtype=torch.float32) * fs[axis]
+        last = (coarse_size[axis] - 1) * cs[axis]  # beyond the last coarse centre the border value is kept
+        line = up[axis].movedim(axis, 0)[:, 0, 0]
+        torch.testing.assert_close(line, expected.clamp(max=last))
+
+
+def test_torchscript_matches_eager(small_net):
+    x = torch.randn(1, 1, 8, 32, 32)
+    scripted = torch.jit.script(small_net)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), small_net(x))
+        sam_v1 = SAMv2Net(width=0.25, heads=("fine", "coarse")).eval()
+        torch.testing.assert_close(torch.jit.script(sam_v1)(x), sam_v1(x))
+
+
+def _config_and_meta():
+    return os.path.join(BUNDLE, "configs", "inference.json"), os.path.join(BUNDLE, "configs", "metadata.json")
+
+
+def test_verify_net_in_out_with_bundle_config():
+    from monai.bundle import verify_net_in_out
+
+    config, meta = _config_and_meta()
+    # checks one tensor in and out, with out.shape[1] equal to the declared 384 channels
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, n=1, any=1, device="cpu")
+    with open(meta) as f:
+        assert json.load(f)["network_data_format"]["outputs"]["pred"]["num_channels"] == 384
+
+
+def test_ckpt_export_torchscript_equals_eager(tmp_path):
+    from monai.bundle import ckpt_export
+
+    config, meta = _config_and_meta()
+    torch.manual_seed(1)
+    net = SAMv2Net(width=0.5).eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(ckpt), meta_file=meta, config_file=config)
+    exported = torch.jit.load(str(ts_path))
+    x = torch.randn(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x))
