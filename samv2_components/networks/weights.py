@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -291,9 +290,8 @@ def load_weights(network: nn.Module, path: str | os.PathLike, *, missing_ok: boo
     Args:
         network: the network built from the bundle's ``network_def``.
         path: the checkpoint (a plain state dict, or ``{"state_dict": ...}`` / ``{"model": ...}``).
-        missing_ok: when the file does not exist, warn (``logging`` logger ``samv2_components`` and
-            :func:`warnings.warn`) that the network runs with random weights and return ``False`` instead of
-            raising.
+        missing_ok: when the file does not exist, log a warning (logger ``samv2_components``) that the
+            network runs with random weights and return ``False`` instead of raising.
 
     Returns:
         ``True`` when the weights were loaded, ``False`` when the file is missing and ``missing_ok``.
@@ -307,7 +305,6 @@ def load_weights(network: nn.Module, path: str | os.PathLike, *, missing_ok: boo
             "embeddings are not meaningful"
         )
         logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
         return False
     state_dict = read_state_dict(path)
     check_state_dict(network, state_dict, path)
