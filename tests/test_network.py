@@ -124,3 +124,23 @@ def test_ckpt_export_torchscript_equals_eager(tmp_path):
     x = torch.randn(1, 1, 8, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x))
+
+
+def test_fused_inference_copy_matches_and_leaves_original_alone():
+    from samv2_components.networks import fuse_conv_norm
+
+    torch.manual_seed(3)
+    net = SAMv2Net(width=0.25)
+    for m in net.modules():  # non-trivial running statistics so that folding them matters
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    keys = list(net.state_dict())
+    fused = fuse_conv_norm(net)
+    x = torch.randn(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        for name, emb in net.forward_heads(x).items():
+            torch.testing.assert_close(fused.forward_heads(x)[name], emb, atol=1e-4, rtol=1e-4)
+    assert list(net.state_dict()) == keys  # the original still loads bundle checkpoints
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from samv2_components.geometry import strided_grid_affine
-from samv2_components.networks import HEAD_GRIDS, INPUT_DIVISOR, SAMv2Net
+from samv2_components.networks import HEAD_GRIDS, INPUT_DIVISOR, SAMv2Net, fuse_conv_norm
 
 __all__ = ["SAMv2Inferer", "bf16_supported"]
 
@@ -83,7 +83,8 @@ class SAMv2Inferer(Inferer):
         for name, emb in heads.items():
             stride, offset = HEAD_GRIDS[name]
             crop = [math.ceil(s / st) for s, st in zip(size, stride)]
-            emb = emb[:, :, : crop[0], : crop[1], : crop[2]].contiguous()
+            # a view, no copy: on the CPU the maps stay channels-last (each voxel's vector contiguous)
+            emb = emb[:, :, : crop[0], : crop[1], : crop[2]]
             if isinstance(inputs, MetaTensor):
                 emb = self._with_grid_meta(emb, inputs, stride, offset)
             out[name] = emb
@@ -123,33 +124,43 @@ class SAMv2Inferer(Inferer):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
 
     def _forward(self, x: torch.Tensor, network: SAMv2Net) -> dict[str, torch.Tensor]:
+        """Raw head outputs (bf16 under autocast) of one input block."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with self._autocast(x.device):
-            heads = network.forward_heads(x)
-        return {k: F.normalize(v.float(), dim=1) for k, v in heads.items()}
+            return network.forward_heads(x)
+
+    @staticmethod
+    def _finish(emb: torch.Tensor) -> torch.Tensor:
+        """float32 and unit length: bf16 unit vectors are only unit to about 1e-3."""
+        emb = emb.float()
+        return emb.div_(emb.norm(dim=1, keepdim=True).clamp_min_(1e-12))
 
     def _embed(self, x: torch.Tensor, network: SAMv2Net) -> dict[str, torch.Tensor]:
+        if not network.training:
+            network = fuse_conv_norm(network)  # a copy: the caller's network is not modified
         if self.channels_last:
-            network.to(memory_format=torch.channels_last_3d)
+            network = network.to(memory_format=torch.channels_last_3d)
         size = tuple(x.shape[2:])
         tiles = self.tile_starts(size)
         if len(tiles) == 1:
-            return self._forward(x, network)
+            return {name: self._finish(emb) for name, emb in self._forward(x, network).items()}
         logger.info("embedding %s in %d tiles (max_tile_voxels=%s)", size, len(tiles), self.max_tile_voxels)
         out: dict[str, torch.Tensor] = {}
         for core in tiles:
             lo = [max(0, c0 - h) for (c0, _), h in zip(core, self.halo)]
             hi = [min(n, c1 + h) for (_, c1), h, n in zip(core, self.halo, size)]
             heads = self._forward(x[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], network)
-            for name, emb in heads.items():
+            for name in list(heads):
+                emb = heads.pop(name)  # drop each tile output as soon as its core is copied: bounds memory
                 stride = HEAD_GRIDS[name][0]
                 if name not in out:
                     full = [n // s for n, s in zip(size, stride)]
-                    out[name] = emb.new_zeros((x.shape[0], emb.shape[1], *full))
+                    out[name] = emb.new_empty((x.shape[0], emb.shape[1], *full), dtype=torch.float32)
                 dst = tuple(slice(c0 // s, c1 // s) for (c0, c1), s in zip(core, stride))
                 src = tuple(slice((c0 - l) // s, (c1 - l) // s) for (c0, c1), l, s in zip(core, lo, stride))
-                out[name][(slice(None), slice(None), *dst)] = emb[(slice(None), slice(None), *src)]
+                out[name][(slice(None), slice(None), *dst)] = self._finish(emb[(slice(None), slice(None), *src)])
+                del emb
         return out
 
     @staticmethod

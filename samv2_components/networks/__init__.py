@@ -7,6 +7,7 @@ from samv2_components.networks.samv2_net import (
     FPNEmbeddingHead,
     ResNet18Encoder3d,
     SAMv2Net,
+    fuse_conv_norm,
     upsample_to_fine_grid,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "FPNEmbeddingHead",
     "ResNet18Encoder3d",
     "SAMv2Net",
+    "fuse_conv_norm",
     "upsample_to_fine_grid",
 ]
