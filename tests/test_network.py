@@ -119,7 +119,14 @@ def test_ckpt_export_torchscript_equals_eager(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     ts_path = tmp_path / "model.ts"
-    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(ckpt), meta_file=meta, config_file=config)
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_path),
+        ckpt_file=str(ckpt),
+        meta_file=meta,
+        config_file=config,
+        **{"network_def#width": 0.5},
+    )
     exported = torch.jit.load(str(ts_path))
     x = torch.randn(1, 1, 8, 32, 32)
     with torch.no_grad():
