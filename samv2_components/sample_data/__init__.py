@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SAMPLES", "sample_path"]
+__all__ = ["SAMPLES", "sample_path", "SAMPLE_DATALIST"]
 
 _HERE = Path(__file__).resolve().parent
+
+#: Decathlon-style training datalist of the sample scans (paths relative to it), for smoke-test training runs
+SAMPLE_DATALIST = str(_HERE / "datalist.json")
 
 #: sample name -> (file name, modality, description)
 SAMPLES: dict[str, tuple[str, str, str]] = {

@@ -1,0 +1,159 @@
+"""Semantic-SAM training iteration on MONAI's ``SupervisedTrainer`` (pytorch-ignite).
+
+Each iteration is either an **appearance step** (the default): the two augmented patches of a
+:class:`~samv2_components.transforms.patch_pairs.RandPatchPaird` pair go through the network together and the
+voxel-wise InfoNCE loss (paper Eq. 1) is taken at the fine and the coarse level; or, with probability
+``semantic_prob`` when labelled scans are configured, a **semantic step**: a batch of labelled crops from a second
+loader and the prototypical supervised contrastive loss (paper Eq. 2) on the semantic head.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from torch import nn
+
+from samv2_components.inference.embedder import bf16_supported
+from samv2_components.networks import HEAD_GRIDS
+
+__all__ = ["HeadsModel", "SAMv2Trainer"]
+
+
+class HeadsModel(nn.Module):
+    """Wrap :class:`~samv2_components.networks.SAMv2Net` so that ``forward`` returns the per-head dict.
+
+    Training needs every head on its own grid, and DistributedDataParallel only synchronises gradients of calls
+    that go through ``forward``. ``net`` (the bundle's ``network_def``) keeps the plain state-dict keys.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net.forward_heads(x)
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        yield from loader
+
+
+class SAMv2Trainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose iteration is a SAMv2 appearance step or, at random, a semantic step.
+
+    Args:
+        network: a :class:`HeadsModel` (possibly wrapped in DistributedDataParallel).
+        fine_loss, coarse_loss: :class:`~samv2_components.losses.VoxelInfoNCELoss` instances.
+        coarse_weight: weight of the coarse InfoNCE term.
+        semantic_loss: :class:`~samv2_components.losses.PrototypeContrastiveLoss`, or None.
+        semantic_loader: loader of labelled crops (``image`` (B,1,D,H,W), ``label`` (B,1,D,H,W)), or None.
+        semantic_prob: probability of a semantic step when ``semantic_loader`` is given (0.4 in the reference).
+        bf16: autocast the forward pass in bf16 (``"auto"``: where the device supports it).
+        volume_spacing: voxel size (mm) of the preprocessed scans the pairs are cut from; with the pair affines
+            (patch voxel -> volume voxel, ``affine_a`` / ``affine_b``) it gives each patch's own voxel size, which
+            the losses' mm radii need.
+        seed: seed of the step-type draw (kept in the trainer so that a resumed run continues the sequence
+            statistically, not bit-exactly).
+        pair_keys: keys of the two patches, the correspondence field and its validity mask in a pair batch.
+        Other arguments as :class:`monai.engines.SupervisedTrainer` (``loss_function`` is ``fine_loss``).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fine_loss: Callable,
+        coarse_loss: Callable,
+        coarse_weight: float = 1.0,
+        semantic_loss: Callable | None = None,
+        semantic_loader: Iterable | None = None,
+        semantic_prob: float = 0.4,
+        bf16: bool | str = "auto",
+        volume_spacing: float = 2.0,
+        seed: int = 0,
+        pair_keys: Sequence[str] = ("image_a", "image_b", "corr_ab", "valid_ab"),
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=fine_loss,
+            epoch_length=epoch_length,
+            train_handlers=train_handlers,
+            **kwargs,
+        )
+        if (semantic_loss is None) != (semantic_loader is None):
+            raise ValueError("semantic_loss and semantic_loader must be given together")
+        self.fine_loss, self.coarse_loss, self.coarse_weight = fine_loss, coarse_loss, coarse_weight
+        self.semantic_loss, self.semantic_loader, self.semantic_prob = semantic_loss, semantic_loader, semantic_prob
+        self._semantic_batches: Iterator | None = None
+        self.bf16 = bf16
+        self.volume_spacing = volume_spacing
+        self.pair_keys = tuple(pair_keys)
+        self._step_rng = random.Random(seed)
+
+    def _autocast(self, device: torch.device):
+        use = bf16_supported(device) if self.bf16 == "auto" else bool(self.bf16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+    def _appearance_losses(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        device = engine.state.device
+        key_a, key_b, key_corr, key_valid = self.pair_keys
+        a, b = batch[key_a].to(device), batch[key_b].to(device)
+        corr, valid = batch[key_corr].to(device), batch[key_valid].to(device)
+        with self._autocast(device):
+            heads = engine.network(torch.cat([a, b]))  # one pass: both views share batch-norm statistics
+        n = a.shape[0]
+        spacing = {}
+        for view in ("a", "b"):  # column norms of patch->volume matrices = per-axis scale of each patch
+            affine = batch.get(f"affine_{view}")
+            spacing[view] = None if affine is None else self.volume_spacing * affine[:, :3, :3].float().norm(dim=1).to(device)
+        losses = {}
+        for level, loss_fn in (("fine", self.fine_loss), ("coarse", self.coarse_loss)):
+            stride, offset = HEAD_GRIDS[level]
+            emb = heads[level].float()
+            losses[level] = loss_fn(emb[:n], emb[n:], corr, valid, stride, offset, spacing["a"], spacing["b"])
+        fine, coarse = losses["fine"], losses["coarse"]
+        return {"loss": fine + self.coarse_weight * coarse, "fine": fine, "coarse": coarse}
+
+    def _semantic_losses(self, engine) -> dict[str, torch.Tensor]:
+        from samv2_components.losses import labels_to_grid
+
+        if self._semantic_batches is None:
+            self._semantic_batches = _cycle(self.semantic_loader)
+        batch = next(self._semantic_batches)
+        device = engine.state.device
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        with self._autocast(device):
+            emb = engine.network(image)["semantic"].float()
+        stride, offset = HEAD_GRIDS["semantic"]
+        semantic = self.semantic_loss(emb, labels_to_grid(label, stride, offset, emb.shape[2:]))
+        return {"loss": semantic, "semantic": semantic}
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        semantic_step = self.semantic_loader is not None and self._step_rng.random() < self.semantic_prob
+        losses = self._semantic_losses(engine) if semantic_step else self._appearance_losses(engine, batchdata)
+        losses["loss"].backward()
+        engine.optimizer.step()
+        output: dict[str, Any] = {k: v.detach() for k, v in losses.items()}  # "loss" is Keys.LOSS
+        output["step_type"] = "semantic" if semantic_step else "appearance"
+        engine.state.output = output
+        return output
