@@ -1,0 +1,289 @@
+"""Exhaustive nearest-neighbour (NN) matching of world points between two embedded scans.
+
+Conventions:
+
+* **Heads**: what :class:`~samv2_components.inference.SAMv2Inferer` returns for one scan,
+  ``{head: MetaTensor (1, C, d, h, w)}`` (or un-batched ``(C, d, h, w)``), every voxel's vector L2-normalised,
+  each head on its own grid with its own voxel-to-world ``affine`` (MONAI: RAS, ``meta["space"]``; LPS affines
+  are accepted when ``meta["space"] == "LPS"``). Array axes are (S, P, L) = (D, H, W) after the bundle
+  preprocessing, but nothing here assumes an axis order: the affines say where every voxel is.
+* **Points** are world coordinates in millimetres, **LPS**, shape ``(N, 3)``; results are LPS too.
+* **Descriptor** of a point: each head present (canonical order ``fine, coarse, semantic``) sampled trilinearly
+  at the point on that head's own grid, re-normalised, concatenated: ``(N, 128 * n_heads)``.
+* **Score** (DESIGN §2 "Score"): the mean of the per-head cosines, i.e. ``descriptor . map / n_heads``, in
+  ``[-1, 1]``. On the query side the coarse head is upsampled to the fine grid with
+  :func:`~samv2_components.networks.upsample_to_fine_grid` and re-normalised, as in ``SAMv2Net.forward``.
+* NN searches the whole query **fine grid**; the answer is the world position of the best fine voxel, optionally
+  refined to sub-voxel precision by a per-axis quadratic fit of the score (``subvoxel=True``).
+
+A later coarse-to-fine / fixed-point matcher builds on :func:`descriptor_at_points`, :func:`query_descriptor_map`
+and :func:`nearest_neighbour_search`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samv2_components.geometry import affine_and_space, voxel_to_world, world_to_voxel
+from samv2_components.networks import HEAD_NAMES, upsample_to_fine_grid
+
+__all__ = [
+    "DescriptorMap",
+    "present_heads",
+    "descriptor_at_points",
+    "query_descriptor_map",
+    "nearest_neighbour_search",
+    "match_nearest_neighbour",
+]
+
+#: the largest (points x voxels) score block held at once by :func:`nearest_neighbour_search` (128 MiB in fp32)
+MAX_SCORE_BLOCK = 32 * 1024 * 1024
+
+
+class DescriptorMap(NamedTuple):
+    """The query's matching descriptor on its fine grid.
+
+    Attributes:
+        descriptors: ``(C_total, d, h, w)`` float tensor, ``C_total = 128 * n_heads``; every head's 128 channels
+            are unit length at every voxel. Stored voxel-major (a permuted view of :attr:`flat`).
+        flat: the same numbers as a contiguous ``(d * h * w, C_total)`` matrix (row = voxel in C order of
+            ``(d, h, w)``), the operand of the NN search.
+        affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in :attr:`space`.
+        space: ``"RAS"`` (MONAI default) or ``"LPS"``: the space of :attr:`affine`, not of any points.
+        head_names: heads in channel order.
+    """
+
+    descriptors: torch.Tensor
+    flat: torch.Tensor
+    affine: np.ndarray
+    space: str
+    head_names: tuple
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.head_names)
+
+    @property
+    def grid_shape(self) -> tuple:
+        """``(d, h, w)`` of the fine grid."""
+        return tuple(self.descriptors.shape[1:])
+
+    def voxel_to_world(self, indices) -> np.ndarray:
+        """Fine-grid voxel coordinates ``(N, 3)`` (may be fractional) to world points ``(N, 3)``, LPS mm."""
+        return voxel_to_world(indices, self.affine, affine_space=self.space, world_space="LPS")
+
+    def world_to_voxel(self, points_lps) -> np.ndarray:
+        """World points ``(N, 3)`` (LPS mm) to fractional fine-grid voxel coordinates ``(N, 3)``."""
+        return world_to_voxel(points_lps, self.affine, affine_space=self.space, world_space="LPS")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def present_heads(heads: Mapping[str, torch.Tensor]) -> tuple:
+    """Names of the heads in ``heads`` in canonical order (``fine``, ``coarse``, ``semantic``).
+
+    Raises:
+        ValueError: an unknown head name, or no ``fine`` head.
+    """
+    unknown = [h for h in heads if h not in HEAD_NAMES]
+    if unknown or "fine" not in heads:
+        raise ValueError(f"heads must be named from {HEAD_NAMES} and include 'fine', got {tuple(heads)}")
+    return tuple(h for h in HEAD_NAMES if h in heads)
+
+
+def _volume_and_affine(name: str, head: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, str]:
+    """``(C, d, h, w)`` float tensor (no meta), its 4x4 affine and the affine's space."""
+    if not hasattr(head, "affine"):
+        raise ValueError(f"head {name!r} must be a MetaTensor carrying its grid's affine (as SAMv2Inferer returns)")
+    affine, space = affine_and_space(head)
+    vol = head.as_tensor() if hasattr(head, "as_tensor") else head
+    if vol.ndim == 5:
+        if vol.shape[0] != 1:
+            raise ValueError(f"head {name!r}: expected one scan (batch size 1), got shape {tuple(vol.shape)}")
+        vol = vol[0]
+    if vol.ndim != 4:
+        raise ValueError(f"head {name!r}: expected (1, C, d, h, w) or (C, d, h, w), got shape {tuple(vol.shape)}")
+    return vol.float(), affine, space
+
+
+def _as_points(points_lps) -> np.ndarray:
+    pts = points_lps.detach().cpu().numpy() if isinstance(points_lps, torch.Tensor) else np.asarray(points_lps)
+    pts = np.asarray(pts, dtype=np.float64)
+    if pts.ndim == 1:
+        pts = pts[None]
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points must have shape (N, 3), got {pts.shape}")
+    return pts
+
+
+def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
+    """Trilinear samples ``(N, C)`` of ``volume`` ``(C, d, h, w)`` at fractional voxel coordinates ``(N, 3)``.
+
+    Voxel ``i`` is the centre of voxel ``i`` (``grid_sample`` with ``align_corners=True``); coordinates beyond
+    the first/last voxel centre take the border value.
+    """
+    sizes = np.asarray(volume.shape[1:], dtype=np.float64)
+    norm = np.where(sizes > 1, voxels * 2.0 / np.maximum(sizes - 1.0, 1.0) - 1.0, 0.0)
+    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=volume.dtype, device=volume.device)  # (x, y, z) = (w, h, d)
+    out = F.grid_sample(
+        volume[None], grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return out.view(volume.shape[0], -1).T
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch.Tensor:
+    """Matching descriptors of world points.
+
+    Args:
+        heads: ``{head: MetaTensor (1, C, d, h, w) or (C, d, h, w)}`` with per-grid affines (see module doc).
+        points_lps: ``(N, 3)`` world points, LPS mm (numpy, list or tensor).
+
+    Returns:
+        ``(N, C * n_heads)`` float32 tensor on the heads' device: per head (canonical order) the embedding
+        trilinearly interpolated at the point on that head's own grid (points outside a grid take its border
+        value) and re-normalised to unit length. ``a . b / n_heads`` of two descriptors is the SAMv2 score.
+    """
+    pts = _as_points(points_lps)
+    parts = []
+    for name in present_heads(heads):
+        vol, affine, space = _volume_and_affine(name, heads[name])
+        voxels = world_to_voxel(pts, affine, affine_space=space, world_space="LPS")
+        parts.append(F.normalize(_sample_trilinear(vol, voxels), dim=1))
+    return torch.cat(parts, dim=1)
+
+
+def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
+    """The descriptor of every voxel of the fine grid: ``(C_total, d, h, w)`` plus the fine grid's affine.
+
+    Channels: ``fine``; ``coarse`` upsampled to the fine grid with :func:`upsample_to_fine_grid` (physically
+    aligned, border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine
+    grid). The result equals ``SAMv2Net.forward`` of the same scan.
+
+    Raises:
+        ValueError: the coarse grid is not a strided sub-grid of the fine one sharing its first voxel centre, or
+            the semantic head is not on the fine grid (heads of different scans mixed up).
+    """
+    names = present_heads(heads)
+    fine, fine_affine, space = _volume_and_affine("fine", heads["fine"])
+    n_channels, size = fine.shape[0], list(fine.shape[1:])
+    n_voxels = int(np.prod(size))
+    flat = torch.empty((n_voxels, n_channels * len(names)), dtype=torch.float32, device=fine.device)
+    for h, name in enumerate(names):
+        vol, affine, head_space = _volume_and_affine(name, heads[name])
+        if head_space != space:
+            raise ValueError(f"head {name!r} has a {head_space} affine but 'fine' a {space} one")
+        # fine voxel index -> this head's voxel index
+        fine_to_head = np.linalg.solve(affine, fine_affine)
+        if name == "coarse":
+            ratios = np.diag(fine_to_head)[:3]
+            if not np.allclose(fine_to_head[:3, :3], np.diag(ratios), atol=1e-4) or not np.allclose(
+                fine_to_head[:3, 3], 0.0, atol=1e-3
+            ):
+                raise ValueError("the coarse grid is not aligned with the fine grid (are the heads from one scan?)")
+            vol = F.normalize(upsample_to_fine_grid(vol[None], size, [float(r) for r in ratios])[0], dim=0)
+        elif name != "fine":
+            if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
+                raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
+        # (C, d, h, w) -> rows of voxels; copies straight from the inferer's channels-last layout
+        flat[:, h * n_channels : (h + 1) * n_channels] = vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels)
+    descriptors = flat.view(*size, -1).permute(3, 0, 1, 2)
+    return DescriptorMap(descriptors, flat, fine_affine, space, names)
+
+
+def nearest_neighbour_search(
+    descriptors: torch.Tensor,
+    descriptor_map: DescriptorMap,
+    batch_size: int = 256,
+    subvoxel: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best-scoring fine-grid voxel of ``descriptor_map`` for every descriptor.
+
+    Args:
+        descriptors: ``(N, C_total)`` from :func:`descriptor_at_points` (same heads as the map).
+        descriptor_map: from :func:`query_descriptor_map`.
+        batch_size: points scored per matrix product; with the voxels processed in chunks so that at most
+            ``max(batch_size, MAX_SCORE_BLOCK)`` scores exist at once, memory stays bounded for any grid.
+        subvoxel: refine each axis by the vertex of the parabola through the scores at the argmax and its two
+            neighbours along that axis, clamped to +-0.5 voxel (no refinement at the grid border or where the
+            scores are not concave).
+
+    Returns:
+        ``(voxels, scores)``: fractional fine-grid voxel coordinates ``(N, 3)`` (float64, axes of the map), and
+        the score at the best grid voxel ``(N,)`` (float32, mean of per-head cosines in [-1, 1]).
+    """
+    flat, n_heads = descriptor_map.flat, descriptor_map.n_heads
+    if descriptors.ndim != 2 or descriptors.shape[1] != flat.shape[1]:
+        raise ValueError(
+            f"descriptors must be (N, {flat.shape[1]}) to match the map's heads {descriptor_map.head_names}, "
+            f"got {tuple(descriptors.shape)}"
+        )
+    descriptors = descriptors.to(device=flat.device, dtype=flat.dtype)
+    n_points, n_voxels = descriptors.shape[0], flat.shape[0]
+    batch_size = max(1, int(batch_size))
+    chunk = max(1, MAX_SCORE_BLOCK // batch_size)
+    best_idx = torch.empty(n_points, dtype=torch.long, device=flat.device)
+    best_score = torch.empty(n_points, dtype=flat.dtype, device=flat.device)
+    for p0 in range(0, n_points, batch_size):
+        desc = descriptors[p0 : p0 + batch_size]
+        score = torch.full((desc.shape[0],), -float("inf"), dtype=flat.dtype, device=flat.device)
+        index = torch.zeros(desc.shape[0], dtype=torch.long, device=flat.device)
+        for v0 in range(0, n_voxels, chunk):
+            block_score, block_index = (desc @ flat[v0 : v0 + chunk].T).max(dim=1)
+            better = block_score > score
+            score = torch.where(better, block_score, score)
+            index = torch.where(better, block_index + v0, index)
+        best_idx[p0 : p0 + batch_size] = index
+        best_score[p0 : p0 + batch_size] = score / n_heads
+
+    shape = descriptor_map.grid_shape
+    unravelled = torch.stack(torch.unravel_index(best_idx, shape), dim=1)  # (N, 3) long
+    voxels = unravelled.double()
+    if subvoxel:
+        strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=flat.device)
+        centre = best_score.double() * n_heads
+        for axis in range(3):
+            pos = unravelled[:, axis]
+            inside = (pos > 0) & (pos < shape[axis] - 1)
+            lower = torch.where(inside, best_idx - strides[axis], best_idx)
+            upper = torch.where(inside, best_idx + strides[axis], best_idx)
+            s_lo = (descriptors * flat[lower]).sum(1).double()
+            s_hi = (descriptors * flat[upper]).sum(1).double()
+            curvature = s_lo - 2.0 * centre + s_hi
+            concave = inside & (curvature < -1e-12)
+            delta = torch.where(concave, 0.5 * (s_lo - s_hi) / torch.where(concave, curvature, -1.0), 0.0)
+            voxels[:, axis] += delta.clamp(-0.5, 0.5)
+    return voxels.cpu().numpy(), best_score.cpu().numpy()
+
+
+def match_nearest_neighbour(
+    template_heads: Mapping[str, torch.Tensor],
+    query_heads: Mapping[str, torch.Tensor],
+    points_lps,
+    batch_size: int = 256,
+    subvoxel: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Match template points to the query scan by exhaustive NN over the query's fine grid.
+
+    Args:
+        template_heads, query_heads: the two scans' heads (see module doc); both must have the same head set.
+        points_lps: ``(N, 3)`` template points, world LPS mm.
+        batch_size: points per matrix product (see :func:`nearest_neighbour_search`).
+        subvoxel: quadratic sub-voxel refinement (see :func:`nearest_neighbour_search`).
+
+    Returns:
+        ``(points, scores)``: matched query points ``(N, 3)``, world **LPS** mm (float64 numpy), and their scores
+        ``(N,)`` (float32 numpy; mean of per-head cosines at the best grid voxel, in [-1, 1]).
+    """
+    if present_heads(template_heads) != present_heads(query_heads):
+        raise ValueError(
+            f"template heads {present_heads(template_heads)} and query heads {present_heads(query_heads)} differ"
+        )
+    descriptors = descriptor_at_points(template_heads, points_lps)
+    descriptor_map = query_descriptor_map(query_heads)
+    voxels, scores = nearest_neighbour_search(descriptors, descriptor_map, batch_size=batch_size, subvoxel=subvoxel)
+    return descriptor_map.voxel_to_world(voxels), scores
