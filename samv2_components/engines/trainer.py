@@ -40,8 +40,14 @@ class HeadsModel(nn.Module):
 
 
 def _cycle(loader: Iterable) -> Iterator:
+    """Repeat ``loader`` forever; a ``DistributedSampler`` gets a new epoch (a new shuffle) on every pass."""
+    epoch = 0
     while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 class SAMv2Trainer(SupervisedTrainer):

@@ -249,6 +249,8 @@ class RandPatchPaird(MapTransform, Randomizable):
         corr_key, valid_key, overlap_key: output keys of the correspondence, its validity and the overlap flag.
         affine_key: prefix of the ``M_k`` outputs (``affine_key + suffix``).
         keep_source: keep the input volumes in the output dict.
+        name_key: key of a value naming the scan in messages (e.g. its file path, copied before loading, for
+            pipelines that drop the ``MetaTensor`` metadata); default: the image's ``filename_or_obj``, else its key.
         allow_missing_keys: don't raise for missing keys.
 
     Raises:
@@ -280,6 +282,7 @@ class RandPatchPaird(MapTransform, Randomizable):
         overlap_key: str = "overlap",
         affine_key: str = "affine",
         keep_source: bool = False,
+        name_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -309,6 +312,7 @@ class RandPatchPaird(MapTransform, Randomizable):
         self.suffixes = (str(suffixes[0]), str(suffixes[1]))
         self.corr_key, self.valid_key, self.overlap_key, self.affine_key = corr_key, valid_key, overlap_key, affine_key
         self.keep_source = bool(keep_source)
+        self.name_key = name_key
         self.noise_prob, self.blur_prob = float(noise_prob), float(blur_prob)
         self._noise = RandGaussianNoise(prob=self.noise_prob, mean=0.0, std=float(noise_std), sample_std=True)
         sigma = (float(blur_sigma_range[0]), float(blur_sigma_range[1]))
@@ -412,7 +416,8 @@ class RandPatchPaird(MapTransform, Randomizable):
         if not image_keys:
             return d
         first = d[image_keys[0]]
-        source = _source_name(first) or str(image_keys[0])
+        name = d.get(self.name_key) if self.name_key is not None else None
+        source = str(name) if name is not None else _source_name(first) or str(image_keys[0])
         volume = _plain(first)
         if volume.ndim != 4:
             raise SAMv2InputError(source, f"expected an image of shape (C, D, H, W), got {tuple(volume.shape)}")

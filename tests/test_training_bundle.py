@@ -1,0 +1,230 @@
+"""The semantic_sam training bundle, run as users run it: ``python -m monai.bundle run`` (and ``torchrun``).
+
+Every run is tiny (16x32x32 patches, width 0.25, two iterations per epoch): the tests check the workflow
+(checkpoints, resuming, DDP, input errors), not what the network learns.
+"""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from samv2_components.errors import SAMv2InputError, find_samv2_error
+from samv2_components.io.datalist import load_training_datalist
+from samv2_components.networks import SAMv2Net
+from samv2_components.networks.weights import load_weights
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BUNDLE = os.path.join(ROOT, "bundles", "semantic_sam")
+TRAIN = os.path.join("bundles", "semantic_sam", "configs", "train.json")
+MULTI_GPU = os.path.join("bundles", "semantic_sam", "configs", "multi_gpu_train.json")
+TINY = [
+    "--epoch_length", "2",
+    "--patch_size", "[16,32,32]",
+    "--semantic_crop_size", "[16,32,32]",
+    "--network_def#width", "0.25",
+    "--warmup_steps", "2",
+]  # fmt: skip
+# one thread per process: with more threads than free cores (e.g. beside another training run) torch's CPU
+# convolutions slow down by an order of magnitude; torchrun sets the same for its workers
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SAVING_HANDLERS = ["CheckpointSaver", "CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
+
+
+def run_train(output_dir, *overrides, configs=(TRAIN,), nproc=None):
+    """Run the training bundle in a subprocess (under ``torchrun`` with ``nproc`` processes if given)."""
+    config = configs[0] if len(configs) == 1 else str(list(configs))
+    launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run"]
+    if nproc is not None:
+        launcher += [f"--nproc_per_node={nproc}", "--standalone"]
+    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", config, *TINY, "--output_dir", str(output_dir)]
+    return subprocess.run([*cmd, *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_nifti(path, data, spacing=2.0):
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.diag([spacing, spacing, spacing, 1.0])), str(path))
+    return str(path)
+
+
+def write_datalist(path, entries):
+    path.write_text(json.dumps({"training": entries}))
+    return str(path)
+
+
+def train_parser(**overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, TRAIN))
+    parser["bundle_root"] = BUNDLE
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """Four iterations (two epochs) from scratch on the shipped sample datalist."""
+    out = tmp_path_factory.mktemp("train")
+    result = run_train(out, "--num_steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_training_writes_checkpoints_and_model(first_run):
+    out, result = first_run
+    assert "training from scratch" in result.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_checkpoint_epoch=1.pt", "checkpoint_checkpoint_epoch=2.pt"]
+    assert len(os.listdir(out / "tensorboard")) == 1
+    # log_every defaults to 10: four iterations log no per-iteration line (MONAI logs every one for an int)
+    assert "Iter:" not in result.stdout
+    checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=2.pt")
+    assert sorted(checkpoint) == ["lr_scheduler", "model", "optimizer", "trainer"]
+    assert checkpoint["trainer"]["iteration"] == 4
+    net = SAMv2Net(width=0.25)
+    assert load_weights(net, out / "model.pt")
+    for key, value in net.state_dict().items():  # model.pt is the final state, the same as the last checkpoint
+        torch.testing.assert_close(value, checkpoint["model"][key])
+
+
+def test_resume_continues_iterations_optimizer_and_schedule(first_run, tmp_path):
+    out = tmp_path / "train"
+    shutil.copytree(first_run[0], out)
+    result = run_train(out, "--num_steps", "8", "--log_every", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "checkpoint_checkpoint_epoch=2.pt" in result.stdout
+    # iterations 5..8 ran (epochs 3 and 4); with log_every 3 only iteration 6 (epoch 3, iteration 2) is logged
+    iteration_lines = [line for line in result.stdout.splitlines() if "Iter:" in line]
+    assert len(iteration_lines) == 1 and "Epoch: 3/4, Iter: 2/2" in iteration_lines[0], iteration_lines
+    checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=4.pt")
+    assert checkpoint["trainer"]["iteration"] == 8
+    assert checkpoint["trainer"]["max_epochs"] == 4
+    state = checkpoint["optimizer"]["state"]
+    n_params = len(list(SAMv2Net(width=0.25).parameters()))
+    assert len(state) == n_params and all("momentum_buffer" in s for s in state.values())
+    scheduler = checkpoint["lr_scheduler"]
+    assert scheduler["last_epoch"] == 8
+    assert scheduler["t_total"] == 8  # the new run's schedule, not the 4 steps of the checkpoint it resumed from
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
+
+
+def test_multi_gpu_config_splits_handlers_and_seeds_by_rank():
+    """Without a process group: rank > 0 builds only the resume and lr handlers; draws differ per rank."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, TRAIN), os.path.join(ROOT, MULTI_GPU)])
+    handlers = parser["handlers"]
+    disabled = [h["_target_"].split(".")[-1] for h in handlers if h.get("_disabled_") == "$dist.get_rank() > 0"]
+    assert disabled == SAVING_HANDLERS
+    assert [h["_target_"].split(".")[-1] for h in handlers if "_disabled_" not in h] == [
+        "ResumeFromLatestCheckpoint",
+        "LrScheduleHandler",
+    ]
+    assert parser["checkpoint_objects"]["model"] == "@network_def"  # plain SAMv2Net keys, not the DDP wrapper's
+    # the step-type draw uses the same seed on every rank, so an iteration is all-appearance or all-semantic
+    assert parser["trainer"]["seed"] == "@seed"
+    draws, seeds = [], []
+    for rank in (0, 1):
+        parser["bundle_root"] = BUNDLE
+        parser["rank"] = rank
+        parser["train_dataset"] = "$list(range(50))"
+        parser.parse(reset=True)
+        draws.append(list(parser.get_parsed_content("train_loader#sampler")))
+        seeds.append(parser.get_parsed_content("rank_seed"))
+    assert len(draws[0]) == len(draws[1]) == 100 * 2  # epoch_length * batch_size draws per rank
+    assert draws[0] != draws[1] and seeds == [0, 1]
+
+
+def test_ddp_two_processes_resume_and_save_once(first_run, tmp_path):
+    """torchrun with two gloo processes on CPU continues the single-process run for two iterations."""
+    out = tmp_path / "ddp"
+    shutil.copytree(first_run[0], out)
+    shutil.rmtree(out / "tensorboard")
+    result = run_train(out, "--num_steps", "6", configs=(TRAIN, MULTI_GPU), nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("resuming from") == 2  # every rank loads the checkpoint
+    assert len(os.listdir(out / "tensorboard")) == 1  # rank 1 built no TensorBoard writer
+    assert "checkpoint_checkpoint_epoch=3.pt" in os.listdir(out / "checkpoints")
+    checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=3.pt")
+    assert checkpoint["trainer"]["iteration"] == 6
+    expected = set(SAMv2Net(width=0.25).state_dict())
+    assert set(checkpoint["model"]) == expected
+    assert set(torch.load(out / "model.pt", map_location="cpu", weights_only=True)) == expected
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------------
+
+
+def test_empty_datalist(tmp_path):
+    with pytest.raises(SAMv2InputError, match="no 'training' entries"):
+        load_training_datalist(write_datalist(tmp_path / "empty.json", []))
+
+
+def test_missing_file_is_named(tmp_path):
+    path = write_datalist(tmp_path / "list.json", [{"image": "nowhere.nii.gz", "modality": "ct"}])
+    with pytest.raises(SAMv2InputError, match="nowhere.nii.gz: file not found"):
+        load_training_datalist(path)
+
+
+def test_label_on_another_grid_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    save_nifti(tmp_path / "scan.nii.gz", rng.normal(0, 100, (20, 20, 20)))
+    save_nifti(tmp_path / "labels.nii.gz", np.zeros((20, 20, 18)))
+    path = write_datalist(tmp_path / "list.json", [{"image": "scan.nii.gz", "label": "labels.nii.gz", "modality": "ct"}])
+    with pytest.raises(SAMv2InputError, match="labels.nii.gz: label map is not on the grid"):
+        load_training_datalist(path)
+
+
+def test_patch_larger_than_twice_the_scan_names_the_file(tmp_path):
+    """Through the bundle's own transforms, whose cached tensors carry no file name."""
+    scan = save_nifti(tmp_path / "small.nii.gz", np.random.default_rng(0).normal(0, 100, (10, 10, 8)))
+    (item,) = load_training_datalist(write_datalist(tmp_path / "list.json", [{"image": scan, "modality": "ct"}]))
+    transforms = train_parser().get_parsed_content("train_transforms")  # default patch 32x96x96
+    with pytest.raises(Exception) as info:
+        transforms(item)
+    error = find_samv2_error(info.value)
+    assert error is not None and error.source == scan and "smaller than half the training patch" in str(error)
+
+
+def test_scan_without_foreground_warns_with_its_name(tmp_path, caplog):
+    air = save_nifti(tmp_path / "air.nii.gz", np.random.default_rng(0).normal(-1000, 10, (40, 40, 20)))
+    (item,) = load_training_datalist(write_datalist(tmp_path / "list.json", [{"image": air, "modality": "ct"}]))
+    transforms = train_parser(patch_size=[16, 32, 32]).get_parsed_content("train_transforms")
+    with caplog.at_level(logging.WARNING, logger="samv2_components"):
+        pairs = [transforms(dict(item)) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records if "no voxel above the foreground threshold" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(air)  # once per file
+    assert all(p["image_a"].shape == (1, 16, 32, 32) for p in pairs)
+
+
+def test_cli_training_continues_on_a_scan_without_foreground(tmp_path):
+    air = save_nifti(tmp_path / "air.nii.gz", np.random.default_rng(0).normal(-1000, 10, (40, 40, 20)))
+    datalist = write_datalist(tmp_path / "list.json", [{"image": air, "modality": "ct"}])
+    result = run_train(tmp_path / "out", "--datalist_file", datalist, "--num_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{air}: no voxel above the foreground threshold" in result.stdout
+    assert os.path.isfile(tmp_path / "out" / "model.pt")
+
+
+@pytest.mark.parametrize("case", ["missing", "too_small"])
+def test_cli_input_error_is_one_line(tmp_path, case):
+    if case == "missing":
+        culprit, problem = str(tmp_path / "missing.nii.gz"), "file not found"
+    else:
+        culprit = save_nifti(tmp_path / "small.nii.gz", np.random.default_rng(0).normal(0, 100, (10, 10, 8)))
+        problem = "smaller than half the training patch"
+    datalist = write_datalist(tmp_path / "list.json", [{"image": culprit, "modality": "ct"}])
+    result = run_train(tmp_path / "out", "--datalist_file", datalist, "--num_steps", "2", "--patch_size", "[32,96,96]")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ERROR: {culprit}: ") and problem in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
