@@ -22,6 +22,7 @@ from samv2_components.errors import SAMv2InputError
 
 __all__ = [
     "COORDINATE_SYSTEMS",
+    "as_points",
     "check_coordinate_system",
     "convert_points",
     "convert_affine",
@@ -49,19 +50,20 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _as_points(points) -> np.ndarray:
+def as_points(points, name: str = "points") -> np.ndarray:
+    """``points`` (tensor, array or sequence; ``(N, 3)`` or one ``(3,)`` point) as a float64 ``(N, 3)`` array."""
     arr = _as_numpy(points)
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"points must have shape (N, 3), got {arr.shape}")
+        raise ValueError(f"{name} must have shape (N, 3), got {arr.shape}")
     return arr
 
 
 def convert_points(points, from_system: str, to_system: str) -> np.ndarray:
     """Convert world points ``(N, 3)`` between LPS and RAS (negates x and y when the systems differ)."""
     src, dst = check_coordinate_system(from_system), check_coordinate_system(to_system)
-    pts = _as_points(points).copy()
+    pts = as_points(points).copy()
     if src != dst:
         pts[:, :2] *= -1.0
     return pts
@@ -87,14 +89,14 @@ def voxel_to_world(indices, affine, affine_space: str = "RAS", world_space: str 
         world_space: coordinate system of the returned points.
     """
     aff = convert_affine(affine, affine_space, world_space)
-    idx = _as_points(indices)
+    idx = as_points(indices)
     return idx @ aff[:3, :3].T + aff[:3, 3]
 
 
 def world_to_voxel(points, affine, affine_space: str = "RAS", world_space: str = "LPS") -> np.ndarray:
     """Inverse of :func:`voxel_to_world`: world points ``(N, 3)`` in ``world_space`` to fractional voxel indices."""
     aff = convert_affine(affine, affine_space, world_space)
-    pts = _as_points(points)
+    pts = as_points(points)
     return np.linalg.solve(aff[:3, :3], (pts - aff[:3, 3]).T).T
 
 

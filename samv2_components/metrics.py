@@ -12,7 +12,8 @@ or tensors, and returns plain floats / numpy arrays in millimetres (or percent f
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from samv2_components.geometry import as_points
 
 __all__ = [
     "point_errors",
@@ -25,20 +26,10 @@ __all__ = [
 ]
 
 
-def _points(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (N, 3), got {arr.shape}")
-    return arr
-
 
 def point_errors(predicted, truth) -> np.ndarray:
     """Signed error vectors ``predicted - truth``, ``(N, 3)`` mm."""
-    pred, gt = _points(predicted, "predicted"), _points(truth, "truth")
+    pred, gt = as_points(predicted, "predicted"), as_points(truth, "truth")
     if pred.shape != gt.shape:
         raise ValueError(f"predicted {pred.shape} and truth {gt.shape} differ in shape")
     if len(pred) == 0:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
+
+from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 
 __all__ = [
@@ -312,14 +314,7 @@ class VoxelInfoNCELoss(_Loss):
                 _spacing_rows(self.spacing if spacing_b is None else spacing_b, batch, device),
                 generator,
             )
-        if losses is None:
-            zero = (emb_a.sum() + emb_b.sum()) * 0.0
-            return zero.reshape(1)[:0] if self.reduction == LossReduction.NONE.value else zero
-        if self.reduction == LossReduction.MEAN.value:
-            return losses.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return losses.sum()
-        return losses
+        return reduce_losses(losses, self.reduction, emb_a, emb_b)
 
     def _per_anchor_losses(
         self,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
+
+from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 
 __all__ = ["PrototypeContrastiveLoss", "labels_to_grid"]
@@ -136,14 +138,7 @@ class PrototypeContrastiveLoss(_Loss):
                 losses = torch.cat(parts) if parts else None
             else:
                 losses = self._class_losses(flat, flat_labels)
-        if losses is None:
-            zero = emb.sum() * 0.0
-            return zero.reshape(1)[:0] if self.reduction == LossReduction.NONE.value else zero
-        if self.reduction == LossReduction.MEAN.value:
-            return losses.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return losses.sum()
-        return losses
+        return reduce_losses(losses, self.reduction, emb)
 
     def _class_losses(self, flat: torch.Tensor, flat_labels: torch.Tensor) -> torch.Tensor | None:
         """Per-class losses ``(K,)`` for embeddings ``(B, C, n)`` and labels ``(B, n)``, or None if K == 0."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samv2_components.geometry import affine_and_space, voxel_to_world, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
 from samv2_components.networks import HEAD_NAMES, upsample_to_fine_grid
 
 __all__ = [
@@ -110,16 +110,6 @@ def _volume_and_affine(name: str, head: torch.Tensor) -> tuple[torch.Tensor, np.
     return vol.float(), affine, space
 
 
-def _as_points(points_lps) -> np.ndarray:
-    pts = points_lps.detach().cpu().numpy() if isinstance(points_lps, torch.Tensor) else np.asarray(points_lps)
-    pts = np.asarray(pts, dtype=np.float64)
-    if pts.ndim == 1:
-        pts = pts[None]
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must have shape (N, 3), got {pts.shape}")
-    return pts
-
-
 def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
     """Trilinear samples ``(N, C)`` of ``volume`` ``(C, d, h, w)`` at fractional voxel coordinates ``(N, 3)``.
 
@@ -148,7 +138,7 @@ def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch
         trilinearly interpolated at the point on that head's own grid (points outside a grid take its border
         value) and re-normalised to unit length. ``a . b / n_heads`` of two descriptors is the SAMv2 score.
     """
-    pts = _as_points(points_lps)
+    pts = as_points(points_lps)
     parts = []
     for name in present_heads(heads):
         vol, affine, space = _volume_and_affine(name, heads[name])
