@@ -81,6 +81,20 @@ def first_run(tmp_path_factory):
     return out, result
 
 
+def test_fine_tuning_starts_from_given_weights(first_run, tmp_path):
+    """``--init_ckpt`` starts a new run from a model.pt (fine-tuning); a fresh folder, so nothing is resumed."""
+    init = first_run[0] / "model.pt"
+    result = run_train(tmp_path / "tune", "--num_steps", "2", "--init_ckpt", str(init), "--learning_rate", "0.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded weights from" in result.stdout + result.stderr
+    tuned = torch.load(tmp_path / "tune" / "model.pt", map_location="cpu", weights_only=True)
+    start = torch.load(init, map_location="cpu", weights_only=True)
+    # with a zero learning rate only batch-norm running statistics move: every weight is the initial one
+    for key, value in start.items():
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(tuned[key], value, msg=key)
+
+
 def test_training_writes_checkpoints_and_model(first_run):
     out, result = first_run
     assert "training from scratch" in result.stdout
