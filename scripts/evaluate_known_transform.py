@@ -71,7 +71,6 @@ import monai
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
@@ -81,6 +80,7 @@ from samv2_components.matching import match_nearest_neighbour
 from samv2_components.metrics import summarize_errors
 from samv2_components.networks import HEAD_NAMES, SAMv2Net
 from samv2_components.networks.weights import load_weights
+from samv2_components.transforms.patch_pairs import sample_at_voxels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundles", "semantic_sam")
@@ -236,11 +236,7 @@ def grid_centre_lps(image: MetaTensor) -> np.ndarray:
 
 def _sample_volume(volume: torch.Tensor, voxels: np.ndarray, fill: float) -> np.ndarray:
     """Trilinear values of ``volume`` ``(X, Y, Z)`` at fractional voxel coordinates ``(N, 3)``; ``fill`` outside."""
-    sizes = np.asarray(volume.shape, dtype=np.float64)
-    norm = voxels * 2.0 / np.maximum(sizes - 1.0, 1.0) - 1.0
-    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=torch.float32).view(1, 1, 1, -1, 3)
-    out = F.grid_sample((volume - fill)[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.view(-1).numpy() + fill
+    return sample_at_voxels(volume[None], torch.as_tensor(voxels), "bilinear", fill)[0].numpy()
 
 
 def query_grid(image: MetaTensor, transform: KnownTransform) -> tuple[np.ndarray, np.ndarray]:
