@@ -30,6 +30,7 @@ __all__ = [
     "world_to_voxel",
     "affine_and_space",
     "strided_grid_affine",
+    "label_centroids",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -120,3 +121,42 @@ def strided_grid_affine(affine, stride: Sequence[float], offset: Sequence[float]
     sub[:3, :3] = np.diag(np.asarray(stride, dtype=np.float64))
     sub[:3, 3] = np.asarray(offset, dtype=np.float64)
     return aff @ sub
+
+
+def label_centroids(label_map, labels=None, min_voxels: int = 1) -> dict[int, np.ndarray]:
+    """World centroid (LPS mm) of each label of an integer label map: the mean of its voxel centres.
+
+    Args:
+        label_map: ``MetaTensor`` ``(1, D, H, W)`` or ``(D, H, W)`` holding integer label ids, with its affine
+            (as :func:`samv2_components.io.image.load_scan` with ``check_intensities=False`` returns; labels
+            stored as floats are accepted if every value is a whole number).
+        labels: optional label ids to report (others are ignored; ids absent from the map are left out).
+        min_voxels: labels with fewer voxels than this are left out.
+
+    Returns:
+        ``{label_id: (3,) float64 LPS point}``, sorted by label id; background ``0`` is never included.
+    """
+    if not hasattr(label_map, "affine"):
+        raise SAMv2InputError("label_map", "needs an affine (give a MetaTensor, e.g. from load_scan)")
+    affine, space = affine_and_space(label_map)
+    arr = _as_numpy(label_map)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise SAMv2InputError("label_map", f"must be one 3D volume ((1, D, H, W) or (D, H, W)), got {arr.shape}")
+    if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+        raise SAMv2InputError("label_map", "must hold integer label ids (found non-integer values)")
+    idx = np.nonzero(arr)
+    values = arr[idx].astype(np.int64)
+    if labels is not None:
+        wanted = np.asarray(sorted({int(v) for v in np.atleast_1d(labels)} - {0}), dtype=np.int64)
+        keep = np.isin(values, wanted)
+        idx, values = tuple(i[keep] for i in idx), values[keep]
+    ids, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.stack([np.bincount(inverse, weights=i.astype(np.float64), minlength=len(ids)) for i in idx], axis=1)
+    ok = counts >= max(int(min_voxels), 1)
+    if not ok.any():
+        return {}
+    # the affine is linear, so the world mean of the voxel centres is the world point of their mean index
+    world = voxel_to_world(sums[ok] / counts[ok, None], affine, space, "LPS")
+    return {int(i): w for i, w in zip(ids[ok], world)}

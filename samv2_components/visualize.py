@@ -1,16 +1,20 @@
-"""Pictures for quality control: PCA-to-RGB previews of embedding maps (as in the SAMv2 paper's Fig. 4)."""
+"""Pictures for quality control: PCA-to-RGB previews of embedding maps (as in the SAMv2 paper's Fig. 4) and
+per-landmark match pictures (template vs. query, three orthogonal world-space planes through each point)."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["pca_rgb", "embedding_preview"]
+from samv2_components.geometry import affine_and_space, as_points, world_to_voxel
+
+__all__ = ["pca_rgb", "embedding_preview", "match_qc_image", "save_match_qc"]
 
 
 def pca_rgb(embedding: torch.Tensor, max_samples: int = 20000, seed: int = 0) -> torch.Tensor:
@@ -77,3 +81,279 @@ def embedding_preview(
             pad.paste(tile, (0, 0))
             canvas.paste(pad, (col * width, label_h + row * height))
     canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Match QC picture
+# ----------------------------------------------------------------------------------------------------------------
+
+# (name, LPS direction of +column (image right), LPS direction of +row (image down), letters top/bottom/left/right).
+# Radiological display as in 3D Slicer: axial anterior up, patient right on the image left; coronal superior up,
+# patient right on the left; sagittal superior up, anterior on the left.
+_QC_VIEWS = (
+    ("axial", (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), ("A", "P", "R", "L")),
+    ("coronal", (1.0, 0.0, 0.0), (0.0, 0.0, -1.0), ("S", "I", "R", "L")),
+    ("sagittal", (0.0, 1.0, 0.0), (0.0, 0.0, -1.0), ("S", "I", "A", "P")),
+)
+_QC_ROWS = ("template", "query")
+_QC_TITLE_H = 18
+_QC_HEADER_H = 14
+_QC_GAP = 2
+_QC_MARKER = {"template": (0, 255, 0), "query": (255, 48, 48)}
+_QC_LETTER = (255, 170, 0)
+_QC_ALPHA = 0.7
+
+# viridis, sampled at 9 evenly spaced positions (interpolated linearly in between)
+_VIRIDIS = np.array(
+    [
+        [68, 1, 84],
+        [71, 44, 122],
+        [59, 81, 139],
+        [44, 113, 142],
+        [33, 144, 141],
+        [39, 173, 129],
+        [92, 200, 99],
+        [170, 220, 50],
+        [253, 231, 37],
+    ],
+    dtype=np.float64,
+)
+
+
+def _colormap(t: np.ndarray) -> np.ndarray:
+    """Viridis-like RGB in [0, 255] (float) for ``t`` in [0, 1]; output shape ``t.shape + (3,)``."""
+    x = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (x - lo)[..., None]
+    return _VIRIDIS[lo] * (1.0 - frac) + _VIRIDIS[lo + 1] * frac
+
+
+def _qc_panel_half(field_of_view_mm: float, pixel_mm: float) -> int:
+    if not (field_of_view_mm > 0 and pixel_mm > 0):
+        raise ValueError(f"field_of_view_mm and pixel_mm must be positive, got {field_of_view_mm}, {pixel_mm}")
+    return max(1, int(round(field_of_view_mm / (2.0 * pixel_mm))))
+
+
+def _qc_layout(panel: int) -> tuple[int, int, dict[tuple[str, str], tuple[int, int]]]:
+    """``(height, width, {(row, view): (top, left)})`` of the match QC canvas with ``panel`` x ``panel`` tiles."""
+    width = 3 * panel + 4 * _QC_GAP
+    boxes = {}
+    for r, row in enumerate(_QC_ROWS):
+        top = _QC_TITLE_H + r * (_QC_HEADER_H + panel + _QC_GAP) + _QC_HEADER_H
+        for c, (view, *_rest) in enumerate(_QC_VIEWS):
+            boxes[(row, view)] = (top, _QC_GAP + c * (panel + _QC_GAP))
+    height = _QC_TITLE_H + len(_QC_ROWS) * (_QC_HEADER_H + panel + _QC_GAP)
+    return height, width, boxes
+
+
+def _qc_world_grid(point: np.ndarray, half: int, pixel_mm: float) -> np.ndarray:
+    """World LPS points ``(3 views, n, n, 3)`` of the panel pixels; pixel ``(half, half)`` is ``point``."""
+    off = (np.arange(2 * half + 1, dtype=np.float64) - half) * pixel_mm
+    rows, cols = np.meshgrid(off, off, indexing="ij")
+    grids = []
+    for _name, col_dir, row_dir, _letters in _QC_VIEWS:
+        grids.append(point + cols[..., None] * np.asarray(col_dir) + rows[..., None] * np.asarray(row_dir))
+    return np.stack(grids)
+
+
+def _volume_of(image, name: str) -> tuple[torch.Tensor, np.ndarray, str]:
+    """``(D, H, W)`` float32 CPU tensor, 4x4 affine and its space of a ``(1, D, H, W)`` / ``(D, H, W)`` MetaTensor."""
+    if not hasattr(image, "affine"):
+        raise TypeError(f"{name} must be a MetaTensor with an affine, got {type(image).__name__}")
+    affine, space = affine_and_space(image)
+    data = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    data = data.detach().to("cpu", torch.float32)
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise ValueError(f"{name} must have one channel, got shape {tuple(data.shape)}")
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"{name} must be (1, D, H, W) or (D, H, W), got shape {tuple(data.shape)}")
+    return data, affine, space
+
+
+def _sample_world(volume: torch.Tensor, affine: np.ndarray, space: str, world: np.ndarray):
+    """Trilinear samples of ``volume`` at LPS points ``world (..., 3)`` and a mask of points inside the volume.
+
+    Voxel index ``i`` is the centre of voxel ``i`` (``align_corners=True``); a point counts as inside when it lies
+    within the voxels' extent (index in ``[-0.5, size - 0.5]``); between the outermost voxel centres and that edge
+    the border value is used.
+    """
+    shape = world.shape[:-1]
+    idx = world_to_voxel(world.reshape(-1, 3), affine, affine_space=space, world_space="LPS").reshape(*shape, 3)
+    sizes = np.asarray(volume.shape[-3:], dtype=np.float64)
+    inside = np.all((idx >= -0.5) & (idx <= sizes - 0.5), axis=-1)
+    norm = 2.0 * idx / np.maximum(sizes - 1.0, 1.0) - 1.0
+    norm = np.clip(np.nan_to_num(norm, nan=-3.0), -3.0, 3.0)  # far-away points: clamped, masked out anyway
+    grid = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy()).reshape(1, 1, -1, 1, 3)  # (x=W, y=H, z=D)
+    vals = F.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return vals.reshape(shape).numpy().astype(np.float64), inside
+
+
+def _window(volume: torch.Tensor, intensity_window) -> tuple[float, float]:
+    if intensity_window is not None:
+        lo, hi = float(intensity_window[0]), float(intensity_window[1])
+    else:
+        flat = volume.reshape(-1).numpy()
+        flat = flat[:: max(1, flat.size // 2_000_000)]
+        flat = flat[np.isfinite(flat)]
+        lo, hi = (float(v) for v in np.percentile(flat, [1.0, 99.0])) if flat.size else (0.0, 1.0)
+    if not hi > lo:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+def _render_row(image, point: np.ndarray, half: int, pixel_mm: float, intensity_window, name: str):
+    volume, affine, space = _volume_of(image, name)
+    lo, hi = _window(volume, intensity_window)
+    vals, inside = _sample_world(volume, affine, space, _qc_world_grid(point, half, pixel_mm))
+    gray = np.clip(np.nan_to_num((vals - lo) / (hi - lo), nan=0.0), 0.0, 1.0) * 255.0
+    gray = np.where(inside, gray, 0.0)
+    vox = world_to_voxel(point, affine, affine_space=space, world_space="LPS")[0]
+    point_inside = bool(np.all((vox >= -0.5) & (vox <= np.asarray(volume.shape) - 0.5)))
+    return np.repeat(gray[..., None], 3, axis=-1), point_inside
+
+
+def _heat_overlay(rgb: np.ndarray, heat_map, point: np.ndarray, half: int, pixel_mm: float):
+    volume, affine, space = _volume_of(heat_map, "heat_map")
+    finite = volume[torch.isfinite(volume)]
+    if finite.numel() == 0:
+        return rgb, None
+    lo, hi = max(0.0, float(finite.min())), float(finite.max())
+    volume = torch.nan_to_num(volume, nan=lo, posinf=hi, neginf=lo)
+    scores, inside = _sample_world(volume, affine, space, _qc_world_grid(point, half, pixel_mm))
+    t = np.clip((scores - lo) / max(hi - lo, 1e-6), 0.0, 1.0) if hi > lo else (scores >= hi).astype(np.float64)
+    alpha = np.where(inside, _QC_ALPHA * t, 0.0)[..., None]
+    return rgb * (1.0 - alpha) + _colormap(t) * alpha, (lo, hi)
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
+    return float(draw.textlength(text, font=font))
+
+
+def _draw_crosshair(draw: ImageDraw.ImageDraw, x: float, y: float, box: tuple[int, int, int, int], colour) -> None:
+    """Crosshair with an open centre at ``(x, y)``, clipped to ``box = (x0, y0, x1, y1)`` (inclusive)."""
+    gap, arm = 4, 12
+    x0, y0, x1, y1 = box
+    if y0 <= y <= y1:  # horizontal arms
+        for a, b in ((x - gap - arm, x - gap), (x + gap, x + gap + arm)):
+            a, b = max(a, x0), min(b, x1)
+            if a < b:
+                draw.line([(a, y), (b, y)], fill=colour, width=1)
+    if x0 <= x <= x1:  # vertical arms
+        for a, b in ((y - gap - arm, y - gap), (y + gap, y + gap + arm)):
+            a, b = max(a, y0), min(b, y1)
+            if a < b:
+                draw.line([(x, a), (x, b)], fill=colour, width=1)
+
+
+def match_qc_image(
+    template_image,
+    template_point_lps,
+    query_image,
+    match_point_lps,
+    heat_map=None,
+    title: str = "",
+    field_of_view_mm: float = 160.0,
+    pixel_mm: float = 1.0,
+    intensity_window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Quality-control picture of one matched point: template (top row) vs. query (bottom row).
+
+    Each row shows the axial, coronal and sagittal plane through its point, resampled in world coordinates (so any
+    scan orientation and spacing works): a ``field_of_view_mm`` square of ``pixel_mm`` pixels centred on the point,
+    sampled trilinearly with each image's own affine; whatever lies outside the scan is black. Display is
+    radiological (3D Slicer): axial anterior up and patient right on the image left, coronal superior up and
+    patient right on the left, sagittal superior up and anterior on the left. Points are marked with a crosshair
+    (green template, red match).
+
+    Args:
+        template_image: ``(1, D, H, W)`` or ``(D, H, W)`` MetaTensor (affine in RAS unless ``meta["space"]`` is
+            ``"LPS"``).
+        template_point_lps: ``(3,)`` world point, LPS mm.
+        query_image: same conventions as ``template_image``.
+        match_point_lps: ``(3,)`` world point in the query scan, LPS mm.
+        heat_map: optional ``(1, d, h, w)`` / ``(d, h, w)`` MetaTensor of similarity scores on its own grid,
+            overlaid on the query row with a viridis colour map from ``max(0, min)`` (transparent) to ``max``.
+        title: text of the title strip.
+        field_of_view_mm: side of each square panel in mm.
+        pixel_mm: panel pixel size in mm.
+        intensity_window: ``(low, high)`` display window; ``None``: 1st-99th percentile of each scan.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array.
+    """
+    half = _qc_panel_half(field_of_view_mm, pixel_mm)
+    panel = 2 * half + 1
+    points = {
+        "template": as_points(template_point_lps, "template_point_lps"),
+        "query": as_points(match_point_lps, "match_point_lps"),
+    }
+    for key, pts in points.items():
+        if pts.shape[0] != 1:
+            raise ValueError(f"{key} point must be a single (3,) point, got {pts.shape}")
+    images = {"template": template_image, "query": query_image}
+    height, width, boxes = _qc_layout(panel)
+    canvas = np.zeros((height, width, 3), dtype=np.float64)
+    inside_flags, heat_range = {}, None
+    for row in _QC_ROWS:
+        point = points[row][0]
+        rgb, inside_flags[row] = _render_row(images[row], point, half, pixel_mm, intensity_window, f"{row}_image")
+        if row == "query" and heat_map is not None:
+            rgb, heat_range = _heat_overlay(rgb, heat_map, point, half, pixel_mm)
+        for v, (view, *_rest) in enumerate(_QC_VIEWS):
+            top, left = boxes[(row, view)]
+            canvas[top : top + panel, left : left + panel] = rgb[v]
+
+    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((_QC_GAP + 2, 3), title, fill=(255, 255, 255), font=font)
+    for r, row in enumerate(_QC_ROWS):
+        header_y = boxes[(row, "axial")][0] - _QC_HEADER_H + 1
+        x, y, z = points[row][0]
+        label = f"{row}  LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm" + ("" if inside_flags[row] else "  [outside scan]")
+        draw.text((_QC_GAP + 2, header_y), label, fill=(255, 255, 255), font=font)
+        for view, _col_dir, _row_dir, (t_l, b_l, l_l, r_l) in _QC_VIEWS:
+            top, left = boxes[(row, view)]
+            right, bottom = left + panel - 1, top + panel - 1
+            mid_x, mid_y = left + half, top + half
+            draw.text((mid_x, top + 1), t_l, fill=_QC_LETTER, font=font, anchor="mt")
+            draw.text((mid_x, bottom - 1), b_l, fill=_QC_LETTER, font=font, anchor="mb")
+            draw.text((left + 2, mid_y), l_l, fill=_QC_LETTER, font=font, anchor="lm")
+            draw.text((right - 1, mid_y), r_l, fill=_QC_LETTER, font=font, anchor="rm")
+            draw.text((left + 2, bottom - 1), view, fill=_QC_LETTER, font=font, anchor="lb")
+            _draw_crosshair(draw, mid_x, mid_y, (left, top, right, bottom), _QC_MARKER[row])
+    if heat_range is not None:
+        lo, hi = heat_range
+        header_y = boxes[("query", "axial")][0] - _QC_HEADER_H
+        bar_w, bar_h = min(100, panel), 8
+        hi_txt, lo_txt = f"{hi:.2f}", f"heat  {lo:.2f}"
+        x_hi = width - _QC_GAP - 2 - _text_width(draw, hi_txt, font)
+        bar_x1 = int(x_hi) - 4
+        bar_x0 = bar_x1 - bar_w
+        x_lo = bar_x0 - 4 - _text_width(draw, lo_txt, font)
+        bar_y0 = header_y + (_QC_HEADER_H - bar_h) // 2
+        ramp = _colormap(np.linspace(0.0, 1.0, bar_w))
+        bar = np.repeat(np.rint(ramp)[None].astype(np.uint8), bar_h, axis=0)
+        img.paste(Image.fromarray(bar, "RGB"), (bar_x0, bar_y0))
+        draw.text((x_lo, header_y + 1), lo_txt, fill=(255, 255, 255), font=font)
+        draw.text((x_hi, header_y + 1), hi_txt, fill=(255, 255, 255), font=font)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def save_match_qc(path: str | os.PathLike, *args, **kwargs) -> None:
+    """Write :func:`match_qc_image` ``(*args, **kwargs)`` to ``path`` as PNG, atomically, creating parent folders."""
+    rgb = match_qc_image(*args, **kwargs)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:  # default permissions (umask), unlike mkstemp's 0600
+            Image.fromarray(rgb, "RGB").save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

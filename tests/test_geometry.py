@@ -9,6 +9,7 @@ import torch
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import (
     check_coordinate_system,
+    label_centroids,
     convert_points,
     strided_grid_affine,
     voxel_to_world,
@@ -129,3 +130,106 @@ def test_bad_coordinate_system_names_source():
 def test_check_coordinate_system_normalises():
     assert check_coordinate_system(" ras ") == "RAS"
     assert check_coordinate_system("LPS") == "LPS"
+
+
+# --- label_centroids -------------------------------------------------------------------------------------------
+
+
+def _label_map(shape, affine) -> "MetaTensor":
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.zeros((1, *shape), dtype=torch.float32), affine=torch.as_tensor(affine))
+
+
+def test_label_centroids_oblique_grid(oblique_affine):
+    shape = (40, 32, 12)
+    label_map = _label_map(shape, oblique_affine)
+    # blob centres chosen as world LPS points, snapped to the nearest voxel centre so that symmetric blobs have
+    # their centroid exactly there
+    targets_lps = voxel_to_world([[10, 8, 3], [30, 20, 8]], oblique_affine, "RAS", "LPS") + 0.3
+    centres = np.round(world_to_voxel(targets_lps, oblique_affine, "RAS", "LPS")).astype(int)
+    (a, b, c), (d, e, f) = centres
+    label_map[0, a - 2 : a + 3, b - 1 : b + 2, c - 1 : c + 2] = 3  # 5x3x3 box
+    label_map[0, d - 1 : d + 2, e, f] = 7  # 3-voxel line
+    label_map[0, d, e - 1 : e + 2, f] = 7  # with the line: a symmetric 5-voxel cross
+    label_map[0, 0, 0, 0] = 9  # one voxel in a corner
+    label_map[0, 5, 5, 0:2] = 11  # two voxels: centroid half-way
+    hom = lambda idx: (FLIP_XY @ oblique_affine @ np.r_[idx, 1.0])[:3]  # noqa: E731  independent RAS->LPS
+    out = label_centroids(label_map)
+    assert list(out) == [3, 7, 9, 11]
+    assert all(v.shape == (3,) and v.dtype == np.float64 for v in out.values())
+    np.testing.assert_allclose(out[3], hom(centres[0]), atol=1e-6)
+    np.testing.assert_allclose(out[7], hom(centres[1]), atol=1e-6)
+    np.testing.assert_allclose(out[9], hom([0, 0, 0]), atol=1e-6)
+    np.testing.assert_allclose(out[11], hom([5, 5, 0.5]), atol=1e-6)
+    # the 'known world position' the blob was placed at is within half a voxel diagonal of its centroid
+    assert np.linalg.norm(out[3] - targets_lps[0]) < 0.5 * np.linalg.norm(np.diag([0.8, 1.25, 3.0]))
+    # min_voxels / labels filters; a (D, H, W) MetaTensor without the channel gives the same
+    assert list(label_centroids(label_map, min_voxels=3)) == [3, 7]
+    assert list(label_centroids(label_map, labels=[7, 9, 0, 42])) == [7, 9]
+    assert list(label_centroids(label_map, labels=5)) == []
+    no_channel = label_centroids(label_map[0])
+    for k in out:
+        np.testing.assert_allclose(no_channel[k], out[k])
+
+
+def test_label_centroids_lps_affine_same_points(oblique_affine):
+    from monai.data import MetaTensor
+
+    label_map = _label_map((20, 20, 10), oblique_affine)
+    label_map[0, 3:6, 10:14, 2:7] = 1
+    lps_affine = torch.as_tensor(FLIP_XY @ oblique_affine)
+    lps = MetaTensor(label_map.as_tensor().clone(), affine=lps_affine, meta={"space": "LPS"})
+    np.testing.assert_allclose(label_centroids(lps)[1], label_centroids(label_map)[1], atol=1e-9)
+
+
+def test_label_centroids_rejects_bad_input(oblique_affine):
+    label_map = _label_map((8, 8, 8), oblique_affine)
+    label_map[0, 1, 1, 1] = 1.5
+    with pytest.raises(SAMv2InputError, match="integer label ids"):
+        label_centroids(label_map)
+    with pytest.raises(SAMv2InputError, match="affine"):
+        label_centroids(np.zeros((8, 8, 8)))
+
+
+def _itk_centroids(path) -> dict[int, np.ndarray]:
+    """Expected centroids computed independently: SimpleITK's own voxel -> physical point mapping."""
+    sitk = pytest.importorskip("SimpleITK")
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)  # (z, y, x)
+    out = {}
+    for label in np.unique(array[array != 0]):
+        mean_zyx = np.argwhere(array == label).mean(axis=0)
+        out[int(label)] = np.array(image.TransformContinuousIndexToPhysicalPoint(mean_zyx[::-1].tolist()))
+    return out
+
+
+def test_label_centroids_nifti_matches_simpleitk(tmp_path, oblique_affine):
+    import nibabel as nib
+
+    from samv2_components.io.image import load_scan
+
+    array = np.zeros((30, 24, 10), dtype=np.int16)
+    array[2:9, 3:7, 1:4] = 1
+    array[20:23, 15:22, 5:9] = 4
+    array[10, 10:12, 9] = 250
+    array[25:28, 1:3, 0] = 4  # a second, disconnected part of label 4
+    path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(array, oblique_affine), str(path))
+    expected = _itk_centroids(path)
+    got = label_centroids(load_scan(path, check_intensities=False))
+    assert sorted(got) == sorted(expected) == [1, 4, 250]
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], atol=1e-4)
+
+
+def test_label_centroids_sample_labels_match_simpleitk():
+    from samv2_components.io.image import load_scan
+    from samv2_components.sample_data import sample_path
+
+    path = sample_path("ct_abdomen_labels")
+    expected = _itk_centroids(path)
+    got = label_centroids(load_scan(path, check_intensities=False))
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], atol=1e-4)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -17,6 +15,7 @@ from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform
 
 from samv2_components.geometry import affine_and_space, convert_affine
+from samv2_components.io.atomic import atomic_directory
 from samv2_components.networks import HEAD_GRIDS
 from samv2_components.visualize import embedding_preview
 
@@ -59,10 +58,7 @@ def write_embedding_case(
 
     Returns the case folder path. An existing case folder is replaced only once the new one is complete.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir)
-    try:
+    with atomic_directory(output_dir, name) as tmp:
         summary: dict[str, Any] = {
             "input": str(image.meta.get("filename_or_obj", "")),
             "coordinate_system": "LPS",
@@ -93,13 +89,7 @@ def write_embedding_case(
             embedding_preview(image[0].as_tensor(), {h: e.as_tensor() for h, e in heads.items()}, strides, os.path.join(tmp, "preview.png"))
         with open(os.path.join(tmp, "embeddings.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return os.path.join(output_dir, name)
 
 
 class SaveEmbeddingsd(MapTransform):

@@ -125,6 +125,45 @@ def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
     return out.view(volume.shape[0], -1).T
 
 
+
+def grid_voxels(linear_index: torch.Tensor, shape) -> torch.Tensor:
+    """Linear voxel indices ``(N,)`` (C order of ``shape = (d, h, w)``) to voxel coordinates ``(N, 3)`` float64."""
+    return torch.stack(torch.unravel_index(linear_index, tuple(shape)), dim=1).double()
+
+
+def subvoxel_offsets(
+    descriptors: torch.Tensor, flat: torch.Tensor, best_index: torch.Tensor, shape
+) -> torch.Tensor:
+    """Sub-voxel correction ``(N, 3)`` (float64, voxels) of grid maxima by a per-axis parabola fit.
+
+    For each axis the score at the best voxel and at its two neighbours along that axis define a parabola; its
+    vertex, clamped to +-0.5 voxel, is the correction. No correction at the grid border or where the three scores
+    are not concave (a plateau or a saddle), so an exact grid maximum stays where it is.
+
+    Args:
+        descriptors: ``(N, C)`` query descriptors (rows of the search).
+        flat: ``(n_voxels, C)`` descriptor map rows (see :class:`DescriptorMap`).
+        best_index: ``(N,)`` linear index of each descriptor's best voxel in ``flat``.
+        shape: ``(d, h, w)`` of the grid ``flat`` enumerates in C order.
+    """
+    shape = tuple(int(n) for n in shape)
+    position = torch.stack(torch.unravel_index(best_index, shape), dim=1)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    centre = (descriptors * flat[best_index]).sum(1).double()
+    offsets = torch.zeros(len(best_index), 3, dtype=torch.float64, device=flat.device)
+    for axis in range(3):
+        inside = (position[:, axis] > 0) & (position[:, axis] < shape[axis] - 1)
+        lower = torch.where(inside, best_index - strides[axis], best_index)
+        upper = torch.where(inside, best_index + strides[axis], best_index)
+        s_lo = (descriptors * flat[lower]).sum(1).double()
+        s_hi = (descriptors * flat[upper]).sum(1).double()
+        curvature = s_lo - 2.0 * centre + s_hi
+        concave = inside & (curvature < -1e-12)
+        delta = torch.where(concave, 0.5 * (s_lo - s_hi) / torch.where(concave, curvature, -1.0), 0.0)
+        offsets[:, axis] = delta.clamp(-0.5, 0.5)
+    return offsets
+
+
 # ------------------------------------------------------------------------------------------------- public API
 def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch.Tensor:
     """Matching descriptors of world points.
@@ -230,23 +269,9 @@ def nearest_neighbour_search(
         best_idx[p0 : p0 + batch_size] = index
         best_score[p0 : p0 + batch_size] = score / n_heads
 
-    shape = descriptor_map.grid_shape
-    unravelled = torch.stack(torch.unravel_index(best_idx, shape), dim=1)  # (N, 3) long
-    voxels = unravelled.double()
+    voxels = grid_voxels(best_idx, descriptor_map.grid_shape)
     if subvoxel:
-        strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=flat.device)
-        centre = best_score.double() * n_heads
-        for axis in range(3):
-            pos = unravelled[:, axis]
-            inside = (pos > 0) & (pos < shape[axis] - 1)
-            lower = torch.where(inside, best_idx - strides[axis], best_idx)
-            upper = torch.where(inside, best_idx + strides[axis], best_idx)
-            s_lo = (descriptors * flat[lower]).sum(1).double()
-            s_hi = (descriptors * flat[upper]).sum(1).double()
-            curvature = s_lo - 2.0 * centre + s_hi
-            concave = inside & (curvature < -1e-12)
-            delta = torch.where(concave, 0.5 * (s_lo - s_hi) / torch.where(concave, curvature, -1.0), 0.0)
-            voxels[:, axis] += delta.clamp(-0.5, 0.5)
+        voxels += subvoxel_offsets(descriptors, flat, best_idx, descriptor_map.grid_shape)
     return voxels.cpu().numpy(), best_score.cpu().numpy()
 
 

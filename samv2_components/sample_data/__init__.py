@@ -18,6 +18,18 @@ SAMPLE_DATALIST = str(_HERE / "datalist.json")
 SAMPLES: dict[str, tuple[str, str, str]] = {
     "ct_abdomen": ("ct_abdomen.nii.gz", "ct", "30-slice abdominal CT, 122x101x30 @ 3 mm (TotalSegmentator test data)"),
     "ct_abdomen_labels": ("ct_abdomen_labels.nii.gz", "label", "TotalSegmentator v2 organ labels of ct_abdomen"),
+    "ct_abdomen_2": (
+        "ct_abdomen_2.nii.gz",
+        "ct",
+        "20-slice abdominal CT of another subject, 250x172x20 @ 2 mm (TotalSegmentator DICOM test series, resampled)",
+    ),
+    "ct_abdomen_2_labels": ("ct_abdomen_2_labels.nii.gz", "label", "TotalSegmentator v2 organ labels of ct_abdomen_2"),
+    "ct_abdomen_points": ("ct_abdomen_points.csv", "points", "8 organ centroids of ct_abdomen, LPS mm"),
+    "ct_abdomen_pairs": (
+        "ct_abdomen_pairs.csv",
+        "pairs",
+        "21 organ-centroid pairs ct_abdomen -> ct_abdomen_2 with query organ radii, LPS mm",
+    ),
     "mr_abdomen": ("mr_abdomen.nii.gz", "mr", "abdominal MR, 117x91x20 @ 3 mm (TotalSegmentator test data)"),
     "mr_abdomen_labels": ("mr_abdomen_labels.nii.gz", "label", "TotalSegmentator-MR labels of mr_abdomen"),
     "phantom_ct": ("phantom_ct_3mm.nii.gz", "ct", "porcine phantom CT, 67x67x85 @ 3 mm (TCIA MRI-DIR)"),

@@ -1,0 +1,106 @@
+"""An on-disk cache of embeddings, so that a scan used in many runs (a template, a follow-up series) is embedded
+once. Opt-in: the bundles pass ``cache_dir: null`` by default.
+
+An entry's key is the SHA-256 of everything that determines the embedding: the preprocessed input tensor
+(hence the file's content *and* the preprocessing: orientation, spacing, intensity normalisation, padding), its
+affine, the network's weights and architecture, and the inferer's numerics (bf16 or fp32). Any change to one of
+them is a different key, so a stale entry is never returned; entries are never overwritten, only added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from samv2_components.geometry import affine_and_space
+
+__all__ = ["CachedEmbeddingInferer", "network_fingerprint"]
+
+
+def network_fingerprint(network: torch.nn.Module) -> str:
+    """SHA-256 of a network's class, parameter/buffer names, shapes, dtypes and values (hex)."""
+    digest = hashlib.sha256(type(network).__qualname__.encode())
+    for name, tensor in network.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class CachedEmbeddingInferer(Inferer):
+    """Wrap an embedding inferer (:class:`~samv2_components.inference.SAMv2Inferer`) with an on-disk cache.
+
+    Args:
+        inferer: the wrapped inferer; ``inferer(inputs, network) -> {head: MetaTensor}``.
+        cache_dir: folder of the cache entries (created on first write); ``None`` disables caching.
+
+    Only single-scan batches (``B == 1``) are cached; larger batches pass through. An entry is one ``.pt`` file of
+    float32 maps plus their affines (about 3 x 128 x 4 bytes per fine voxel: large for big scans).
+    """
+
+    def __init__(self, inferer: Inferer, cache_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.inferer = inferer
+        self.cache_dir = None if cache_dir in (None, "") else Path(cache_dir)
+        self._fingerprints: dict[int, str] = {}
+        self.hits = self.misses = 0
+
+    def _network_key(self, network: torch.nn.Module) -> str:
+        # weights do not change during inference: fingerprint each network object once
+        if id(network) not in self._fingerprints:
+            self._fingerprints[id(network)] = network_fingerprint(network)
+        return self._fingerprints[id(network)]
+
+    def key(self, inputs: torch.Tensor, network: torch.nn.Module) -> str:
+        """The cache key (hex SHA-256) of embedding ``inputs`` ``(1, 1, D, H, W)`` with ``network``."""
+        digest = hashlib.sha256(self._network_key(network).encode())
+        settings = {k: v for k, v in vars(self.inferer).items() if isinstance(v, (bool, int, float, str, tuple))}
+        digest.update(repr(sorted(settings.items())).encode())
+        data = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).detach().float().cpu().contiguous()
+        digest.update(repr(tuple(data.shape)).encode())
+        digest.update(data.numpy().tobytes())
+        if isinstance(inputs, MetaTensor):
+            affine, space = affine_and_space(inputs)
+            digest.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes() + space.encode())
+        return digest.hexdigest()
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if self.cache_dir is None or inputs.shape[0] != 1:
+            return self.inferer(inputs, network, *args, **kwargs)
+        path = self.cache_dir / f"{self.key(inputs, network)}.pt"
+        if path.is_file():
+            self.hits += 1
+            entry = torch.load(path, map_location=inputs.device, weights_only=False)
+            if isinstance(inputs, MetaTensor):  # same content, maybe another file: name it after this input
+                for e in entry.values():
+                    e["meta"]["filename_or_obj"] = inputs.meta.get("filename_or_obj", "")
+            return {
+                name: MetaTensor(e["array"], affine=torch.as_tensor(e["affine"]), meta=e["meta"])
+                for name, e in entry.items()
+            }
+        self.misses += 1
+        heads = self.inferer(inputs, network, *args, **kwargs)
+        entry = {
+            name: {
+                "array": h.as_tensor().detach().cpu() if isinstance(h, MetaTensor) else h.detach().cpu(),
+                "affine": np.asarray(h.affine) if isinstance(h, MetaTensor) else None,
+                "meta": {k: v for k, v in getattr(h, "meta", {}).items() if k in ("space", "filename_or_obj")},
+            }
+            for name, h in heads.items()
+        }
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            torch.save(entry, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return heads

@@ -1,0 +1,179 @@
+"""The point matcher users configure: nearest-neighbour or fixed-point matching, with scores and flags.
+
+``SAMv2Matcher`` is what the ``samv2_matching`` bundle instantiates from its config; every parameter of the
+method is an argument here. Typical use::
+
+    matcher = SAMv2Matcher(method="fixed_point")
+    template, query = matcher.prepare(template_heads), matcher.prepare(query_heads)   # once per scan
+    result = matcher.match(template, query, points_lps)                               # (N, 3) LPS mm
+    result.points_lps, result.scores, result.methods, result.confident
+
+Output conventions: points are world **LPS** millimetres. ``score`` is the SAMv2 similarity (mean of per-head
+cosines, [-1, 1]) between the template point's descriptor and the query's descriptor *at the reported point*
+(trilinear on each head's grid), for every method alike, so scores of NN and fixed-point answers compare.
+``confident`` is ``score >= min_confident_score``: an unconfident match (for instance a query scan that does
+not contain the anatomy) is reported, flagged, and never silently passed off as a good one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from samv2_components.geometry import as_points
+from samv2_components.matching.embedded_scan import EmbeddedScan
+from samv2_components.matching.fixed_point import fixed_point_match
+
+__all__ = ["MatchResult", "SAMv2Matcher", "METHODS"]
+
+#: ``method`` values of a result: what produced each answer.
+METHODS = ("fixed_point", "nearest_neighbour", "nearest_neighbour_fallback")
+
+
+@dataclass
+class MatchResult:
+    """Matches of ``N`` template points.
+
+    Attributes:
+        points_lps: ``(N, 3)`` matched query points, world LPS mm.
+        scores: ``(N,)`` similarity at the matched point (mean of per-head cosines, [-1, 1]).
+        methods: ``N`` strings from :data:`METHODS`; ``nearest_neighbour_fallback`` means fixed-point matching
+            was asked for but found fewer than ``min_fixed_points`` fixed points.
+        confident: ``(N,)`` bool, ``scores >= min_confident_score``.
+        n_fixed_points: ``(N,)`` kept fixed points (0 for NN).
+        residual_mm: ``(N,)`` RMS residual of the fixed-point affine, mm (NaN for NN answers).
+        nn_points_lps: ``(N, 3)`` the plain nearest-neighbour answer, for comparison (LPS mm).
+    """
+
+    points_lps: np.ndarray
+    scores: np.ndarray
+    methods: list
+    confident: np.ndarray
+    n_fixed_points: np.ndarray
+    residual_mm: np.ndarray
+    nn_points_lps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.points_lps)
+
+    def columns(self) -> dict[str, list]:
+        """Per-point output columns (for a points file): ``score, method, confident, n_fixed_points, residual_mm``."""
+        return {
+            "score": [round(float(s), 4) for s in self.scores],
+            "method": list(self.methods),
+            "confident": [bool(c) for c in self.confident],
+            "n_fixed_points": [int(n) for n in self.n_fixed_points],
+            "residual_mm": [None if np.isnan(r) else round(float(r), 3) for r in self.residual_mm],
+        }
+
+
+class SAMv2Matcher:
+    """Template points -> query points with SAMv2 embeddings.
+
+    Args:
+        method: ``"fixed_point"`` (paper Sec. III-B, the default) or ``"nearest_neighbour"``.
+        cell_size, top_k, margin, cell_dtype: the coarse-to-fine search
+            (:class:`~samv2_components.matching.coarse_to_fine.CoarseToFineSearch`): cells of ``cell_size`` fine
+            voxels ranked in ``cell_dtype``, the best ``top_k`` cells searched exactly (float32) within ``margin``
+            fine voxels around them.
+        subvoxel: refine grid maxima to sub-voxel precision (parabola fit of the score per axis).
+        grid_size, grid_step, max_iterations, max_distance_mm, min_fixed_point_score, min_fixed_points,
+            inlier_threshold_mm: fixed-point parameters (see
+            :func:`~samv2_components.matching.fixed_point.fixed_point_match`; ``min_fixed_point_score`` is its
+            ``min_score``).
+        min_confident_score: a match scoring lower is flagged ``confident=False``.
+    """
+
+    def __init__(
+        self,
+        method: str = "fixed_point",
+        cell_size: Sequence[int] = (4, 4, 4),
+        top_k: int = 5,
+        margin: Sequence[int] = (1, 1, 1),
+        cell_dtype: str = "bfloat16",
+        subvoxel: bool = True,
+        grid_size: int = 5,
+        grid_step: int = 1,
+        max_iterations: int = 10,
+        max_distance_mm: float = 12.0,
+        min_fixed_point_score: float = 0.5,
+        min_fixed_points: int = 4,
+        inlier_threshold_mm: float = 4.0,
+        min_confident_score: float = 0.5,
+    ):
+        if method not in ("fixed_point", "nearest_neighbour"):
+            raise ValueError(f"method must be 'fixed_point' or 'nearest_neighbour', got {method!r}")
+        self.method = method
+        self.search_kwargs = {
+            "cell_size": tuple(cell_size),
+            "top_k": int(top_k),
+            "margin": tuple(margin),
+            "cell_dtype": cell_dtype,
+        }
+        self.subvoxel = bool(subvoxel)
+        self.fixed_point_kwargs = {
+            "grid_size": int(grid_size),
+            "grid_step": int(grid_step),
+            "max_iterations": int(max_iterations),
+            "max_distance_mm": float(max_distance_mm),
+            "min_score": float(min_fixed_point_score),
+            "min_fixed_points": int(min_fixed_points),
+            "inlier_threshold_mm": float(inlier_threshold_mm),
+            "subvoxel": self.subvoxel,
+        }
+        self.min_confident_score = float(min_confident_score)
+
+    def prepare(self, heads: Mapping[str, torch.Tensor] | EmbeddedScan) -> EmbeddedScan:
+        """An :class:`EmbeddedScan` of ``heads`` (``{head: MetaTensor}``) with this matcher's search settings."""
+        return heads if isinstance(heads, EmbeddedScan) else EmbeddedScan(heads, **self.search_kwargs)
+
+    def nearest_neighbour(self, template: EmbeddedScan, query: EmbeddedScan, points_lps) -> tuple:
+        """``(points (N, 3) LPS mm, grid scores (N,), template descriptors (N, C))`` by coarse-to-fine NN."""
+        descriptors = template.descriptors_at(points_lps)
+        voxels, scores = query.search.search(descriptors, subvoxel=self.subvoxel)
+        return query.map.voxel_to_world(voxels), scores, descriptors
+
+    def match(
+        self,
+        template: Mapping[str, torch.Tensor] | EmbeddedScan,
+        query: Mapping[str, torch.Tensor] | EmbeddedScan,
+        points_lps,
+        method: str | None = None,
+    ) -> MatchResult:
+        """Match template points ``(N, 3)`` (world LPS mm) into the query scan.
+
+        Args:
+            template, query: heads dicts or prepared scans (:meth:`prepare`); same heads.
+            points_lps: ``(N, 3)`` template points, LPS mm.
+            method: overrides the matcher's ``method`` for this call.
+        """
+        method = method or self.method
+        template, query = self.prepare(template), self.prepare(query)
+        if template.head_names != query.head_names:
+            raise ValueError(f"template heads {template.head_names} and query heads {query.head_names} differ")
+        pts = as_points(points_lps)
+        nn_points, _, descriptors = self.nearest_neighbour(template, query, pts)
+        points, n = nn_points.copy(), len(pts)
+        methods = ["nearest_neighbour"] * n
+        n_fixed, residual = np.zeros(n, dtype=np.int64), np.full(n, np.nan)
+        if method == "fixed_point":
+            fixed = fixed_point_match(template, query, pts, **self.fixed_point_kwargs)
+            found = np.all(np.isfinite(fixed.points_lps), axis=1)
+            points[found] = fixed.points_lps[found]
+            methods = ["fixed_point" if f else "nearest_neighbour_fallback" for f in found]
+            n_fixed, residual = fixed.n_fixed_points, fixed.residual_mm
+        scores = query.score_at(descriptors, points)
+        return MatchResult(
+            points_lps=points,
+            scores=scores,
+            methods=methods,
+            confident=scores >= self.min_confident_score,
+            n_fixed_points=n_fixed,
+            residual_mm=residual,
+            nn_points_lps=nn_points,
+        )
+
+    __call__ = match
