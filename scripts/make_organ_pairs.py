@@ -35,12 +35,16 @@ from samv2_components.io.image import load_scan
 from samv2_components.io.point_pairs import PointPairs, write_point_pairs
 from samv2_components.io.points import PointSet
 
-#: TotalSegmentator v2 label ids used by the sample data (subset).
+#: TotalSegmentator v2 ("total" task) names of the label ids that occur in the sample data.
 TOTALSEGMENTATOR_NAMES = {
     1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach", 7: "pancreas",
     8: "adrenal_gland_right", 9: "adrenal_gland_left", 18: "small_bowel", 19: "duodenum", 20: "colon",
-    31: "vertebrae_L1", 32: "vertebrae_T12", 33: "vertebrae_T11", 52: "aorta", 63: "inferior_vena_cava",
-    64: "portal_vein_and_splenic_vein", 79: "spinal_cord",
+    30: "vertebrae_L2", 31: "vertebrae_L1", 32: "vertebrae_T12", 33: "vertebrae_T11", 52: "aorta",
+    63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein", 69: "humerus_left", 70: "humerus_right",
+    79: "spinal_cord", 86: "autochthon_left", 87: "autochthon_right", 88: "iliopsoas_left", 89: "iliopsoas_right",
+    **{92 + i: f"rib_left_{i + 1}" for i in range(12)},
+    **{104 + i: f"rib_right_{i + 1}" for i in range(12)},
+    116: "sternum", 117: "costal_cartilages",
 }
 
 

@@ -41,9 +41,7 @@ from samv2_components.metrics import (
 from samv2_components.networks import SAMv2Net
 from samv2_components.sample_data import sample_path
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CONFIG = os.path.join(ROOT, "bundles", "semantic_sam", "configs", "inference.json")
-SHIFT_LPS = np.array([8.0, -12.0, 4.0])
+from matching_fixtures import CONFIG, ROOT, SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
 
 
 def _load_script():
@@ -59,61 +57,13 @@ def _load_script():
 ekt = _load_script()
 
 
-# ------------------------------------------------------------------------------------------- embedded scans
-def _save_crop(path, shift_lps=(0.0, 0.0, 0.0)):
-    """A 64 x 64 x 24 crop (3 mm) of the sample CT, optionally with its origin moved by ``shift_lps`` mm."""
-    src = nib.load(sample_path("ct_abdomen"))
-    start = np.array([29, 18, 3])
-    data = np.asarray(src.dataobj, dtype=np.float32)[29:93, 18:82, 3:27]
-    affine = src.affine.copy()
-    affine[:3, 3] = voxel_to_world(start[None], src.affine)[0] * [-1, -1, 1]  # RAS origin of the crop
-    affine[:3, 3] += np.asarray(shift_lps) * [-1, -1, 1]  # LPS shift -> RAS
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    """Template crop, its translated copy, both embedded by one random width-0.25 network through the bundle."""
-    tmp = tmp_path_factory.mktemp("crops")
-    parser = ConfigParser()
-    parser.read_config(CONFIG)
-    parser["bundle_root"] = os.path.join(ROOT, "bundles", "semantic_sam")
-    preprocessing = parser.get_parsed_content("preprocessing")
-    inferer = parser.get_parsed_content("inferer")
-    torch.manual_seed(0)
-    net = SAMv2Net(width=0.25).eval()
-    out = {}
-    for key, shift in (("template", (0.0, 0.0, 0.0)), ("shifted", SHIFT_LPS)):
-        path = _save_crop(tmp / f"{key}.nii.gz", shift)
-        out[key] = inferer(preprocessing({"image": path, "modality": "ct"})["image"][None], net)
-        out[key + "_path"] = path
-    return out
-
-
-def _body_fine_voxels(heads, path, n, seed=0):
-    """``n`` fine-grid voxel centres (indices and LPS points) inside the body (> -300 HU) of the scan at ``path``."""
-    dmap = query_descriptor_map(heads)
-    scan = load_scan(path)
-    shape = np.array(dmap.grid_shape)
-    idx = np.stack(np.meshgrid(*[np.arange(1, s - 1) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    pts = dmap.voxel_to_world(idx)
-    vox = np.rint(world_to_voxel(pts, scan.affine)).astype(int)
-    inside = np.all((vox >= 0) & (vox < np.array(scan.shape[1:])), axis=1)
-    idx, pts, vox = idx[inside], pts[inside], vox[inside]
-    hu = scan[0].numpy()[vox[:, 0], vox[:, 1], vox[:, 2]]
-    keep = np.flatnonzero(hu > -300)
-    chosen = np.random.default_rng(seed).choice(keep, size=n, replace=False)
-    return idx[chosen], pts[chosen], dmap
-
-
 def _fine_spacing(dmap):
     return np.linalg.norm(dmap.affine[:3, :3], axis=0)
 
 
 def test_self_match_returns_each_point(embedded):
     heads = embedded["template"]
-    _, points, dmap = _body_fine_voxels(heads, embedded["template_path"], 60)
+    _, points, dmap = body_fine_voxels(heads, embedded["template_path"], 60)
     half = _fine_spacing(dmap).max() / 2  # axes of the fine grid are the LPS axes here (axis-aligned scan)
     for subvoxel in (False, True):
         matched, scores = match_nearest_neighbour(heads, heads, points, batch_size=16, subvoxel=subvoxel)
@@ -127,7 +77,7 @@ def test_self_match_off_grid_points(embedded):
     """Points between fine voxel centres: an interpolated descriptor need not score highest at the nearest voxel
     (random weights: about 90% do), so this checks the typical case and that sub-voxel refinement helps."""
     heads = embedded["template"]
-    _, points, dmap = _body_fine_voxels(heads, embedded["template_path"], 100, seed=1)
+    _, points, dmap = body_fine_voxels(heads, embedded["template_path"], 100, seed=1)
     voxel = _fine_spacing(dmap).max()
     points = points + np.random.default_rng(2).uniform(-0.45, 0.45, points.shape) * voxel
     refined, scores = match_nearest_neighbour(heads, heads, points)
@@ -141,7 +91,7 @@ def test_self_match_off_grid_points(embedded):
 
 def test_translated_scan_matches_shift_exactly(embedded):
     """Same array, origin moved by (8, -12, 4) mm LPS: every match moves by exactly that translation."""
-    _, points, dmap = _body_fine_voxels(embedded["template"], embedded["template_path"], 50)
+    _, points, dmap = body_fine_voxels(embedded["template"], embedded["template_path"], 50)
     for subvoxel, tol in ((False, 1e-3), (True, _fine_spacing(dmap).max() / 2)):
         matched, scores = match_nearest_neighbour(embedded["template"], embedded["shifted"], points, subvoxel=subvoxel)
         np.testing.assert_allclose(scores, 1.0, atol=1e-4)

@@ -38,6 +38,23 @@ def _triple(value, name: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in values)
 
 
+def _box_sums(x: torch.Tensor, axis: int, kernel: int, stride: int) -> torch.Tensor:
+    """Sums of ``kernel`` consecutive entries along ``axis``, every ``stride``, centred on ``0, stride, 2 stride...``.
+
+    Zero padding of ``kernel // 2`` in front; as many windows as ``avg_pool3d(..., ceil_mode=True)`` makes (the
+    last one may hang over the end, which is padded with zeros too).
+    """
+    n, pad = x.shape[axis], kernel // 2
+    n_cells = -(-(n + 2 * pad - kernel) // stride) + 1
+    if (n_cells - 1) * stride >= n + pad:  # a window must start inside the input or the front padding
+        n_cells -= 1
+    back = (n_cells - 1) * stride + kernel - n - pad
+    front_shape, back_shape = list(x.shape), list(x.shape)
+    front_shape[axis], back_shape[axis] = pad, max(back, 0)
+    padded = torch.cat([x.new_zeros(front_shape), x, x.new_zeros(back_shape)], dim=axis)
+    return padded.unfold(axis, kernel, stride).sum(-1)
+
+
 class CoarseToFineSearch:
     """Best-scoring fine-grid voxel of a :class:`DescriptorMap` for many descriptors at once.
 
@@ -87,26 +104,24 @@ class CoarseToFineSearch:
         shape = descriptor_map.grid_shape
         self._kernel = tuple(s + 1 - s % 2 for s in self.cell_size)  # odd, so a cell is centred on voxel c * s
         self.window_size = tuple(min(k + 2 * m, n) for k, m, n in zip(self._kernel, self.margin, shape))
-        cells = F.avg_pool3d(
-            descriptor_map.descriptors.contiguous()[None],  # pooling a permuted view is ~15x slower
-            kernel_size=self._kernel,
-            stride=self.cell_size,
-            padding=tuple(k // 2 for k in self._kernel),
-            ceil_mode=True,
-            count_include_pad=False,
-        )[0]
-        self.cell_grid_shape = tuple(cells.shape[1:])
-        cell_rows = cells.permute(1, 2, 3, 0).reshape(-1, descriptor_map.n_heads, cells.shape[0] // descriptor_map.n_heads)
+        # per-cell sums straight from the voxel-major rows (a (C, d, h, w) pooling would first need a 1 GB transpose
+        # on a chest CT); the scale of a sum does not matter, since each head is re-normalised
+        sums = descriptor_map.flat.view(*shape, -1)
+        for axis, (k, st) in enumerate(zip(self._kernel, self.cell_size)):
+            sums = _box_sums(sums, axis, k, st)
+        self.cell_grid_shape = tuple(sums.shape[:3])
+        cell_rows = sums.reshape(-1, descriptor_map.n_heads, sums.shape[3] // descriptor_map.n_heads)
         # each head re-normalised: the cell's mean direction, so a varied cell (an edge) is not penalised for it
         cell_rows = F.normalize(cell_rows, dim=2).reshape(cell_rows.shape[0], -1)
         self.cell_rows = cell_rows.to(self.cell_dtype).contiguous()  # (n_cells, C)
+        device = sums.device
         n_windows = min(self.top_k, self.cell_rows.shape[0])
         self.exhaustive = n_windows * int(np.prod(self.window_size)) >= int(np.prod(shape))
         # linear offsets of a window's voxels relative to its first voxel, C order of (d, h, w)
         strides = (shape[1] * shape[2], shape[2], 1)
-        axes = [torch.arange(n, device=cells.device) * st for n, st in zip(self.window_size, strides)]
+        axes = [torch.arange(n, device=device) * st for n, st in zip(self.window_size, strides)]
         self._window_offsets = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).reshape(-1)
-        self._strides = torch.tensor(strides, device=cells.device)
+        self._strides = torch.tensor(strides, device=device)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _window_indices(self, cells: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,11 @@ method is an argument here. Typical use::
 Output conventions: points are world **LPS** millimetres. ``score`` is the SAMv2 similarity (mean of per-head
 cosines, [-1, 1]) between the template point's descriptor and the query's descriptor *at the reported point*
 (trilinear on each head's grid), for every method alike, so scores of NN and fixed-point answers compare.
-``confident`` is ``score >= min_confident_score``: an unconfident match (for instance a query scan that does
-not contain the anatomy) is reported, flagged, and never silently passed off as a good one.
+``confident`` flags the answers to trust. A fixed-point answer is confident when its score is at least
+``min_confident_score`` and its local affine fits the fixed points within ``max_confident_residual_mm``; a plain NN
+answer when its score is high enough; a fixed-point request that fell back to NN (the embedding was not
+consistent in both directions around the point) never is. An unconfident match, for instance in a query scan that
+does not contain the anatomy, is still reported, but flagged, never silently passed off as a good one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class MatchResult:
         scores: ``(N,)`` similarity at the matched point (mean of per-head cosines, [-1, 1]).
         methods: ``N`` strings from :data:`METHODS`; ``nearest_neighbour_fallback`` means fixed-point matching
             was asked for but found fewer than ``min_fixed_points`` fixed points.
-        confident: ``(N,)`` bool, ``scores >= min_confident_score``.
+        confident: ``(N,)`` bool, see the module docstring.
         n_fixed_points: ``(N,)`` kept fixed points (0 for NN).
         residual_mm: ``(N,)`` RMS residual of the fixed-point affine, mm (NaN for NN answers).
         nn_points_lps: ``(N, 3)`` the plain nearest-neighbour answer, for comparison (LPS mm).
@@ -85,6 +88,7 @@ class SAMv2Matcher:
             :func:`~samv2_components.matching.fixed_point.fixed_point_match`; ``min_fixed_point_score`` is its
             ``min_score``).
         min_confident_score: a match scoring lower is flagged ``confident=False``.
+        max_confident_residual_mm: a fixed-point answer whose affine's RMS residual is larger is flagged.
     """
 
     def __init__(
@@ -102,7 +106,8 @@ class SAMv2Matcher:
         min_fixed_point_score: float = 0.5,
         min_fixed_points: int = 4,
         inlier_threshold_mm: float = 4.0,
-        min_confident_score: float = 0.5,
+        min_confident_score: float = 0.6,
+        max_confident_residual_mm: float = 5.0,
     ):
         if method not in ("fixed_point", "nearest_neighbour"):
             raise ValueError(f"method must be 'fixed_point' or 'nearest_neighbour', got {method!r}")
@@ -125,6 +130,7 @@ class SAMv2Matcher:
             "subvoxel": self.subvoxel,
         }
         self.min_confident_score = float(min_confident_score)
+        self.max_confident_residual_mm = float(max_confident_residual_mm)
 
     def prepare(self, heads: Mapping[str, torch.Tensor] | EmbeddedScan) -> EmbeddedScan:
         """An :class:`EmbeddedScan` of ``heads`` (``{head: MetaTensor}``) with this matcher's search settings."""
@@ -166,11 +172,14 @@ class SAMv2Matcher:
             methods = ["fixed_point" if f else "nearest_neighbour_fallback" for f in found]
             n_fixed, residual = fixed.n_fixed_points, fixed.residual_mm
         scores = query.score_at(descriptors, points)
+        confident = scores >= self.min_confident_score
+        confident &= np.array([m != "nearest_neighbour_fallback" for m in methods], dtype=bool)
+        confident &= ~(residual > self.max_confident_residual_mm)  # NaN (no fit) passes
         return MatchResult(
             points_lps=points,
             scores=scores,
             methods=methods,
-            confident=scores >= self.min_confident_score,
+            confident=confident,
             n_fixed_points=n_fixed,
             residual_mm=residual,
             nn_points_lps=nn_points,
