@@ -19,8 +19,6 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from samv2_components.geometry import affine_and_space
-
 __all__ = ["CachedEmbeddingInferer", "network_fingerprint"]
 
 
@@ -30,7 +28,7 @@ def network_fingerprint(network: torch.nn.Module) -> str:
     for name, tensor in network.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -66,9 +64,9 @@ class CachedEmbeddingInferer(Inferer):
         data = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).detach().float().cpu().contiguous()
         digest.update(repr(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
-        if isinstance(inputs, MetaTensor):
-            affine, space = affine_and_space(inputs)
-            digest.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes() + space.encode())
+        if isinstance(inputs, MetaTensor):  # a batch's meta holds lists: hash the affine and space as given
+            digest.update(np.ascontiguousarray(np.asarray(inputs.affine), dtype=np.float64).tobytes())
+            digest.update(repr(inputs.meta.get("space", "RAS")).encode())
         return digest.hexdigest()
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -81,10 +79,11 @@ class CachedEmbeddingInferer(Inferer):
             if isinstance(inputs, MetaTensor):  # same content, maybe another file: name it after this input
                 for e in entry.values():
                     e["meta"]["filename_or_obj"] = inputs.meta.get("filename_or_obj", "")
-            return {
-                name: MetaTensor(e["array"], affine=torch.as_tensor(e["affine"]), meta=e["meta"])
-                for name, e in entry.items()
-            }
+            heads = {}
+            for name, e in entry.items():
+                heads[name] = MetaTensor(e["array"], affine=torch.as_tensor(e["affine"]), meta=e["meta"])
+                heads[name].is_batch = e["is_batch"]  # batched meta (lists) must decollate like the inferer's
+            return heads
         self.misses += 1
         heads = self.inferer(inputs, network, *args, **kwargs)
         entry = {
@@ -92,6 +91,7 @@ class CachedEmbeddingInferer(Inferer):
                 "array": h.as_tensor().detach().cpu() if isinstance(h, MetaTensor) else h.detach().cpu(),
                 "affine": np.asarray(h.affine) if isinstance(h, MetaTensor) else None,
                 "meta": {k: v for k, v in getattr(h, "meta", {}).items() if k in ("space", "filename_or_obj")},
+                "is_batch": bool(getattr(h, "is_batch", False)),
             }
             for name, h in heads.items()
         }

@@ -10,6 +10,7 @@
 from samv2_components.matching.affine_fit import AffineFit, fit_affine, fit_affine_robust
 from samv2_components.matching.coarse_to_fine import CoarseToFineSearch
 from samv2_components.matching.embedded_scan import EmbeddedScan
+from samv2_components.matching.evaluation import MatchingEvaluation
 from samv2_components.matching.fixed_point import FixedPointResult, fixed_point_match
 from samv2_components.matching.matcher import METHODS, MatchResult, SAMv2Matcher
 from samv2_components.matching.nearest_neighbour import (
@@ -28,6 +29,7 @@ __all__ = [
     "fit_affine_robust",
     "CoarseToFineSearch",
     "EmbeddedScan",
+    "MatchingEvaluation",
     "FixedPointResult",
     "fixed_point_match",
     "METHODS",

@@ -35,6 +35,7 @@ from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import convert_affine, convert_points, world_to_voxel
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
+from samv2_components.io.point_pairs import is_point_pairs_file, read_point_pairs
 from samv2_components.io.points import PointSet, read_points, write_points
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.matcher import SAMv2Matcher
@@ -89,7 +90,8 @@ class MatchingTemplate:
 
     Args:
         image_path: the template scan (file or DICOM folder).
-        points_path: its points (``.csv``, ``.json`` or ``.mrk.json``; any coordinate system the file states).
+        points_path: its points (``.csv``, ``.json`` or ``.mrk.json``; any coordinate system the file states), or a
+            ground-truth pairs CSV (:mod:`samv2_components.io.point_pairs`), whose template side is used.
         modality: ``"ct"`` or ``"mr"``.
         preprocessing: the bundle's preprocessing (dict transform on ``{"image", "modality"}``).
         network: the embedding network.
@@ -124,11 +126,22 @@ class MatchingTemplate:
     def points_lps(self) -> np.ndarray:
         return self.points.to("LPS").coords
 
+    @property
+    def output_file_name(self) -> str:
+        """Name of a query's matched-points file: the points file's name (``<stem>_matched.csv`` for pairs)."""
+        name = os.path.basename(self.points_path)
+        if is_point_pairs_file(self.points_path):
+            return name[: -len(".csv")] + "_matched.csv"
+        return name
+
     def setup(self) -> MatchingTemplate:
         """Read the points, embed the template and check that every point lies inside it. Returns ``self``."""
         if self.scan is not None:
             return self
-        self.points = read_points(self.points_path)
+        if is_point_pairs_file(self.points_path):
+            self.points = read_point_pairs(self.points_path).template
+        else:
+            self.points = read_points(self.points_path)
         if not os.path.exists(self.image_path):
             raise SAMv2InputError(self.image_path, "template scan not found")
         self.image = self.preprocessing({"image": self.image_path, "modality": self.modality})["image"]
@@ -222,7 +235,7 @@ class MatchPointsd(MapTransform):
             )
         name = case_name(source)
         with atomic_directory(self.output_dir, name) as folder:
-            points_file = os.path.basename(template.points_path)
+            points_file = template.output_file_name
             write_points(matched, os.path.join(folder, points_file))
             summary = {
                 "template": template.image_path,
@@ -242,9 +255,12 @@ class MatchPointsd(MapTransform):
                         "name": n,
                         "template": [round(float(v), 3) for v in t],
                         "matched": [round(float(v), 3) for v in m],
+                        "nearest_neighbour": [round(float(v), 3) for v in nn],
                         **{k: col[i] for k, col in result.columns().items()},
                     }
-                    for i, (n, t, m) in enumerate(zip(points.names, points.coords, matched.coords))
+                    for i, (n, t, m, nn) in enumerate(
+                        zip(points.names, points.coords, matched.coords, convert_points(result.nn_points_lps, "LPS", system))
+                    )
                 ],
             }
             with open(os.path.join(folder, "matches.json"), "w", encoding="utf-8") as f:

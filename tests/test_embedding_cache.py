@@ -1,0 +1,59 @@
+"""CachedEmbeddingInferer: a hit returns exactly what the inferer computed; any change of input, weights or
+numerics is a different entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from samv2_components.inference import CachedEmbeddingInferer, SAMv2Inferer
+from samv2_components.networks import SAMv2Net
+
+
+class CountingInferer(SAMv2Inferer):
+    calls = 0
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        CountingInferer.calls += 1
+        return super().__call__(inputs, network, *args, **kwargs)
+
+
+def _image(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    affine = torch.tensor([[-2.0, 0, 0, 10], [0, -2.0, 0, 20], [0, 0, 2.0, -30], [0, 0, 0, 1]], dtype=torch.float64)
+    return MetaTensor(torch.rand(1, 1, 8, 32, 32, generator=gen) * 100 - 50, affine=affine)
+
+
+def test_hit_equals_computed_and_keys_change(tmp_path):
+    torch.manual_seed(0)
+    net = SAMv2Net(width=0.25).eval()
+    inner = CountingInferer(bf16=False, max_tile_voxels=None)
+    cached = CachedEmbeddingInferer(inner, tmp_path / "cache")
+    CountingInferer.calls = 0
+    first = cached(_image(), net)
+    second = cached(_image(), net)
+    assert CountingInferer.calls == 1 and cached.hits == 1 and cached.misses == 1
+    for name in first:
+        torch.testing.assert_close(second[name].as_tensor(), first[name].as_tensor(), rtol=0, atol=0)
+        np.testing.assert_array_equal(np.asarray(second[name].affine), np.asarray(first[name].affine))
+    key = cached.key(_image(), net)
+    assert cached.key(_image(seed=1), net) != key  # other content
+    moved = _image()
+    moved.affine[0, 3] += 1.0
+    assert cached.key(moved, net) != key  # same voxels elsewhere in space
+    with torch.no_grad():
+        next(net.parameters()).add_(1e-3)
+    assert cached.key(_image(), net) == key  # fingerprint cached per network object ...
+    assert CachedEmbeddingInferer(inner, tmp_path / "cache").key(_image(), net) != key  # ... new weights, new key
+    assert CachedEmbeddingInferer(SAMv2Inferer(bf16=True), tmp_path / "cache").key(_image(), net) != key
+
+
+def test_disabled_cache_passes_through(tmp_path):
+    torch.manual_seed(0)
+    net = SAMv2Net(width=0.25).eval()
+    CountingInferer.calls = 0
+    cached = CachedEmbeddingInferer(CountingInferer(bf16=False, max_tile_voxels=None), None)
+    cached(_image(), net)
+    cached(_image(), net)
+    assert CountingInferer.calls == 2
