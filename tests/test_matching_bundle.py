@@ -168,3 +168,19 @@ def test_modality_the_model_was_not_trained_on(tmp_path):
     result = run_bundle("--model_modalities", "['ct']", "--query_path", sample_path("mr_abdomen"),
                         "--query_modality", "mr", "--allow_cross_modality", "true", "--output_dir", str(out))
     _assert_clean_failure(result, out, "not one the model was trained on")
+
+
+def test_several_queries_and_the_template_itself(tmp_path):
+    """Two queries in one run; the template matched against itself returns its own points (the whole path:
+    points file -> LPS -> embedding grids -> matching -> file, within a fraction of the 4 mm fine voxel)."""
+    out = tmp_path / "out"
+    queries = f"['{sample_path('ct_abdomen_2')}','{sample_path('ct_abdomen')}']"
+    result = run_bundle("--query_path", queries, "--output_dir", str(out), "--write_qc", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["ct_abdomen", "ct_abdomen_2"]
+    template = read_points(sample_path("ct_abdomen_points"))
+    itself = read_points(out / "ct_abdomen" / "ct_abdomen_points.csv")
+    assert itself.names == template.names
+    errors = np.linalg.norm(itself.coords - template.coords, axis=1)
+    assert errors.max() < 2.0, errors
+    assert all(m == "fixed_point" for m in itself.extra["method"])
