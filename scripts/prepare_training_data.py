@@ -63,7 +63,7 @@ def main(data_root: str = "../shared/data", output: str = "datalists/shared_data
     datalist = {"description": f"SAMv2 training scans from {root}", "held_out": HELD_OUT, "training": entries}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(datalist, f, indent=2)
     try:
         load_training_datalist(tmp)

@@ -23,7 +23,7 @@ LIGHT = ["--network_def#width", "0.25"]  # the test checks the workflow, not the
 
 def run_bundle(*overrides, cwd=ROOT):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIG, *overrides]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 @pytest.fixture(scope="module")

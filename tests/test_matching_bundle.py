@@ -27,7 +27,7 @@ POINT_NAMES = ["spleen", "liver", "stomach", "aorta", "inferior_vena_cava", "por
 def run_bundle(*overrides, config=INFERENCE):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
 
 
 def error_lines(result):

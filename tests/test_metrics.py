@@ -311,7 +311,7 @@ def test_read_point_pairs_bad_paths(tmp_path):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        [sys.executable, str(SCRIPT), *args], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=120
     )
 
 

@@ -6,6 +6,7 @@ by ``Resample(ct, ct, G^-1)``: then ``moving(G(p)) = ct(p)``, so a correct regis
 
 from __future__ import annotations
 
+import locale
 import sys
 
 import numpy as np
@@ -115,12 +116,14 @@ def test_direction_convention_pure_shift(ct, body_points, initialization):
     assert np.median(np.abs(back[body] - sitk.GetArrayViewFromImage(ct)[body])) < 20.0
 
 
-def test_paths_dicom_series_and_metatensor_inputs(tmp_path, ct):
+def test_paths_dicom_series_and_metatensor_inputs(tmp_path, ct, request):
     """A DICOM series folder and a MetaTensor read to the same geometry as the NIfTI; path inputs register."""
     from samv2_components.io.image import load_scan
 
     folder = tmp_path / "dicom"
     folder.mkdir()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's DICOM writer switches the process to the C locale
+    request.addfinalizer(lambda: locale.setlocale(locale.LC_ALL, saved_locale))
     image = sitk.Cast(ct, sitk.sitkInt16)
     direction = image.GetDirection()
     writer = sitk.ImageFileWriter()

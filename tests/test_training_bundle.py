@@ -46,7 +46,7 @@ def run_train(output_dir, *overrides, configs=(TRAIN,), nproc=None):
     if nproc is not None:
         launcher += [f"--nproc_per_node={nproc}", "--standalone"]
     cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", config, *TINY, "--output_dir", str(output_dir)]
-    return subprocess.run([*cmd, *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*cmd, *overrides], cwd=ROOT, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def load_checkpoint(path):

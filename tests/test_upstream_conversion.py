@@ -401,7 +401,7 @@ def test_missing_weights_file(tmp_path, caplog):
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        [sys.executable, str(SCRIPT), *args], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=120
     )
 
 

@@ -49,7 +49,7 @@ def load_training_datalist(
     if not os.path.isfile(path):
         raise SAMv2InputError(path, "datalist not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             entries = json.load(f)[key]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise SAMv2InputError(path, f"not a datalist with a {key!r} list ({type(exc).__name__}: {exc})") from exc

@@ -87,7 +87,7 @@ def write_embedding_case(
         if preview:
             strides = {h: HEAD_GRIDS[h][0] for h in heads}
             embedding_preview(image[0].as_tensor(), {h: e.as_tensor() for h, e in heads.items()}, strides, os.path.join(tmp, "preview.png"))
-        with open(os.path.join(tmp, "embeddings.json"), "w") as f:
+        with open(os.path.join(tmp, "embeddings.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return os.path.join(output_dir, name)
 
