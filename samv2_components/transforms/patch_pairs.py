@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from monai.transforms import MapTransform, RandGaussianNoise, RandGaussianSmooth
 from monai.utils import ensure_tuple
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.transforms.aggressive_intensity import share_random_state
 
 __all__ = [
     "RandPatchPaird",
@@ -222,7 +223,9 @@ class RandPatchPaird(MapTransform, Randomizable):
       (:func:`rotation_matrix`); default +-5 degrees per axis, from the reference's AggSAM/CrossSAM intra views
       (its plain SAM config uses none: ``rotate_range=0`` for parity). Rotations are physical (mm), using the
       volume spacing from the ``MetaTensor`` affine (isotropic if a plain tensor).
-    * After geometry, per patch and image key: MONAI ``RandGaussianNoise`` (``noise_prob``, std ~ U(0,
+    * After geometry, per patch and image key: the optional ``intensity_augmentation`` (e.g. CrossSAM's
+      :func:`~samv2_components.transforms.aggressive_intensity.aggressive_intensity_augmentation`), drawn
+      independently for each patch, then MONAI ``RandGaussianNoise`` (``noise_prob``, std ~ U(0,
       ``noise_std``)) then ``RandGaussianSmooth`` (``blur_prob``, sigma per axis ~ U(``blur_sigma_range``) patch
       voxels), both driven by this transform's random state. Reference: noise std U(0, 0.001) (a no-op at the
       -50..205 scale, so ``noise_std`` defaults to 1.0, about 16 HU) and blur std U(0, 4) mm, i.e. up to 2 voxels
@@ -245,6 +248,11 @@ class RandPatchPaird(MapTransform, Randomizable):
         label_pad_value: value outside the volume for label keys.
         noise_prob, noise_std: Gaussian noise probability and largest standard deviation (intensity units).
         blur_prob, blur_sigma_range: Gaussian blur probability and sigma range (patch voxels, every axis).
+        intensity_augmentation: array transform applied to each image patch ``(C, d, h, w)`` float32 after
+            geometry and before noise and blur (once per patch, so a and b get independent draws); it must keep
+            the shape. If it is ``Randomizable`` (a ``Compose`` of them included) it draws from this transform's
+            random state, set in :meth:`set_random_state` without drawing, so the pair geometry of a seed does not
+            depend on it. None (default): no such step.
         suffixes: output key suffixes of the two patches.
         corr_key, valid_key, overlap_key: output keys of the correspondence, its validity and the overlap flag.
         affine_key: prefix of the ``M_k`` outputs (``affine_key + suffix``).
@@ -276,6 +284,7 @@ class RandPatchPaird(MapTransform, Randomizable):
         noise_std: float = 1.0,
         blur_prob: float = 0.3,
         blur_sigma_range: Sequence[float] = (0.25, 2.0),
+        intensity_augmentation: Callable | None = None,
         suffixes: Sequence[str] = ("_a", "_b"),
         corr_key: str = "corr_ab",
         valid_key: str = "valid_ab",
@@ -317,6 +326,9 @@ class RandPatchPaird(MapTransform, Randomizable):
         self._noise = RandGaussianNoise(prob=self.noise_prob, mean=0.0, std=float(noise_std), sample_std=True)
         sigma = (float(blur_sigma_range[0]), float(blur_sigma_range[1]))
         self._blur = RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=self.blur_prob)
+        if intensity_augmentation is not None and not callable(intensity_augmentation):
+            raise TypeError(f"intensity_augmentation must be callable or None, got {type(intensity_augmentation)}")
+        self.intensity_augmentation = intensity_augmentation
         self._warned_no_foreground: set[str] = set()
         self._foreground_tries = 64
         self.affines: list[np.ndarray] = []
@@ -324,8 +336,10 @@ class RandPatchPaird(MapTransform, Randomizable):
         self.set_random_state(state=self.R)
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandPatchPaird:
-        """Seed this transform; the noise and blur transforms share its random state."""
+        """Seed this transform; the intensity augmentation (if Randomizable), noise and blur transforms share its
+        random state."""
         super().set_random_state(seed=seed, state=state)
+        share_random_state(self.intensity_augmentation, self.R)
         self._noise.set_random_state(state=self.R)
         self._blur.set_random_state(state=self.R)
         return self
@@ -395,6 +409,13 @@ class RandPatchPaird(MapTransform, Randomizable):
     # -- application --------------------------------------------------------------------------------------------
 
     def _augment(self, patch: torch.Tensor) -> torch.Tensor:
+        if self.intensity_augmentation is not None:
+            augmented = _plain(self.intensity_augmentation(patch)).to(torch.float32)
+            if augmented.shape != patch.shape:
+                raise ValueError(
+                    f"intensity_augmentation changed the patch shape {tuple(patch.shape)} to {tuple(augmented.shape)}"
+                )
+            patch = augmented
         if self.noise_prob > 0:
             patch = torch.as_tensor(self._noise(patch), dtype=torch.float32)
         if self.blur_prob > 0:
