@@ -280,7 +280,9 @@ class RandBezierIntensityd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, _check_prob(prob, "prob"))
         self.bezier = RandBezierIntensity(1.0, value_range, decreasing_prob, num_curve, num_table)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandBezierIntensityd:
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandBezierIntensityd:
         super().set_random_state(seed, state)
         self.bezier.set_random_state(seed, state)
         return self
