@@ -1,13 +1,32 @@
-"""Classical registration baselines (SimpleITK), for comparison with SAMv2 point matching in the benchmarks.
+"""Registration: AdaReg (embedding matches -> robust rigid fit -> crop -> deformable refinement, the
+``crosssam_registration`` bundle) and classical baselines (SimpleITK) for comparison.
 
-Needs the ``registration`` extra (``pip install samv2-components[registration]``); SimpleITK is imported only
-when a function runs, so importing this package works without it.
+The rigid fit (:mod:`~samv2_components.registration.rigid`) needs only NumPy. The baselines need the
+``registration`` extra (``pip install samv2-components[registration]``); SimpleITK is imported only when a function
+runs, so importing this package works without it.
 """
 
+from samv2_components.registration.adareg import AdaReg, RigidRegistration, body_mask, grid_points_in_mask
 from samv2_components.registration.intensity_baselines import (
     IntensityRegistrationResult,
     read_sitk_image,
     register_intensity,
 )
+from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
+from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
 
-__all__ = ["IntensityRegistrationResult", "read_sitk_image", "register_intensity"]
+__all__ = [
+    "AdaReg",
+    "AdaRegWorkflow",
+    "RegistrationFailed",
+    "RigidRegistration",
+    "body_mask",
+    "grid_points_in_mask",
+    "IntensityRegistrationResult",
+    "RigidTransform",
+    "RobustRigidFit",
+    "fit_rigid",
+    "fit_rigid_robust",
+    "read_sitk_image",
+    "register_intensity",
+]

@@ -1,0 +1,232 @@
+"""The ``crosssam_registration`` bundle's run: embed a fixed and a moving scan, AdaReg, write every output.
+
+Outputs (``<output_dir>/<fixed case>__<moving case>/``, written atomically):
+
+* ``rigid.tfm`` — the rigid transform as an ITK transform file (3D Slicer, ANTs, SimpleITK, ITK), and
+  ``rigid.json`` — the same as 4x4 matrices (fixed -> moving and moving -> fixed, LPS and RAS) with the convention
+  spelled out and the confidence summary;
+* ``<large scan>_cropped.nii.gz`` — the large-FOV scan cropped to the small scan's body plus the margin;
+* ``moving_rigid.nii.gz`` / ``moving_deformable.nii.gz`` — the moving scan resampled onto the fixed grid (the
+  cropped fixed grid when the fixed scan is the large one) with the rigid / rigid + B-spline transform;
+* ``deformable_field.nii.gz`` (fixed -> moving displacement, LPS mm) and ``deformable_elastix.txt``;
+* ``summary.json`` — inputs, settings, confidence summary (points, matches above score, inliers, residuals),
+  timings; ``qc_rigid.png`` / ``qc_deformable.png`` — fixed in red, moving in green (paper Fig. 11).
+
+When the matches do not support a rigid transform (no body, no overlap, too few consistent matches), only
+``summary.json`` is written, with ``success: false`` and the reason, and the run ends with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from samv2_components.errors import SAMv2Error, SAMv2InputError
+from samv2_components.geometry import affine_and_space, voxel_to_world
+from samv2_components.io.atomic import atomic_directory
+from samv2_components.io.embeddings import case_name
+from samv2_components.io.transforms import write_itk_transform, write_transform_json
+from samv2_components.registration.adareg import AdaReg, body_mask
+from samv2_components.registration.intensity_baselines import read_sitk_image
+from samv2_components.transforms import check_modality
+
+__all__ = ["AdaRegWorkflow", "RegistrationFailed"]
+
+logger = logging.getLogger(__name__)
+
+
+class RegistrationFailed(SAMv2Error):
+    """The scans could not be registered with confidence (the message says why)."""
+
+
+def _affine_transform(matrix: np.ndarray):
+    import SimpleITK as sitk
+
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(np.asarray(matrix[:3, :3], dtype=np.float64).ravel().tolist())
+    transform.SetTranslation(np.asarray(matrix[:3, 3], dtype=np.float64).tolist())
+    return transform
+
+
+def _resample(moving, reference, matrix: np.ndarray):
+    import SimpleITK as sitk
+
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(moving)
+    return sitk.Resample(moving, reference, _affine_transform(matrix), sitk.sitkLinear, stats.GetMinimum(), sitk.sitkFloat32)
+
+
+def _body_box_world(image, mask: torch.Tensor) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` (LPS mm) of the body mask's voxel bounding box (outer voxel faces)."""
+    idx = torch.nonzero(mask).cpu().numpy()
+    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    affine, space = affine_and_space(image)
+    return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
+
+
+def _crop_to_box(image, corners_lps: np.ndarray, margin_mm: float):
+    """Crop a SimpleITK image to the world box of ``corners_lps`` dilated by ``margin_mm``; None if they miss."""
+    import SimpleITK as sitk
+
+    lo, hi = corners_lps.min(0) - margin_mm, corners_lps.max(0) + margin_mm
+    box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    index = np.array([image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in box])
+    size = np.array(image.GetSize())
+    start = np.clip(np.floor(index.min(0)).astype(int), 0, size)
+    stop = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, size)
+    if np.any(stop - start < 2):
+        return None
+    return sitk.RegionOfInterest(image, (stop - start).tolist(), start.tolist())
+
+
+class AdaRegWorkflow:
+    """Register ``moving`` to ``fixed`` with AdaReg and write the outputs (module docstring).
+
+    Args:
+        fixed_path, moving_path: the scans (files or DICOM folders).
+        fixed_modality, moving_modality: ``"ct"`` or ``"mr"`` each (never guessed).
+        preprocessing: the bundle preprocessing (dict transform on ``{"image", "modality"}``).
+        network, inferer, device: the embedding network and inferer.
+        adareg: the :class:`~samv2_components.registration.adareg.AdaReg` settings.
+        output_dir: parent of the result folder.
+        deformable: run the elastix B-spline refinement.
+        deformable_kwargs: arguments of :func:`~samv2_components.registration.deformable.refine_deformable`.
+        write_qc: write the overlay pictures.
+        info: extra entries for ``summary.json``.
+    """
+
+    def __init__(
+        self,
+        fixed_path: str,
+        moving_path: str,
+        fixed_modality: str,
+        moving_modality: str,
+        preprocessing: Callable,
+        network: torch.nn.Module,
+        inferer: Callable,
+        adareg: AdaReg,
+        output_dir: str,
+        device: str | torch.device = "cpu",
+        deformable: bool = True,
+        deformable_kwargs: Mapping[str, Any] | None = None,
+        write_qc: bool = True,
+        info: Mapping[str, Any] | None = None,
+    ):
+        self.paths = {"fixed": os.fspath(fixed_path), "moving": os.fspath(moving_path)}
+        self.modalities = {
+            "fixed": check_modality(fixed_modality, "fixed_modality"),
+            "moving": check_modality(moving_modality, "moving_modality"),
+        }
+        self.preprocessing, self.network, self.inferer = preprocessing, network, inferer
+        self.adareg, self.output_dir, self.device = adareg, os.fspath(output_dir), torch.device(device)
+        self.deformable, self.deformable_kwargs = bool(deformable), dict(deformable_kwargs or {})
+        self.write_qc, self.info = bool(write_qc), dict(info or {})
+
+    def _embed(self, which: str):
+        path = self.paths[which]
+        if not os.path.exists(path):
+            raise SAMv2InputError(path, f"{which} scan not found")
+        image = self.preprocessing({"image": path, "modality": self.modalities[which]})["image"]
+        with torch.no_grad():
+            heads = self.inferer(image[None].to(self.device), self.network.eval())
+        return image, {k: v[0] for k, v in heads.items()}
+
+    def run(self) -> str:
+        """Register and write; returns the result folder. Raises :class:`RegistrationFailed` on failure."""
+        t0 = time.perf_counter()
+        fixed_image, fixed_heads = self._embed("fixed")
+        moving_image, moving_heads = self._embed("moving")
+        embed_s = time.perf_counter() - t0
+        rigid = self.adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        name = f"{case_name(self.paths['fixed'])}__{case_name(self.paths['moving'])}"
+        summary: dict[str, Any] = {
+            "fixed": self.paths["fixed"],
+            "moving": self.paths["moving"],
+            "modalities": self.modalities,
+            "coordinate_system": "LPS",
+            "convention": "transforms map a physical point of the fixed scan to the corresponding point of the moving scan",
+            "confidence": rigid.summary,
+            "embedding_seconds": round(embed_s, 2),
+            **self.info,
+        }
+        folder = os.path.join(self.output_dir, name)
+        if not rigid.success:
+            with atomic_directory(self.output_dir, name) as tmp:
+                self._write_json(os.path.join(tmp, "summary.json"), summary)
+            raise RegistrationFailed(f"{self.paths['moving']}: registration failed: {rigid.reason} (see {folder}/summary.json)")
+
+        fixed = read_sitk_image(self.paths["fixed"], "fixed")
+        moving = read_sitk_image(self.paths["moving"], "moving")
+        small = rigid.small_fov
+        small_image = fixed_image if small == "fixed" else moving_image
+        box = _body_box_world(small_image, body_mask(small_image, self.adareg.body_threshold))
+        matrix = rigid.fixed_to_moving
+        if small == "fixed":  # crop the moving scan around the fixed body mapped into it
+            box_large = box @ matrix[:3, :3].T + matrix[:3, 3]
+            moving = _crop_to_box(moving, box_large, self.adareg.crop_margin_mm)
+            cropped, cropped_name = moving, "moving_cropped.nii.gz"
+        else:
+            inverse = np.linalg.inv(matrix)
+            box_large = box @ inverse[:3, :3].T + inverse[:3, 3]
+            fixed = _crop_to_box(fixed, box_large, self.adareg.crop_margin_mm)
+            cropped, cropped_name = fixed, "fixed_cropped.nii.gz"
+        if cropped is None:
+            rigid.summary.update({"success": False, "reason": "the scans do not overlap after the rigid fit"})
+            with atomic_directory(self.output_dir, name) as tmp:
+                self._write_json(os.path.join(tmp, "summary.json"), summary)
+            raise RegistrationFailed(f"{self.paths['moving']}: registration failed: the scans do not overlap")
+
+        import SimpleITK as sitk
+
+        moving_rigid = _resample(moving, fixed, matrix)
+        deformable = None
+        if self.deformable:
+            from samv2_components.registration.deformable import refine_deformable
+
+            deformable = refine_deformable(fixed, moving, initial_fixed_to_moving=matrix, **self.deformable_kwargs)
+            summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
+        with atomic_directory(self.output_dir, name) as tmp:
+            write_itk_transform(matrix, os.path.join(tmp, "rigid.tfm"), transform_type="rigid")
+            write_transform_json(
+                matrix,
+                os.path.join(tmp, "rigid.json"),
+                fixed=self.paths["fixed"],
+                moving=self.paths["moving"],
+                extra={"confidence": rigid.summary},
+            )
+            sitk.WriteImage(cropped, os.path.join(tmp, cropped_name), True)
+            sitk.WriteImage(moving_rigid, os.path.join(tmp, "moving_rigid.nii.gz"), True)
+            if deformable is not None:
+                from samv2_components.registration.deformable import write_displacement_field
+
+                sitk.WriteImage(deformable.resampled_moving, os.path.join(tmp, "moving_deformable.nii.gz"), True)
+                write_displacement_field(deformable, os.path.join(tmp, "deformable_field.nii.gz"))
+                with open(os.path.join(tmp, "deformable_elastix.txt"), "w", encoding="utf-8") as f:
+                    f.write(deformable.elastix_parameters)
+            if self.write_qc:
+                from samv2_components.visualize import save_registration_overlay
+
+                centre = box.mean(0) if small == "fixed" else box_large.mean(0)
+                save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre, title="AdaReg rigid: fixed red, moving green")
+                if deformable is not None:
+                    save_registration_overlay(
+                        os.path.join(tmp, "qc_deformable.png"), fixed, deformable.resampled_moving, point_lps=centre,
+                        title="AdaReg rigid + B-spline: fixed red, moving green",
+                    )
+            summary["total_seconds"] = round(time.perf_counter() - t0, 2)
+            self._write_json(os.path.join(tmp, "summary.json"), summary)
+        logger.info("registered %s to %s: %s", self.paths["moving"], self.paths["fixed"], rigid.summary)
+        return folder
+
+    @staticmethod
+    def _write_json(path: str, record: Mapping[str, Any]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
