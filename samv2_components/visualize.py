@@ -12,9 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from samv2_components.geometry import affine_and_space, as_points, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
 
-__all__ = ["pca_rgb", "embedding_preview", "match_qc_image", "save_match_qc"]
+__all__ = [
+    "pca_rgb",
+    "embedding_preview",
+    "match_qc_image",
+    "save_match_qc",
+    "registration_overlay_image",
+    "save_registration_overlay",
+]
 
 
 def pca_rgb(embedding: torch.Tensor, max_samples: int = 20000, seed: int = 0) -> torch.Tensor:
@@ -357,3 +364,160 @@ def save_match_qc(path: str | os.PathLike, *args, **kwargs) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration overlay picture
+# ----------------------------------------------------------------------------------------------------------------
+
+_REG_FIXED_RGB = np.array([1.0, 0.0, 0.0])  # fixed image -> red
+_REG_MOVING_RGB = np.array([0.0, 1.0, 0.0])  # moving image -> green (overlap of bright structures: yellow)
+
+
+def _is_sitk_image(image) -> bool:
+    return all(hasattr(image, attr) for attr in ("GetSpacing", "GetDirection", "GetOrigin", "GetPixelIDValue"))
+
+
+def _sitk_volume(image, name: str) -> tuple[torch.Tensor, np.ndarray, str]:
+    """``(X, Y, Z)`` float32 tensor (ITK index order) and the 4x4 LPS voxel-to-world affine of a SimpleITK image."""
+    import SimpleITK as sitk  # only reached with a SimpleITK image, so the package is installed
+
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{name} must be a 3D scalar image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
+    array = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
+    volume = torch.from_numpy(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    affine = np.eye(4)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
+    affine[:3, 3] = np.asarray(image.GetOrigin(), dtype=np.float64)
+    return volume, affine, "LPS"
+
+
+def _overlay_volume(image, name: str) -> tuple[torch.Tensor, np.ndarray, str]:
+    """Volume, affine and its space of a MONAI MetaTensor or a SimpleITK image."""
+    if _is_sitk_image(image):
+        return _sitk_volume(image, name)
+    return _volume_of(image, name)
+
+
+def _volume_centre_and_extent(volume: torch.Tensor, affine: np.ndarray, space: str) -> tuple[np.ndarray, float]:
+    """World LPS centre of the voxel grid and the largest side (mm) of its world bounding box (voxel edges)."""
+    sizes = np.asarray(volume.shape[-3:], dtype=np.float64)
+    corners = np.array(list(np.ndindex(2, 2, 2)), dtype=np.float64) * sizes - 0.5
+    world = voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
+    centre = voxel_to_world((sizes - 1.0) / 2.0, affine, affine_space=space, world_space="LPS")[0]
+    return centre, float(np.max(world.max(0) - world.min(0)))
+
+
+def registration_overlay_image(
+    fixed,
+    moving_resampled,
+    point_lps=None,
+    title: str = "",
+    field_of_view_mm: float | None = None,
+    pixel_mm: float = 1.0,
+    fixed_window: tuple[float, float] | None = None,
+    moving_window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Registration check picture: fixed image in red, moving image in green (as in the SAMv2 paper's Fig. 11).
+
+    The axial, coronal and sagittal planes through ``point_lps`` are sampled in world coordinates from both images
+    (trilinear, each image with its own geometry), so ``moving_resampled`` may be the moving image resampled onto
+    the fixed grid (e.g. ``DeformableResult.resampled_moving``) or any image already in the fixed image's world
+    frame. The red channel is the windowed fixed intensity, the green channel the windowed moving intensity at the
+    same world position; well-aligned bright structures appear yellow, misaligned ones as separate red and green
+    edges. Outside an image its channel is 0. Display as :func:`match_qc_image` (radiological, 3D Slicer): axial
+    anterior up and patient right on the left, coronal superior up and right on the left, sagittal superior up
+    and anterior on the left; pixel ``(half, half)`` of each panel is ``point_lps``, image right / down in a panel
+    is +x / +y (axial), +x / -z (coronal), +y / -z (sagittal) in LPS, ``pixel_mm`` per pixel.
+
+    Args:
+        fixed: ``SimpleITK.Image`` or MONAI ``MetaTensor`` ``(1, D, H, W)`` / ``(D, H, W)`` (affine in RAS unless
+            ``meta["space"]`` is ``"LPS"``).
+        moving_resampled: same kinds as ``fixed``.
+        point_lps: ``(3,)`` world point (LPS mm) the planes pass through; ``None``: the centre of the fixed grid.
+        title: text of the title strip.
+        field_of_view_mm: side of each square panel in mm; ``None``: the largest side of the fixed image's world
+            bounding box.
+        pixel_mm: panel pixel size in mm.
+        fixed_window, moving_window: ``(low, high)`` display windows; ``None``: 1st-99th percentile of that image.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array.
+    """
+    f_vol, f_aff, f_space = _overlay_volume(fixed, "fixed")
+    m_vol, m_aff, m_space = _overlay_volume(moving_resampled, "moving_resampled")
+    centre, extent = _volume_centre_and_extent(f_vol, f_aff, f_space)
+    if point_lps is None:
+        point = centre
+    else:
+        pts = as_points(point_lps, "point_lps")
+        if pts.shape[0] != 1:
+            raise ValueError(f"point_lps must be a single (3,) point, got {pts.shape}")
+        point = pts[0]
+    half = _qc_panel_half(extent if field_of_view_mm is None else float(field_of_view_mm), pixel_mm)
+    panel = 2 * half + 1
+    world = _qc_world_grid(point, half, pixel_mm)
+
+    rgb = np.zeros(world.shape[:-1] + (3,), dtype=np.float64)
+    for volume, affine, space, window, colour in (
+        (f_vol, f_aff, f_space, fixed_window, _REG_FIXED_RGB),
+        (m_vol, m_aff, m_space, moving_window, _REG_MOVING_RGB),
+    ):
+        lo, hi = _window(volume, window)
+        vals, inside = _sample_world(volume, affine, space, world)
+        level = np.where(inside, np.clip(np.nan_to_num((vals - lo) / (hi - lo), nan=0.0), 0.0, 1.0), 0.0)
+        rgb += level[..., None] * colour * 255.0
+
+    top = _QC_TITLE_H + _QC_HEADER_H
+    width = 3 * panel + 4 * _QC_GAP
+    height = top + panel + _QC_GAP
+    canvas = np.zeros((height, width, 3), dtype=np.float64)
+    lefts = [_QC_GAP + c * (panel + _QC_GAP) for c in range(len(_QC_VIEWS))]
+    for v, left in enumerate(lefts):
+        canvas[top : top + panel, left : left + panel] = rgb[v]
+
+    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((_QC_GAP + 2, 3), title, fill=(255, 255, 255), font=font)
+    x, y, z = point
+    header_y = top - _QC_HEADER_H + 1
+    draw.text((_QC_GAP + 2, header_y), f"LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm   ", fill=(255, 255, 255), font=font)
+    legend_x = _QC_GAP + 2 + _text_width(draw, f"LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm   ", font)
+    draw.text((legend_x, header_y), "fixed", fill=(255, 64, 64), font=font)
+    legend_x += _text_width(draw, "fixed ", font)
+    draw.text((legend_x, header_y), "moving", fill=(64, 255, 64), font=font)
+    for (view, _col_dir, _row_dir, (t_l, b_l, l_l, r_l)), left in zip(_QC_VIEWS, lefts):
+        right, bottom = left + panel - 1, top + panel - 1
+        mid_x, mid_y = left + half, top + half
+        draw.text((mid_x, top + 1), t_l, fill=_QC_LETTER, font=font, anchor="mt")
+        draw.text((mid_x, bottom - 1), b_l, fill=_QC_LETTER, font=font, anchor="mb")
+        draw.text((left + 2, mid_y), l_l, fill=_QC_LETTER, font=font, anchor="lm")
+        draw.text((right - 1, mid_y), r_l, fill=_QC_LETTER, font=font, anchor="rm")
+        draw.text((left + 2, bottom - 1), view, fill=_QC_LETTER, font=font, anchor="lb")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _save_png_atomic(rgb: np.ndarray, path: str | os.PathLike) -> None:
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:  # default permissions (umask), unlike mkstemp's 0600
+            Image.fromarray(rgb, "RGB").save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_registration_overlay(path: str | os.PathLike, *args, **kwargs) -> None:
+    """Write :func:`registration_overlay_image` ``(*args, **kwargs)`` to ``path`` as PNG, atomically, creating
+    parent folders."""
+    _save_png_atomic(registration_overlay_image(*args, **kwargs), path)

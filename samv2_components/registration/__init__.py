@@ -7,6 +7,7 @@ runs, so importing this package works without it.
 """
 
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, body_mask, grid_points_in_mask
+from samv2_components.registration.deformable import DeformableResult, refine_deformable, write_displacement_field
 from samv2_components.registration.intensity_baselines import (
     IntensityRegistrationResult,
     read_sitk_image,
@@ -22,6 +23,9 @@ __all__ = [
     "RigidRegistration",
     "body_mask",
     "grid_points_in_mask",
+    "DeformableResult",
+    "refine_deformable",
+    "write_displacement_field",
     "IntensityRegistrationResult",
     "RigidTransform",
     "RobustRigidFit",

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import KeepLargestConnectedComponent
 
 from samv2_components.geometry import affine_and_space, voxel_to_world
 from samv2_components.matching import SAMv2Matcher
@@ -42,11 +41,15 @@ __all__ = ["AdaReg", "RigidRegistration", "body_mask", "grid_points_in_mask"]
 
 def body_mask(image: torch.Tensor, threshold: float = -25.0) -> torch.Tensor:
     """Body mask ``(D, H, W)`` bool of a preprocessed scan ``(1, D, H, W)``: intensity > ``threshold``, largest
-    connected component (drops table, coils and noise specks)."""
-    mask = torch.as_tensor(image[0] > threshold)
+    face-connected component (drops table, coils and noise specks). Uses SimpleITK's connected components (the
+    ``registration`` extra; MONAI's own needs scikit-image)."""
+    import SimpleITK as sitk
+
+    mask = torch.as_tensor(image[0] > threshold).cpu()
     if not mask.any():
         return mask
-    return torch.as_tensor(KeepLargestConnectedComponent(independent=False, connectivity=1)(mask[None].float())[0] > 0)
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.numpy().astype(np.uint8))), sortByObjectSize=True)
+    return torch.from_numpy(sitk.GetArrayViewFromImage(labels) == 1)
 
 
 def _voxel_volume_mm3(image: MetaTensor) -> float:

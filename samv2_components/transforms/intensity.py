@@ -44,6 +44,9 @@ class NormalizeIntensityByModalityd(MapTransform):
         ct_window: HU window mapped to ``output_range``.
         mr_percentiles: lower/upper percentiles mapped to ``output_range`` for MR.
         output_range: target range (reference: 0..255 minus 50).
+        strict_modality_check: raise :class:`SAMv2InputError` instead of warning when the intensities contradict
+            the modality (a "CT" with no voxel below -200 HU; an "MR" with at least 5 % of its voxels below
+            -500, i.e. CT air in HU). Registration needs the roles right, so its bundle sets it.
     """
 
     def __init__(
@@ -54,9 +57,11 @@ class NormalizeIntensityByModalityd(MapTransform):
         ct_window: Sequence[float] = (-1024.0, 3071.0),
         mr_percentiles: Sequence[float] = (0.2, 99.8),
         output_range: Sequence[float] = (-50.0, 205.0),
+        strict_modality_check: bool = False,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.strict_modality_check = bool(strict_modality_check)
         self.modality = None if modality is None else check_modality(modality, "modality")
         self.modality_key = modality_key
         lo, hi = output_range
@@ -78,14 +83,26 @@ class NormalizeIntensityByModalityd(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             modality = self._modality_of(d, image)
-            if modality == "ct" and float(torch.as_tensor(image).min()) > -200.0:
-                # CT air is about -1000 HU; a scan without any value below -200 is probably not in HU (an MR?)
-                logger.warning(
-                    "%s: modality is 'ct' but no voxel is below -200 HU; is this really a CT in Hounsfield units?",
-                    _source_name(image),
-                )
+            self._check_modality_fits(image, modality)
             d[key] = self.ct(image) if modality == "ct" else self.mr(image)
         return d
+
+
+    def _check_modality_fits(self, image: Any, modality: str) -> None:
+        values = torch.as_tensor(image)
+        problem = None
+        if modality == "ct" and float(values.min()) > -200.0:
+            # CT air is about -1000 HU; a scan without any value below -200 is probably not in HU (an MR?)
+            problem = "modality is 'ct' but no voxel is below -200 HU; is this really a CT in Hounsfield units?"
+        elif modality == "mr":
+            below = float((values < -500.0).float().mean())
+            if below >= 0.05:
+                problem = f"modality is 'mr' but {100 * below:.0f} % of the voxels are below -500, like CT air in HU; is this a CT?"
+        if problem is None:
+            return
+        if self.strict_modality_check:
+            raise SAMv2InputError(_source_name(image), problem)
+        logger.warning("%s: %s", _source_name(image), problem)
 
 
 def _source_name(image: Any) -> str | None:

@@ -1,0 +1,128 @@
+"""AdaReg (``samv2_components.registration``) and the crosssam_registration bundle: body masks, grid points,
+a known rigid transform recovered end to end through ``python -m monai.bundle run`` (transform files, crop,
+resampled scan), and failures that are reported instead of written as transforms."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+sitk = pytest.importorskip("SimpleITK")
+
+from samv2_components.geometry import voxel_to_world  # noqa: E402
+from samv2_components.io.transforms import read_itk_transform, read_transform_json  # noqa: E402
+from samv2_components.registration import body_mask, grid_points_in_mask  # noqa: E402
+from samv2_components.sample_data import sample_path  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+INFERENCE = os.path.join(ROOT, "bundles", "crosssam_registration", "configs", "inference.json")
+
+
+def run_bundle(*overrides):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
+
+
+def _rigid(angle_deg: float, axis, translation) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.radians(angle_deg)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    matrix[:3, 3] = translation
+    return matrix
+
+
+def _sitk_affine(matrix):
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(matrix[:3, :3].ravel().tolist())
+    t.SetTranslation(matrix[:3, 3].tolist())
+    return t
+
+
+def test_body_mask_keeps_the_largest_component_and_grid_points_lie_in_it():
+    image = torch.full((1, 20, 40, 40), -50.0)
+    image[0, 4:16, 8:32, 8:32] = 100.0  # body
+    image[0, 1, 1, 1] = 100.0  # a speck
+    affine = torch.tensor([[0, 0, -2.0, 30], [0, -2.0, 0, 40], [2.0, 0, 0, -20], [0, 0, 0, 1]], dtype=torch.float64)
+    mt = MetaTensor(image, affine=affine)
+    mask = body_mask(mt)
+    assert int(mask.sum()) == 12 * 24 * 24 and not mask[1, 1, 1]
+    points = grid_points_in_mask(mt, mask, spacing_mm=8.0)
+    assert len(points) > 0
+    body_world = voxel_to_world(np.argwhere(mask.numpy()).astype(float), affine.numpy())
+    lo, hi = body_world.min(0) - 1e-6, body_world.max(0) + 1e-6
+    assert np.all((points >= lo) & (points <= hi))
+    spacing = np.unique(np.round(np.diff(np.unique(points[:, 0])), 6))
+    assert np.allclose(spacing, 8.0)  # 4 voxels of 2 mm along that axis
+
+
+@pytest.fixture(scope="module")
+def moved_ct(tmp_path_factory):
+    """The sample CT resampled so that fixed point x sits at moving point T @ x (T known, fixed -> moving)."""
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"), sitk.sitkFloat32)
+    truth = _rigid(8.0, (0.2, 0.1, 1.0), (9.0, -14.0, 3.0))
+    moving = sitk.Resample(fixed, fixed, _sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    path = str(tmp_path_factory.mktemp("moved") / "ct_moved.nii.gz")
+    sitk.WriteImage(moving, path)
+    return path, truth
+
+
+def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
+    path, truth = moved_ct
+    out = tmp_path / "out"
+    result = run_bundle("--fixed_path", sample_path("ct_abdomen"), "--moving_path", path, "--moving_modality", "ct",
+                        "--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "ct_abdomen__ct_moved"
+    files = set(os.listdir(folder))
+    assert {"rigid.tfm", "rigid.json", "moving_rigid.nii.gz", "summary.json"} <= files
+    assert files & {"fixed_cropped.nii.gz", "moving_cropped.nii.gz"}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["confidence"]["success"] and summary["coordinate_system"] == "LPS"
+    estimate = read_transform_json(folder / "rigid.json")
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"))
+    rng = np.random.default_rng(0)
+    size = np.array(fixed.GetSize())
+    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((rng.uniform(0.25, 0.75, 3) * (size - 1)).tolist()) for _ in range(200)])
+    tre = np.linalg.norm(points @ estimate[:3, :3].T + estimate[:3, 3] - (points @ truth[:3, :3].T + truth[:3, 3]), axis=1)
+    assert tre.mean() < 3.0, tre.mean()
+    # the ITK transform file says the same thing, in the ITK convention SimpleITK applies
+    tfm = sitk.ReadTransform(str(folder / "rigid.tfm"))
+    mapped = np.array([tfm.TransformPoint(p.tolist()) for p in points[:20]])
+    np.testing.assert_allclose(mapped, points[:20] @ estimate[:3, :3].T + estimate[:3, 3], atol=1e-4)
+    np.testing.assert_allclose(read_itk_transform(folder / "rigid.tfm"), estimate, atol=1e-5)
+
+
+def test_noise_moving_scan_fails_with_reason_and_no_transform(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = sitk.GetImageFromArray(rng.uniform(0, 100, (40, 60, 60)).astype(np.float32))
+    noise.SetSpacing((3.0, 3.0, 3.0))
+    path = str(tmp_path / "noise_mr.nii.gz")
+    sitk.WriteImage(noise, path)
+    out = tmp_path / "out"
+    result = run_bundle("--moving_path", path, "--output_dir", str(out), "--deformable", "false")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "registration failed" in errors[0], result.stderr[-2000:]
+    folder = out / "phantom_ct_3mm__noise_mr"
+    assert sorted(os.listdir(folder)) == ["summary.json"]  # the report, never a transform it cannot support
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["confidence"]["success"] is False and summary["confidence"]["reason"]
+
+
+def test_ct_given_as_mr_is_refused(tmp_path):
+    out = tmp_path / "out"
+    result = run_bundle("--moving_path", sample_path("ct_abdomen"), "--moving_modality", "mr", "--output_dir", str(out))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "is this a CT" in errors[0], result.stderr[-2000:]
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
