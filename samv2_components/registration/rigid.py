@@ -249,9 +249,10 @@ def fit_rigid_robust(
        most that many; collinear or coincident samples, in either set, are skipped); the hypothesis with the
        most pairs within ``inlier_threshold_mm`` wins, ties going to the lower mean inlier residual.
     3. Refit (:func:`fit_rigid`) on the inliers, weighted by the scores (clipped at 0) when given.
-    4. Trimming, at most ``refine_rounds`` rounds: keep the pairs (of all pairs kept in step 1) whose residual
-       is at most ``max(inlier_threshold_mm, 2.5 * 1.4826 * median inlier residual)``, refit; stop when the set
-       is stable or would drop below ``min_inliers``.
+    4. Consensus refinement, at most ``refine_rounds`` rounds: keep the pairs (of all pairs kept in step 1) whose
+       residual is at most ``inlier_threshold_mm``, refit; stop when the set is stable or would drop below
+       ``min_inliers``. (An adaptive, median-based cutoff was tried and grew round by round on CT–MR matches with
+       many wrong pairs until every pair counted as an inlier.)
 
     A fit that is not supported by the data is reported, never raised: ``success`` is ``False`` and ``reason``
     says why, when fewer than ``min_inliers`` pairs survive, or the inliers lie on one line. Only malformed input
@@ -320,8 +321,9 @@ def fit_rigid_robust(
     matrix = refit(inliers)
     for _ in range(int(refine_rounds)):
         residual = _residuals(matrix, x, y)
-        cutoff = max(threshold, 2.5 * 1.4826 * float(np.median(residual[inliers])))
-        new = residual <= cutoff
+        # the consensus threshold stays fixed: an adaptive (median-based) cutoff can only grow here and, with many
+        # wrong matches, grew round by round until every pair was an "inlier" (seen on CT-MR matches)
+        new = residual <= threshold
         if new.sum() < max(3, min_inliers) or np.array_equal(new, inliers):
             break
         inliers = new
