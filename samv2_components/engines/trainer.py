@@ -150,16 +150,23 @@ class SAMv2Trainer(SupervisedTrainer):
         semantic = self.semantic_loss(emb, labels_to_grid(label, stride, offset, emb.shape[2:]))
         return {"loss": semantic, "semantic": semantic}
 
+    def _step_losses(self, engine, batchdata: dict) -> tuple[str, dict[str, torch.Tensor]]:
+        """Draw this iteration's step type and compute its losses: ``(step_type, {"loss": total, term: value})``.
+
+        Subclasses add step types here (e.g. :class:`~samv2_components.engines.crosssam.CrossSAMTrainer`)."""
+        if self.semantic_loader is not None and self._step_rng.random() < self.semantic_prob:
+            return "semantic", self._semantic_losses(engine)
+        return "appearance", self._appearance_losses(engine, batchdata)
+
     def _iteration(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        semantic_step = self.semantic_loader is not None and self._step_rng.random() < self.semantic_prob
-        losses = self._semantic_losses(engine) if semantic_step else self._appearance_losses(engine, batchdata)
+        step_type, losses = self._step_losses(engine, batchdata)
         losses["loss"].backward()
         engine.optimizer.step()
         output: dict[str, Any] = {k: v.detach() for k, v in losses.items()}  # "loss" is Keys.LOSS
-        output["step_type"] = "semantic" if semantic_step else "appearance"
+        output["step_type"] = step_type
         engine.state.output = output
         return output

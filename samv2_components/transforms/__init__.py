@@ -7,6 +7,12 @@ from samv2_components.transforms.aggressive_intensity import (
 )
 from samv2_components.transforms.intensity import MODALITIES, NormalizeIntensityByModalityd, check_modality
 from samv2_components.transforms.patch_pairs import RandPatchPaird
+from samv2_components.transforms.registered_pairs import (
+    RandRegisteredPatchd,
+    load_registered_datalist,
+    registered_pair,
+    save_registered_pair,
+)
 
 __all__ = [
     "MODALITIES",
@@ -16,6 +22,10 @@ __all__ = [
     "RandIntensityInversion",
     "RandIntensityInversiond",
     "RandPatchPaird",
+    "RandRegisteredPatchd",
     "aggressive_intensity_augmentation",
     "check_modality",
+    "load_registered_datalist",
+    "registered_pair",
+    "save_registered_pair",
 ]
