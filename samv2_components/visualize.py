@@ -351,19 +351,7 @@ def match_qc_image(
 
 def save_match_qc(path: str | os.PathLike, *args, **kwargs) -> None:
     """Write :func:`match_qc_image` ``(*args, **kwargs)`` to ``path`` as PNG, atomically, creating parent folders."""
-    rgb = match_qc_image(*args, **kwargs)
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # default permissions (umask), unlike mkstemp's 0600
-            Image.fromarray(rgb, "RGB").save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _save_png_atomic(match_qc_image(*args, **kwargs), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
