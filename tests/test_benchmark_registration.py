@@ -1,0 +1,170 @@
+"""scripts/benchmark_registration.py: the case composition (T_case = D @ T_ref agrees with how the moving image is
+resampled), the TRE, transform conventions (SimpleITK, elastix parameter maps, the ANTs helper on a synthetic known
+transform) and the box-plot writer. No network and no real data: synthetic images only."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sitk = pytest.importorskip("SimpleITK")
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import benchmark_registration as br  # noqa: E402
+
+
+def _synthetic_ct(ball_lps, size=48, spacing=3.0) -> "sitk.Image":
+    """A -1000 HU volume with a 0 HU box 'body' (with a few inner structures) and a 3000 HU ball at ``ball_lps``."""
+    z, y, x = np.meshgrid(*[np.arange(size)] * 3, indexing="ij")
+    origin = -spacing * (size - 1) / 2.0
+    X, Y, Z = origin + spacing * x, origin + spacing * y, origin + spacing * z
+    a = np.full((size, size, size), -1000.0, np.float32)
+    a[(abs(X) < 45) & (abs(Y) < 35) & (abs(Z) < 50)] = 0.0
+    a[(abs(X + 20) < 8) & (abs(Y - 10) < 12) & (abs(Z) < 30)] = 400.0  # asymmetric structures
+    a[(abs(X - 15) < 10) & (abs(Y + 15) < 6) & (abs(Z - 20) < 10)] = -300.0
+    bx, by, bz = ball_lps
+    a[(X - bx) ** 2 + (Y - by) ** 2 + (Z - bz) ** 2 <= 6.0**2] = 3000.0
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing([spacing] * 3)
+    img.SetOrigin([origin] * 3)
+    return img
+
+
+def _bright_centroid(image, threshold=1500.0) -> np.ndarray:
+    a = sitk.GetArrayFromImage(image)
+    idx = np.argwhere(a > threshold)
+    w = a[tuple(idx.T)]
+    return (br.voxel_centres(image, idx) * w[:, None]).sum(0) / w.sum()
+
+
+def test_tre_on_hand_computed_matrices():
+    points = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    shift = br.rigid_matrix(translation=(3.0, 4.0, 0.0))
+    assert br.tre(shift, np.eye(4), points) == pytest.approx(5.0)
+    rot = br.rigid_matrix(np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))  # 90 deg about z
+    # (1,0,0) -> (0,1,0): sqrt(2); (0,2,0) -> (-2,0,0): 2 sqrt(2)
+    assert br.tre(rot, np.eye(4), points) == pytest.approx(1.5 * np.sqrt(2.0))
+    assert br.tre(rot, rot, points) == pytest.approx(0.0)
+    # rotation about a centre: the centre stays put
+    about = br.rigid_matrix(br.axis_angle([0, 0, 1], 90.0), centre=(1.0, 0.0, 0.0))
+    assert np.allclose(br.apply_matrix(about, [1.0, 0.0, 0.0]), [[1.0, 0.0, 0.0]])
+    assert np.allclose(br.apply_matrix(about, [2.0, 0.0, 0.0]), [[1.0, 1.0, 0.0]])
+
+
+def test_matrix_transform_round_trip_and_cube_rotations():
+    m = br.rigid_matrix(br.axis_angle([1, 2, 3], 33.0), translation=(5, -7, 2), centre=(10, 20, -30))
+    t = br.matrix_to_transform(m)
+    assert np.allclose(br.transform_to_matrix(t), m)
+    p = np.array([[1.0, 2.0, 3.0], [-40.0, 5.0, 60.0]])
+    assert np.allclose([t.TransformPoint(q) for q in p.tolist()], br.apply_matrix(m, p))
+    rots = br.cube_rotations()
+    assert len(rots) == 24 and np.allclose(rots[0], np.eye(3))
+    assert all(np.isclose(np.linalg.det(r), 1.0) for r in rots)
+    assert len({tuple(r.astype(int).ravel()) for r in rots}) == 24
+
+
+def test_case_image_moves_a_ball_to_the_case_transform():
+    """case_image resamples M(y) = MR(D^-1(y)): a ball at q in the MR appears at D(q)."""
+    ball = np.array([10.0, -6.0, 12.0])
+    mr = _synthetic_ct(ball)
+    offset = br.rigid_matrix(br.axis_angle([0.3, -1.0, 0.4], 17.0), translation=(25.0, -12.0, 30.0), centre=(0, 0, 0))
+    corners = br.apply_matrix(offset, br._box_corners(*br._grid_box(mr)))
+    moving = br.case_image(mr, offset, corners.min(0), corners.max(0), 2.0)
+    assert np.linalg.norm(_bright_centroid(moving) - br.apply_matrix(offset, ball)[0]) < 1.0
+
+
+def test_make_cases_truth_composes_offset_and_reference(tmp_path):
+    """A bright ball at p in the fixed image appears in each case's moving image at T_case(p) = D(T_ref(p))."""
+    ball = np.array([-5.0, 8.0, -4.0])
+    ct = _synthetic_ct(ball)
+    reference = br.rigid_matrix(br.axis_angle([0, 1, 0], 180.0) @ br.axis_angle([1, 0, 0], 8.0),
+                                translation=(6.0, -9.0, 4.0))
+    # the "MR": the CT resampled so that the CT point p shows at reference(p)
+    corners = br.apply_matrix(reference, br._box_corners(*br._grid_box(ct)))
+    mr = br.case_image(ct + 1000.0, reference, corners.min(0), corners.max(0), 3.0)  # air 0, like an MR
+    assert np.linalg.norm(_bright_centroid(mr, 2500) - br.apply_matrix(reference, ball)[0]) < 1.0
+    ct_path, mr_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz")
+    sitk.WriteImage(ct, ct_path)
+    sitk.WriteImage(mr, mr_path)
+    cases = br.make_cases(3, seed=1, reference=reference, work_dir=str(tmp_path / "cases"), ct_path=ct_path,
+                          mr_path=mr_path, keep_range=(0.9, 0.95), tre_spacing_mm=6.0, min_points=20)
+    assert len(cases) == 3
+    for case in cases:
+        assert np.allclose(case.truth, case.offset @ reference)
+        pts = np.array([[0.0, 0.0, 0.0], [30.0, -20.0, 10.0]])
+        assert np.allclose(br.apply_matrix(case.truth, pts), br.apply_matrix(case.offset, br.apply_matrix(reference, pts)))
+        moving = sitk.ReadImage(case.moving_path)
+        expected = br.apply_matrix(case.truth, ball)[0]
+        assert br.image_box_contains(moving, [expected], -4.0)[0], "the ball was cropped away"
+        assert np.linalg.norm(_bright_centroid(moving, 2500) - expected) < 1.5, case.name
+        # the TRE points map inside the moving image
+        assert len(case.points) >= 20 and br.image_box_contains(moving, br.apply_matrix(case.truth, case.points), 0.0).all()
+        assert case.info["rotation_deg"] <= 20.0 and np.all(np.abs(case.info["translation_mm"]) <= 40.0)
+
+
+def test_elastix_euler_map_to_matrix():
+    c, t = np.array([10.0, -5.0, 3.0]), np.array([1.0, 2.0, -3.0])
+    pmap = {"Transform": ("EulerTransform",), "TransformParameters": ("0", "0", str(np.pi / 2), *map(str, t)),
+            "CenterOfRotationPoint": tuple(map(str, c)), "ComputeZYX": ("false",)}
+    expected = br.rigid_matrix(br.axis_angle([0, 0, 1], 90.0), translation=t, centre=c)
+    assert np.allclose(br.elastix_to_matrix(pmap), expected, atol=1e-9)
+    # Euler order (ITK Euler3D, ZXY): R = Rz Rx Ry
+    rx, ry, rz = 0.1, -0.2, 0.3
+    pmap["TransformParameters"] = tuple(map(str, (rx, ry, rz, 0, 0, 0)))
+    expected = br.axis_angle([0, 0, 1], np.degrees(rz)) @ br.axis_angle([1, 0, 0], np.degrees(rx)) @ br.axis_angle([0, 1, 0], np.degrees(ry))
+    assert np.allclose(br.elastix_to_matrix(pmap)[:3, :3], expected, atol=1e-9)
+
+
+def _known_pair(tmp_path):
+    ct = _synthetic_ct([12.0, -10.0, 15.0]) + 1000.0
+    truth = br.rigid_matrix(br.axis_angle([1.0, 2.0, 0.5], 8.0), translation=(6.0, -4.0, 5.0), centre=(0, 0, 0))
+    moving = br.case_image(ct, truth, *br._grid_box(ct), 3.0)
+    fixed_path, moving_path = str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz")
+    sitk.WriteImage(ct, fixed_path)
+    sitk.WriteImage(moving, moving_path)
+    points = br.body_grid_points(ct - 1000.0, 6.0)
+    assert br.tre(np.eye(4), truth, points) > 8.0 and br.tre(np.linalg.inv(truth), truth, points) > 8.0
+    return fixed_path, moving_path, truth, points
+
+
+@pytest.mark.skipif(br.ants_available() != "", reason="no ANTs environment (.venv-ants with antspyx)")
+def test_ants_helper_recovers_a_known_fixed_to_moving_transform(tmp_path):
+    fixed_path, moving_path, truth, points = _known_pair(tmp_path)
+    out = br.ants_rigid(fixed_path, moving_path, threads=1)
+    assert br.tre(np.asarray(out["fixed_to_moving"]), truth, points) < 1.0
+
+
+def test_simpleitk_matrix_convention_on_a_known_transform(tmp_path):
+    fixed_path, moving_path, truth, points = _known_pair(tmp_path)
+    res = br.SimpleITKMethod()(br.Case("x", fixed_path, moving_path, truth, truth, points))
+    assert br.tre(res.matrix, truth, points) < 1.0
+
+
+@pytest.mark.slow
+def test_elastix_matrix_convention_on_a_known_transform(tmp_path):  # ~10 s of ITK lazy loading
+    pytest.importorskip("itk")
+    fixed_path, moving_path, truth, points = _known_pair(tmp_path)
+    res = br.ElastixMethod(threads=1)(br.Case("x", fixed_path, moving_path, truth, truth, points))
+    assert not res.failed and br.tre(res.matrix, truth, points) < 1.0
+
+
+def test_boxplot_writer_makes_a_png(tmp_path):
+    from PIL import Image
+
+    path = br.write_boxplot(str(tmp_path / "box.png"), {
+        "SAMv2 AdaReg rigid": [2.1, 3.5, 4.0, 5.2, 80.0],
+        "SimpleITK rigid (Mattes MI)": [1.0, 150.0, 160.0, 0.2, np.inf],
+        "one case": [7.0],
+        "no cases": [],
+    }, failed={"SAMv2 AdaReg rigid": [False, False, False, False, True]})
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 520 and img.size[1] == 520
+        colours = img.convert("RGB").getcolors(maxcolors=100000)
+        assert colours is not None and len(colours) > 5  # not blank
