@@ -651,6 +651,17 @@ class AdaRegMethod:
         return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
 
 
+class UncheckedAdaRegMethod(AdaRegMethod):
+    """Diagnostic: AdaReg with its confidence checks off (any inlier fraction and residual, 6 inliers suffice), to
+    show how far the embedding matches alone get when the bundle would rather report a failure."""
+
+    name = "AdaReg rigid, confidence checks off (diagnostic)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adareg.min_inlier_fraction, self.adareg.max_rms_residual_mm, self.adareg.min_inliers = 0.0, 1e9, 6
+
+
 class SimpleITKMethod:
     name = "SimpleITK rigid (Mattes MI)"
 
@@ -1003,7 +1014,7 @@ def main(
     csv_path: str | None = None,
     boxplot: str = os.path.join(BUNDLE, "docs", "benchmark_boxplot.png"),
     work_dir: str | None = None,
-    methods: str = "adareg,simpleitk,elastix,ants",
+    methods: str = "adareg,adareg_unchecked,simpleitk,elastix,ants",
     orientations: str = "acquired,aligned",
     threads: int = 2,
     ckpt: str | None = None,
@@ -1069,6 +1080,8 @@ def main(
         for key in wanted:
             if key == "adareg":
                 runners.append(AdaRegMethod(ckpt=ckpt, device=device))
+            elif key == "adareg_unchecked":
+                runners.append(UncheckedAdaRegMethod(ckpt=ckpt, device=device))
             elif key == "simpleitk":
                 runners.append(SimpleITKMethod())
             elif key == "elastix":
