@@ -154,6 +154,27 @@ def sample_at_voxels(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _checked_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
+    size = tuple(int(n) for n in ensure_tuple(patch_size))
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"patch_size must be 3 positive integers (D, H, W), got {patch_size!r}")
+    return size
+
+
+def _checked_offset(value: float | Sequence[float], name: str) -> np.ndarray:
+    offset = np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))
+    if (offset < 0).any():
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return offset.copy()
+
+
+def _checked_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(x) for x in scale_range)
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
+    return lo, hi
+
+
 def _symmetric_ranges(value: float | Sequence[Any], name: str) -> np.ndarray:
     """``r`` -> ``[(-r, r)] * 3``; ``(r0, r1, r2)`` -> per-axis ``(-ri, ri)``; ``((lo, hi), ...)`` kept."""
     items = ensure_tuple(value)
@@ -297,20 +318,12 @@ class RandPatchPaird(MapTransform, Randomizable):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.label_keys = ensure_tuple(label_keys) if label_keys is not None else ()
         self.interpolated_keys = ensure_tuple(interpolated_keys) if interpolated_keys is not None else ()
-        self.patch_size = tuple(int(n) for n in ensure_tuple(patch_size))
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive integers (D, H, W), got {patch_size!r}")
+        self.patch_size = _checked_patch_size(patch_size)
         if not 0.0 <= float(overlap_prob) <= 1.0:
             raise ValueError(f"overlap_prob must be in [0, 1], got {overlap_prob!r}")
         self.overlap_prob = float(overlap_prob)
-        offset = np.broadcast_to(np.asarray(overlap_max_offset, dtype=np.float64), (3,))
-        if (offset < 0).any():
-            raise ValueError(f"overlap_max_offset must be >= 0, got {overlap_max_offset!r}")
-        self.overlap_max_offset = offset.copy()
-        lo, hi = (float(x) for x in scale_range)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
-        self.scale_range = (lo, hi)
+        self.overlap_max_offset = _checked_offset(overlap_max_offset, "overlap_max_offset")
+        self.scale_range = _checked_scale_range(scale_range)
         self.isotropic_scale = bool(isotropic_scale)
         self.rotate_range = _symmetric_ranges(rotate_range, "rotate_range")
         self.foreground_threshold = None if foreground_threshold is None else float(foreground_threshold)

@@ -33,6 +33,9 @@ from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import affine_and_space, convert_affine
 from samv2_components.transforms.aggressive_intensity import share_random_state
 from samv2_components.transforms.patch_pairs import (
+    _checked_offset,
+    _checked_patch_size,
+    _checked_scale_range,
     _plain,
     _symmetric_ranges,
     apply_affine,
@@ -302,17 +305,9 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.valid_key = valid_key
         self.mask_keys = ensure_tuple(mask_keys) if mask_keys is not None else ()
-        self.patch_size = tuple(int(n) for n in ensure_tuple(patch_size))
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive integers (D, H, W), got {patch_size!r}")
-        offset = np.broadcast_to(np.asarray(max_offset, dtype=np.float64), (3,))
-        if (offset < 0).any():
-            raise ValueError(f"max_offset must be >= 0, got {max_offset!r}")
-        self.max_offset = offset.copy()
-        lo, hi = (float(x) for x in scale_range)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
-        self.scale_range = (lo, hi)
+        self.patch_size = _checked_patch_size(patch_size)
+        self.max_offset = _checked_offset(max_offset, "max_offset")
+        self.scale_range = _checked_scale_range(scale_range)
         self.rotate_range = _symmetric_ranges(rotate_range, "rotate_range")
         self.pad_value = float(pad_value)
         if intensity_augmentation is not None and not callable(intensity_augmentation):
