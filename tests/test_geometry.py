@@ -135,7 +135,7 @@ def test_check_coordinate_system_normalises():
 # --- label_centroids -------------------------------------------------------------------------------------------
 
 
-def _label_map(shape, affine) -> "MetaTensor":
+def _label_map(shape, affine):
     from monai.data import MetaTensor
 
     return MetaTensor(torch.zeros((1, *shape), dtype=torch.float32), affine=torch.as_tensor(affine))

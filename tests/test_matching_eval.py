@@ -13,11 +13,9 @@ import math
 import os
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from samv2_components.geometry import convert_affine, voxel_to_world, world_to_voxel
@@ -41,7 +39,7 @@ from samv2_components.metrics import (
 from samv2_components.networks import SAMv2Net
 from samv2_components.sample_data import sample_path
 
-from matching_fixtures import CONFIG, ROOT, SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
+from matching_fixtures import ROOT, SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
 
 
 def _load_script():

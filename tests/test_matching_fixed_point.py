@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
 
 from matching_fixtures import SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
 from samv2_components.matching import (
