@@ -238,6 +238,17 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
     return float(draw.textlength(text, font=font))
 
 
+def _draw_panel_letters(draw: ImageDraw.ImageDraw, view: str, letters, left: int, top: int, panel: int, font) -> None:
+    """Orientation letters (top, bottom, left, right) at a square panel's edges and the view's name."""
+    t_l, b_l, l_l, r_l = letters
+    right, bottom, mid = left + panel - 1, top + panel - 1, panel // 2
+    draw.text((left + mid, top + 1), t_l, fill=_QC_LETTER, font=font, anchor="mt")
+    draw.text((left + mid, bottom - 1), b_l, fill=_QC_LETTER, font=font, anchor="mb")
+    draw.text((left + 2, top + mid), l_l, fill=_QC_LETTER, font=font, anchor="lm")
+    draw.text((right - 1, top + mid), r_l, fill=_QC_LETTER, font=font, anchor="rm")
+    draw.text((left + 2, bottom - 1), view, fill=_QC_LETTER, font=font, anchor="lb")
+
+
 def _draw_crosshair(draw: ImageDraw.ImageDraw, x: float, y: float, box: tuple[int, int, int, int], colour) -> None:
     """Crosshair with an open centre at ``(x, y)``, clipped to ``box = (x0, y0, x1, y1)`` (inclusive)."""
     gap, arm = 4, 12
@@ -323,14 +334,9 @@ def match_qc_image(
         draw.text((_QC_GAP + 2, header_y), label, fill=(255, 255, 255), font=font)
         for view, _col_dir, _row_dir, (t_l, b_l, l_l, r_l) in _QC_VIEWS:
             top, left = boxes[(row, view)]
+            _draw_panel_letters(draw, view, (t_l, b_l, l_l, r_l), left, top, panel, font)
             right, bottom = left + panel - 1, top + panel - 1
-            mid_x, mid_y = left + half, top + half
-            draw.text((mid_x, top + 1), t_l, fill=_QC_LETTER, font=font, anchor="mt")
-            draw.text((mid_x, bottom - 1), b_l, fill=_QC_LETTER, font=font, anchor="mb")
-            draw.text((left + 2, mid_y), l_l, fill=_QC_LETTER, font=font, anchor="lm")
-            draw.text((right - 1, mid_y), r_l, fill=_QC_LETTER, font=font, anchor="rm")
-            draw.text((left + 2, bottom - 1), view, fill=_QC_LETTER, font=font, anchor="lb")
-            _draw_crosshair(draw, mid_x, mid_y, (left, top, right, bottom), _QC_MARKER[row])
+            _draw_crosshair(draw, left + half, top + half, (left, top, right, bottom), _QC_MARKER[row])
     if heat_range is not None:
         lo, hi = heat_range
         header_y = boxes[("query", "axial")][0] - _QC_HEADER_H
@@ -480,13 +486,7 @@ def registration_overlay_image(
     legend_x += _text_width(draw, "fixed ", font)
     draw.text((legend_x, header_y), "moving", fill=(64, 255, 64), font=font)
     for (view, _col_dir, _row_dir, (t_l, b_l, l_l, r_l)), left in zip(_QC_VIEWS, lefts):
-        right, bottom = left + panel - 1, top + panel - 1
-        mid_x, mid_y = left + half, top + half
-        draw.text((mid_x, top + 1), t_l, fill=_QC_LETTER, font=font, anchor="mt")
-        draw.text((mid_x, bottom - 1), b_l, fill=_QC_LETTER, font=font, anchor="mb")
-        draw.text((left + 2, mid_y), l_l, fill=_QC_LETTER, font=font, anchor="lm")
-        draw.text((right - 1, mid_y), r_l, fill=_QC_LETTER, font=font, anchor="rm")
-        draw.text((left + 2, bottom - 1), view, fill=_QC_LETTER, font=font, anchor="lb")
+        _draw_panel_letters(draw, view, (t_l, b_l, l_l, r_l), left, top, panel, font)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
