@@ -142,20 +142,10 @@ def _unit(rng) -> np.ndarray:
 
 
 def cube_rotations() -> list[np.ndarray]:
-    """The 24 proper rotations mapping the coordinate axes onto themselves (signed permutation matrices, det +1),
-    identity first."""
-    import itertools
+    """The 24 axis-aligned rotations (float 3x3, identity first): the package's orientation-search candidates."""
+    from samv2_components.registration import axis_aligned_rotations
 
-    out = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1, -1), repeat=3):
-            R = np.zeros((3, 3))
-            for i, (j, s) in enumerate(zip(perm, signs)):
-                R[i, j] = s
-            if np.linalg.det(R) > 0:
-                out.append(R)
-    out.sort(key=lambda R: -np.trace(R))
-    return out
+    return [r.astype(np.float64) for r in axis_aligned_rotations()]
 
 
 def image_box_contains(image: "sitk.Image", points, margin_vox: float = 0.5) -> np.ndarray:
@@ -602,11 +592,13 @@ class MethodResult:
 class AdaRegMethod:
     """AdaReg rigid through the ``crosssam_registration`` bundle config (preprocessing, network + weights,
     inferer, ``adareg``), like ``BundlePipeline`` in ``scripts/benchmark_matching.py``. The fixed scan is embedded
-    once; its embedding time is added to every case's wall time."""
+    once; its embedding time is added to every case's wall time. ``orientation_search`` as the bundle's
+    (``"off"``: trust the headers; ``"auto"``: the bundle default, search the 24 axis-aligned orientations of the
+    moving scan when the headers give no consistent registration)."""
 
-    name = "SAMv2 CrossSAM / AdaReg rigid"
+    name = "SAMv2 AdaReg rigid, headers trusted (orientation search off)"
 
-    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu"):
+    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu", orientation_search: str = "off"):
         import torch
         from monai.bundle import ConfigParser
 
@@ -623,32 +615,52 @@ class AdaRegMethod:
         self.ckpt = ckpt or parser.get_parsed_content("ckpt_path")
         load_weights(self.network, self.ckpt)
         self.adareg = parser.get_parsed_content("adareg")
+        self.orientation_search = orientation_search
         self.settings = {k: v for k, v in parser["adareg"].items() if k not in ("_target_", "matcher")}
         self._fixed: dict[str, tuple] = {}
+
+    def embed_image(self, image) -> dict:
+        with self.torch.no_grad():
+            heads = self.inferer(image[None].to(self.device), self.network)
+        return {k: v[0] for k, v in heads.items()}
 
     def embed(self, path: str, modality: str):
         t0 = time.perf_counter()
         image = self.preprocessing({"image": path, "modality": modality})["image"]
-        with self.torch.no_grad():
-            heads = self.inferer(image[None].to(self.device), self.network)
-        return image, {k: v[0] for k, v in heads.items()}, time.perf_counter() - t0
+        return image, self.embed_image(image), time.perf_counter() - t0
 
     def warm_up(self, case: Case):
         self.embed(case.moving_path, "mr")
 
     def __call__(self, case: Case) -> MethodResult:
+        from samv2_components.registration import register_rigid_with_orientation_search
+
         if case.fixed_path not in self._fixed:
             self._fixed[case.fixed_path] = self.embed(case.fixed_path, "ct")
         fixed_image, fixed_heads, fixed_s = self._fixed[case.fixed_path]
         moving_image, moving_heads, moving_s = self.embed(case.moving_path, "mr")
         t0 = time.perf_counter()
-        result = self.adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        result = register_rigid_with_orientation_search(
+            self.adareg, self.embed_image, fixed_image, fixed_heads, moving_image, moving_heads, mode=self.orientation_search
+        )
         wall = fixed_s + moving_s + time.perf_counter() - t0
         summary = result.summary
         detail = f"inliers {summary.get('n_inliers', '-')}/{summary.get('n_matches_above_score', '-')}"
+        if "orientation_search" in summary:
+            detail += f", orientation search {summary['orientation_search']['seconds']} s"
         if not result.success:
             return MethodResult(None, wall, True, f"{result.reason} ({detail})")
         return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
+
+
+class SearchingAdaRegMethod(AdaRegMethod):
+    """AdaReg as the bundle runs it by default: the orientation search when the headers give no consistent
+    registration."""
+
+    name = "SAMv2 AdaReg rigid (bundle default: orientation search auto)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, orientation_search="auto", **kwargs)
 
 
 class UncheckedAdaRegMethod(AdaRegMethod):
@@ -1014,7 +1026,7 @@ def main(
     csv_path: str | None = None,
     boxplot: str = os.path.join(BUNDLE, "docs", "benchmark_boxplot.png"),
     work_dir: str | None = None,
-    methods: str = "adareg,adareg_unchecked,simpleitk,elastix,ants",
+    methods: str = "adareg_search,adareg,adareg_unchecked,simpleitk,elastix,ants",
     orientations: str = "acquired,aligned",
     threads: int = 2,
     ckpt: str | None = None,
@@ -1036,7 +1048,8 @@ def main(
             ``benchmark_registration_cases.csv`` next to ``boxplot``).
         boxplot: the box-plot PNG of the first orientation set; other sets get ``<stem>_<set>.png``.
         work_dir: where the case images go (default: a temporary folder, deleted at the end).
-        methods: comma-separated subset of ``adareg,simpleitk,elastix,ants``.
+        methods: comma-separated subset of ``adareg_search`` (the bundle default: orientation search auto),
+            ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
         orientations: comma-separated case sets: ``acquired`` (the MR as acquired: T_case = D @ T_ref) and/or
             ``aligned`` (D also undoes the reference's axis-aligned head-to-foot reversal; same random offsets).
         threads: threads of every method (torch, ITK/SimpleITK, elastix, ANTs).
@@ -1078,7 +1091,9 @@ def main(
         wanted = [m.strip().lower() for m in str(methods).replace(" ", "").split(",") if m.strip()]
         runners, skipped = [], {}
         for key in wanted:
-            if key == "adareg":
+            if key == "adareg_search":
+                runners.append(SearchingAdaRegMethod(ckpt=ckpt, device=device))
+            elif key == "adareg":
                 runners.append(AdaRegMethod(ckpt=ckpt, device=device))
             elif key == "adareg_unchecked":
                 runners.append(UncheckedAdaRegMethod(ckpt=ckpt, device=device))

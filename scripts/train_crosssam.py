@@ -63,6 +63,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from samv2_components.errors import SAMv2Error, SAMv2InputError  # noqa: E402
 from samv2_components.io.embeddings import case_name  # noqa: E402
+from samv2_components.registration import register_rigid_with_orientation_search  # noqa: E402
 from samv2_components.transforms import check_modality, registered_pair, save_registered_pair  # noqa: E402
 
 BUNDLE = os.path.join(ROOT, "bundles", "crosssam_registration")
@@ -204,6 +205,7 @@ class CrossSAMRounds:
             inference.get_parsed_content("adareg"),
             network.to(device).eval(),
             device,
+            inference.get("orientation_search", "auto"),
         )
 
     def register(self, k: int, weights: str, round_dir: str) -> dict:
@@ -214,7 +216,13 @@ class CrossSAMRounds:
         if cached and cached.get("weights") == weights and cached.get("margin_mm") == margin:
             logger.info("round %d: reusing the registrations in %s", k, path)
             return cached
-        preprocessing, inferer, adareg, network, device = self._registration_tools(weights, margin)
+        preprocessing, inferer, adareg, network, device, orientation = self._registration_tools(weights, margin)
+
+        def embed(image) -> dict:
+            with torch.no_grad():
+                out = inferer(image[None].to(device), network)
+            return {h: v[0] for h, v in out.items()}
+
         records, registered = [], []
         for pair in self.pairs:
             t0 = time.perf_counter()
@@ -223,10 +231,10 @@ class CrossSAMRounds:
                 images, heads = {}, {}
                 for role in ("fixed", "moving"):
                     images[role] = preprocessing({"image": pair[role], "modality": pair[f"{role}_modality"]})["image"]
-                    with torch.no_grad():
-                        out = inferer(images[role][None].to(device), network)
-                    heads[role] = {h: v[0] for h, v in out.items()}
-                rigid = adareg.rigid(images["fixed"], heads["fixed"], images["moving"], heads["moving"])
+                    heads[role] = embed(images[role])
+                rigid = register_rigid_with_orientation_search(
+                    adareg, embed, images["fixed"], heads["fixed"], images["moving"], heads["moving"], mode=orientation
+                )
                 summary = rigid.summary
                 record.update(
                     {
@@ -243,7 +251,7 @@ class CrossSAMRounds:
                 if rigid.success:
                     built = registered_pair(
                         images["fixed"], images["moving"], rigid.fixed_to_moving, margin, rigid.small_fov,
-                        body_threshold=adareg.body_threshold,
+                        body_threshold=adareg.body_threshold, small_body_corners=rigid.small_body_corners,
                     )
                     files = save_registered_pair(built, os.path.join(round_dir, "pairs", pair["name"]))
                     large, small = built["large"], built["small"]

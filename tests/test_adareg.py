@@ -48,6 +48,17 @@ def _sitk_affine(matrix):
     return t
 
 
+def sample_ct_tre(estimate: np.ndarray, truth: np.ndarray, n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """TRE (mm) of a fixed -> moving matrix against the truth on ``n`` random points of the sample CT's central
+    region; returns the points (LPS) and their errors."""
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"))
+    rng = np.random.default_rng(seed)
+    size = np.array(fixed.GetSize())
+    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((rng.uniform(0.25, 0.75, 3) * (size - 1)).tolist()) for _ in range(n)])
+    tre = np.linalg.norm(points @ estimate[:3, :3].T + estimate[:3, 3] - (points @ truth[:3, :3].T + truth[:3, 3]), axis=1)
+    return points, tre
+
+
 def test_body_mask_keeps_the_largest_component_and_grid_points_lie_in_it():
     image = torch.full((1, 20, 40, 40), -50.0)
     image[0, 4:16, 8:32, 8:32] = 100.0  # body
@@ -89,11 +100,7 @@ def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["confidence"]["success"] and summary["coordinate_system"] == "LPS"
     estimate = read_transform_json(folder / "rigid.json")
-    fixed = sitk.ReadImage(sample_path("ct_abdomen"))
-    rng = np.random.default_rng(0)
-    size = np.array(fixed.GetSize())
-    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((rng.uniform(0.25, 0.75, 3) * (size - 1)).tolist()) for _ in range(200)])
-    tre = np.linalg.norm(points @ estimate[:3, :3].T + estimate[:3, 3] - (points @ truth[:3, :3].T + truth[:3, 3]), axis=1)
+    points, tre = sample_ct_tre(estimate, truth)
     assert tre.mean() < 3.0, tre.mean()
     # the ITK transform file says the same thing, in the ITK convention SimpleITK applies
     tfm = sitk.ReadTransform(str(folder / "rigid.tfm"))

@@ -13,6 +13,13 @@ from samv2_components.registration.intensity_baselines import (
     read_sitk_image,
     register_intensity,
 )
+from samv2_components.registration.orientation import (
+    OrientationCandidate,
+    OrientationSearch,
+    axis_aligned_rotations,
+    register_rigid_with_orientation_search,
+    rotate_volume,
+)
 from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
 from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
 
@@ -27,6 +34,11 @@ __all__ = [
     "refine_deformable",
     "write_displacement_field",
     "IntensityRegistrationResult",
+    "OrientationCandidate",
+    "OrientationSearch",
+    "axis_aligned_rotations",
+    "register_rigid_with_orientation_search",
+    "rotate_volume",
     "RigidTransform",
     "RobustRigidFit",
     "fit_rigid",

@@ -36,7 +36,7 @@ from samv2_components.geometry import affine_and_space, voxel_to_world
 from samv2_components.matching import SAMv2Matcher
 from samv2_components.registration.rigid import fit_rigid_robust
 
-__all__ = ["AdaReg", "RigidRegistration", "body_mask", "grid_points_in_mask"]
+__all__ = ["AdaReg", "RigidRegistration", "body_mask", "body_box_corners", "crop_index_range", "grid_points_in_mask"]
 
 
 def body_mask(image: torch.Tensor, threshold: float = -25.0) -> torch.Tensor:
@@ -50,6 +50,37 @@ def body_mask(image: torch.Tensor, threshold: float = -25.0) -> torch.Tensor:
         return mask
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.numpy().astype(np.uint8))), sortByObjectSize=True)
     return torch.from_numpy(sitk.GetArrayViewFromImage(labels) == 1)
+
+
+def body_box_corners(image: MetaTensor, mask: torch.Tensor) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` (LPS mm) of the voxel bounding box of ``mask`` ``(D, H, W)`` in ``image``'s grid,
+    at the outer voxel faces."""
+    idx = torch.nonzero(torch.as_tensor(mask)).cpu().numpy()
+    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    affine, space = affine_and_space(image)
+    return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
+
+
+def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, margin_mm: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The voxel index range ``[start, stop)`` of a volume (``shape`` and 4x4 voxel -> LPS ``affine_lps``, in the
+    same axis order) that covers the world points ``corners_lps`` ``(N, 3)`` dilated by ``margin_mm`` along the
+    volume's axes, clipped to the volume; None when fewer than 2 voxels per axis remain (no overlap).
+
+    AdaReg's crop of the large-FOV scan: the small scan's body box mapped through the rigid transform, plus the
+    margin. Used for the bundle's output crop (original scan, SimpleITK index order) and for CrossSAM's training
+    pairs (preprocessed tensor, array order).
+    """
+    affine_lps = np.asarray(affine_lps, dtype=np.float64)
+    index = np.linalg.solve(affine_lps[:3, :3], (np.asarray(corners_lps, dtype=np.float64) - affine_lps[:3, 3]).T).T
+    voxel_mm = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    lo, hi = index.min(0) - margin_mm / voxel_mm, index.max(0) + margin_mm / voxel_mm
+    size = np.asarray(shape, dtype=int)
+    start = np.clip(np.floor(lo).astype(int), 0, size)
+    stop = np.clip(np.ceil(hi).astype(int) + 1, 0, size)  # voxel centres start..stop-1 cover [lo, hi] (if inside)
+    if np.any(stop - start < 2):
+        return None
+    return start, stop
 
 
 def _voxel_volume_mm3(image: MetaTensor) -> float:
@@ -84,6 +115,8 @@ class RigidRegistration:
         points_small, points_large: ``(N, 3)`` grid points in the small scan and their matches in the large one (LPS).
         scores: ``(N,)`` match scores; inliers: ``(N,)`` bool, the pairs the final fit used.
         summary: the confidence summary (JSON-ready).
+        small_body_corners: ``(8, 3)`` LPS corners of the small scan's body box (what the large scan is cropped
+            to, after mapping and the margin), in the small scan's space; empty when there is no body.
     """
 
     success: bool
@@ -95,6 +128,12 @@ class RigidRegistration:
     scores: np.ndarray
     inliers: np.ndarray
     summary: dict[str, Any] = field(default_factory=dict)
+    small_body_corners: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+
+    def small_body_corners_in_large(self) -> np.ndarray:
+        """:attr:`small_body_corners` mapped into the large scan with the rigid transform ``(8, 3)`` (LPS)."""
+        m = self.fixed_to_moving if self.small_fov == "fixed" else np.linalg.inv(self.fixed_to_moving)
+        return self.small_body_corners @ m[:3, :3].T + m[:3, 3]
 
 
 class AdaReg:
@@ -173,6 +212,7 @@ class AdaReg:
                 return self._failure(f"no body found in the {name} scan (intensity above the body threshold)", small, summary)
         large = "moving" if small == "fixed" else "fixed"
         heads = {"fixed": fixed_heads, "moving": moving_heads}
+        corners = body_box_corners(images[small], masks[small])
         points = grid_points_in_mask(images[small], masks[small], self.grid_spacing_mm)
         summary["n_points"] = int(len(points))
         if len(points) < self.min_inliers:
@@ -212,6 +252,7 @@ class AdaReg:
         if reason:
             failed = self._failure(reason, small, summary, len(points))
             failed.points_small, failed.points_large, failed.scores = points, matched, scores
+            failed.small_body_corners = corners
             return failed
         small_to_large = fit.transform.matrix
         fixed_to_moving = small_to_large if small == "fixed" else np.linalg.inv(small_to_large)
@@ -225,4 +266,4 @@ class AdaReg:
                 "translation_mm": [round(float(v), 2) for v in fixed_to_moving[:3, 3]],
             }
         )
-        return RigidRegistration(True, "", fixed_to_moving, small, points, matched, scores, np.asarray(fit.inliers), summary)
+        return RigidRegistration(True, "", fixed_to_moving, small, points, matched, scores, np.asarray(fit.inliers), summary, corners)

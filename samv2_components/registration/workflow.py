@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from samv2_components.errors import SAMv2Error, SAMv2InputError
-from samv2_components.geometry import affine_and_space, voxel_to_world
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
-from samv2_components.registration.adareg import AdaReg, body_mask
+from samv2_components.registration.adareg import AdaReg, crop_index_range
 from samv2_components.registration.intensity_baselines import read_sitk_image
 from samv2_components.transforms import check_modality
 
@@ -63,27 +62,17 @@ def _resample(moving, reference, matrix: np.ndarray):
     return sitk.Resample(moving, reference, _affine_transform(matrix), sitk.sitkLinear, stats.GetMinimum(), sitk.sitkFloat32)
 
 
-def _body_box_world(image, mask: torch.Tensor) -> np.ndarray:
-    """The 8 corners ``(8, 3)`` (LPS mm) of the body mask's voxel bounding box (outer voxel faces)."""
-    idx = torch.nonzero(mask).cpu().numpy()
-    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    affine, space = affine_and_space(image)
-    return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
-
-
 def _crop_to_box(image, corners_lps: np.ndarray, margin_mm: float):
-    """Crop a SimpleITK image to the world box of ``corners_lps`` dilated by ``margin_mm``; None if they miss."""
+    """Crop a SimpleITK image to the world points ``corners_lps`` dilated by ``margin_mm``; None if they miss."""
     import SimpleITK as sitk
 
-    lo, hi = corners_lps.min(0) - margin_mm, corners_lps.max(0) + margin_mm
-    box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    index = np.array([image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in box])
-    size = np.array(image.GetSize())
-    start = np.clip(np.floor(index.min(0)).astype(int), 0, size)
-    stop = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, size)
-    if np.any(stop - start < 2):
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    box = crop_index_range(corners_lps, affine, image.GetSize(), margin_mm)  # SimpleITK index order (x, y, z)
+    if box is None:
         return None
+    start, stop = box
     return sitk.RegionOfInterest(image, (stop - start).tolist(), start.tolist())
 
 
@@ -101,6 +90,11 @@ class AdaRegWorkflow:
         deformable_kwargs: arguments of :func:`~samv2_components.registration.deformable.refine_deformable`.
         write_qc: write the overlay pictures.
         info: extra entries for ``summary.json``.
+        orientation_search: ``"auto"`` (default): when the scans' header orientations give no consistent
+            registration, try the 24 axis-aligned orientations of the moving scan
+            (:class:`~samv2_components.registration.orientation.OrientationSearch`); ``"always"``: search even
+            when the header orientation succeeds; ``"off"``: trust the headers.
+        orientation_kwargs: arguments of :class:`~samv2_components.registration.orientation.OrientationSearch`.
     """
 
     def __init__(
@@ -119,7 +113,12 @@ class AdaRegWorkflow:
         deformable_kwargs: Mapping[str, Any] | None = None,
         write_qc: bool = True,
         info: Mapping[str, Any] | None = None,
+        orientation_search: str = "auto",
+        orientation_kwargs: Mapping[str, Any] | None = None,
     ):
+        if orientation_search not in ("auto", "always", "off"):
+            raise ValueError(f"orientation_search must be 'auto', 'always' or 'off', got {orientation_search!r}")
+        self.orientation_search, self.orientation_kwargs = orientation_search, dict(orientation_kwargs or {})
         self.paths = {"fixed": os.fspath(fixed_path), "moving": os.fspath(moving_path)}
         self.modalities = {
             "fixed": check_modality(fixed_modality, "fixed_modality"),
@@ -135,9 +134,22 @@ class AdaRegWorkflow:
         if not os.path.exists(path):
             raise SAMv2InputError(path, f"{which} scan not found")
         image = self.preprocessing({"image": path, "modality": self.modalities[which]})["image"]
+        return image, self._embed_image(image)
+
+    def _embed_image(self, image) -> dict:
+        """Embeddings ``{head: (C, d, h, w)}`` of a preprocessed scan ``(1, D, H, W)``."""
         with torch.no_grad():
             heads = self.inferer(image[None].to(self.device), self.network.eval())
-        return image, {k: v[0] for k, v in heads.items()}
+        return {k: v[0] for k, v in heads.items()}
+
+    def _register_rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
+        """AdaReg rigid at the header orientation, then the orientation search where configured."""
+        from samv2_components.registration.orientation import register_rigid_with_orientation_search
+
+        return register_rigid_with_orientation_search(
+            self.adareg, self._embed_image, fixed_image, fixed_heads, moving_image, moving_heads,
+            mode=self.orientation_search, **self.orientation_kwargs,
+        )
 
     def run(self) -> str:
         """Register and write; returns the result folder. Raises :class:`RegistrationFailed` on failure."""
@@ -145,7 +157,7 @@ class AdaRegWorkflow:
         fixed_image, fixed_heads = self._embed("fixed")
         moving_image, moving_heads = self._embed("moving")
         embed_s = time.perf_counter() - t0
-        rigid = self.adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        rigid = self._register_rigid(fixed_image, fixed_heads, moving_image, moving_heads)
         name = f"{case_name(self.paths['fixed'])}__{case_name(self.paths['moving'])}"
         summary: dict[str, Any] = {
             "fixed": self.paths["fixed"],
@@ -166,18 +178,14 @@ class AdaRegWorkflow:
         fixed = read_sitk_image(self.paths["fixed"], "fixed")
         moving = read_sitk_image(self.paths["moving"], "moving")
         small = rigid.small_fov
-        small_image = fixed_image if small == "fixed" else moving_image
-        box = _body_box_world(small_image, body_mask(small_image, self.adareg.body_threshold))
-        matrix = rigid.fixed_to_moving
+        box_large = rigid.small_body_corners_in_large()
         if small == "fixed":  # crop the moving scan around the fixed body mapped into it
-            box_large = box @ matrix[:3, :3].T + matrix[:3, 3]
             moving = _crop_to_box(moving, box_large, self.adareg.crop_margin_mm)
             cropped, cropped_name = moving, "moving_cropped.nii.gz"
         else:
-            inverse = np.linalg.inv(matrix)
-            box_large = box @ inverse[:3, :3].T + inverse[:3, 3]
             fixed = _crop_to_box(fixed, box_large, self.adareg.crop_margin_mm)
             cropped, cropped_name = fixed, "fixed_cropped.nii.gz"
+        matrix = rigid.fixed_to_moving
         if cropped is None:
             rigid.summary.update({"success": False, "reason": "the scans do not overlap after the rigid fit"})
             with atomic_directory(self.output_dir, name) as tmp:
@@ -214,7 +222,7 @@ class AdaRegWorkflow:
             if self.write_qc:
                 from samv2_components.visualize import save_registration_overlay
 
-                centre = box.mean(0) if small == "fixed" else box_large.mean(0)
+                centre = rigid.small_body_corners.mean(0) if small == "fixed" else box_large.mean(0)
                 save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre, title="AdaReg rigid: fixed red, moving green")
                 if deformable is not None:
                     save_registration_overlay(

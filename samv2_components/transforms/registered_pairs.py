@@ -87,6 +87,7 @@ def registered_pair(
     body_threshold: float = -25.0,
     pad_value: float = -50.0,
     chunk_voxels: int = 2_000_000,
+    small_body_corners: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Resample the small-FOV scan onto the large-FOV scan's grid, cropped to the small scan's body + margin.
 
@@ -101,6 +102,8 @@ def registered_pair(
         body_threshold: body threshold on the preprocessed intensity (AdaReg's ``body_threshold``).
         pad_value: value of ``image_b`` outside the small scan (-50: air / minimum after normalisation).
         chunk_voxels: resample this many output voxels at a time (bounds memory on large crops).
+        small_body_corners: ``(8, 3)`` LPS corners of the small scan's body box, as AdaReg found them
+            (:attr:`~samv2_components.registration.RigidRegistration.small_body_corners`); None: computed here.
 
     Returns:
         A dict with
@@ -120,8 +123,8 @@ def registered_pair(
         RegistrationFailed: the small scan's body box maps outside the large scan (no overlap).
     """
     # imported here: the registration package imports samv2_components.transforms
-    from samv2_components.registration.adareg import body_mask
-    from samv2_components.registration.workflow import RegistrationFailed, _body_box_world
+    from samv2_components.registration.adareg import body_box_corners, body_mask, crop_index_range
+    from samv2_components.registration.workflow import RegistrationFailed
 
     if small_fov not in ("fixed", "moving"):
         raise SAMv2InputError("small_fov", f"must be 'fixed' or 'moving', got {small_fov!r}")
@@ -133,20 +136,17 @@ def registered_pair(
     small_to_large = np.linalg.inv(large_to_small)
     aff_large, aff_small = _lps_affine(image_large), _lps_affine(image_small)
 
-    # 1. crop box: the small scan's body box, mapped into the large scan, dilated by the margin (in large voxels)
-    small_body = body_mask(image_small, body_threshold)
-    if not small_body.any():
-        raise SAMv2InputError(small_fov, f"no body in the {small_fov} scan (intensity above {body_threshold})")
-    corners = _body_box_world(image_small, small_body)  # (8, 3) LPS, small scan
-    corners = corners @ small_to_large[:3, :3].T + small_to_large[:3, 3]
-    index = np.linalg.solve(aff_large[:3, :3], (corners - aff_large[:3, 3]).T).T
-    voxel_mm = np.linalg.norm(aff_large[:3, :3], axis=0)
-    lo, hi = index.min(0) - margin_mm / voxel_mm, index.max(0) + margin_mm / voxel_mm
-    size = np.asarray(image_large.shape[1:])
-    start = np.clip(np.floor(lo).astype(int), 0, size)
-    stop = np.clip(np.ceil(hi).astype(int) + 1, 0, size)  # voxel centres start..stop-1 cover [lo, hi] (if inside)
-    if np.any(stop - start < 2):
+    # 1. crop box: the small scan's body box, mapped into the large scan, dilated by the margin
+    if small_body_corners is None:
+        small_body = body_mask(image_small, body_threshold)
+        if not small_body.any():
+            raise SAMv2InputError(small_fov, f"no body in the {small_fov} scan (intensity above {body_threshold})")
+        small_body_corners = body_box_corners(image_small, small_body)
+    corners = np.asarray(small_body_corners, dtype=np.float64) @ small_to_large[:3, :3].T + small_to_large[:3, 3]
+    box = crop_index_range(corners, aff_large, image_large.shape[1:], margin_mm)
+    if box is None:
         raise RegistrationFailed(f"the {small_fov} scan's body does not overlap the {large} scan after the rigid fit")
+    start, stop = box
     crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
     image_a = _plain(image_large)[(slice(None), *crop)].to(torch.float32).clone()
     shift = np.eye(4)

@@ -1,0 +1,108 @@
+"""Orientation search for AdaReg (``samv2_components.registration.orientation``): the 24 cube rotations, the exact
+voxel rotation and its world-space map, and the sample CT registered back from 90° and 180° turns that its header
+does not know about (through the bundle, known truth)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+sitk = pytest.importorskip("SimpleITK")
+
+from samv2_components.geometry import convert_affine, voxel_to_world  # noqa: E402
+from samv2_components.io.transforms import read_transform_json  # noqa: E402
+from samv2_components.registration import axis_aligned_rotations, rotate_volume  # noqa: E402
+from samv2_components.sample_data import sample_path  # noqa: E402
+from test_adareg import _rigid, _sitk_affine, run_bundle, sample_ct_tre  # noqa: E402
+
+
+def test_the_24_rotations_form_the_cube_group():
+    rotations = axis_aligned_rotations()
+    assert len(rotations) == 24 and np.array_equal(rotations[0], np.eye(3))
+    keys = {r.tobytes() for r in rotations}
+    assert len(keys) == 24
+    for r in rotations:
+        assert round(np.linalg.det(r)) == 1 and np.array_equal(r @ r.T, np.eye(3))
+    for a in rotations[::5]:  # closed under composition
+        for b in rotations[::7]:
+            assert (a @ b).astype(np.int64).tobytes() in keys
+
+
+def test_rotate_volume_moves_each_voxel_where_the_world_map_says():
+    rng = np.random.default_rng(0)
+    data = torch.as_tensor(rng.normal(size=(1, 6, 9, 11)), dtype=torch.float32)
+    # oblique RAS affine with cubic 2 mm voxels
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    affine = np.eye(4)
+    affine[:3, :3] = 2.0 * q
+    affine[:3, 3] = [10.0, -30.0, 55.0]
+    image = MetaTensor(data, affine=torch.as_tensor(affine))
+    affine_lps = convert_affine(affine, "RAS", "LPS")
+    idx = np.stack([rng.integers(0, n, 40) for n in data.shape[1:]], axis=1)
+    for s in axis_aligned_rotations():
+        rotated, world_map = rotate_volume(image, s)
+        assert np.allclose(world_map[:3, :3] @ world_map[:3, :3].T, np.eye(3)) and np.isclose(np.linalg.det(world_map[:3, :3]), 1.0)
+        x = voxel_to_world(idx.astype(float), affine)  # LPS
+        y = x @ world_map[:3, :3].T + world_map[:3, 3]
+        new_idx = np.linalg.solve(affine_lps[:3, :3], (y - affine_lps[:3, 3]).T).T
+        new_idx_int = np.rint(new_idx).astype(int)
+        np.testing.assert_allclose(new_idx, new_idx_int, atol=1e-6)  # lands on voxel centres
+        values = rotated[0].numpy()[tuple(new_idx_int.T)]
+        np.testing.assert_array_equal(values, data[0].numpy()[tuple(idx.T)])
+
+
+def test_rotate_volume_refuses_non_cubic_voxels_and_bad_matrices():
+    image = MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=torch.float64)))
+    with pytest.raises(ValueError, match="cubic voxels"):
+        rotate_volume(image, axis_aligned_rotations()[3])
+    with pytest.raises(ValueError, match="signed permutation"):
+        rotate_volume(image, -np.eye(3))  # a reflection
+
+
+def _turned_ct(tmp_path, rotation: np.ndarray) -> tuple[str, np.ndarray]:
+    """The sample CT turned by ``rotation`` (plus a small oblique rotation and a shift) about its centre, on a 3 mm
+    axis-aligned grid covering the turned scan; returns the path and the true fixed -> moving matrix."""
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"), sitk.sitkFloat32)
+    size = np.array(fixed.GetSize())
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2.0).tolist()))
+    turn = np.eye(4)
+    turn[:3, :3] = rotation
+    truth = _rigid(7.0, (0.3, 1.0, 0.2), (6.0, -9.0, 4.0)) @ _rigid(0.0, (0, 0, 1), centre) @ turn @ _rigid(0.0, (0, 0, 1), -centre)
+    corners = np.array([fixed.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)])
+    moved = corners @ truth[:3, :3].T + truth[:3, 3]
+    lo, hi = moved.min(0) - 3.0, moved.max(0) + 3.0
+    grid = sitk.Image([int(v) for v in np.ceil((hi - lo) / 3.0) + 1], sitk.sitkFloat32)
+    grid.SetSpacing((3.0, 3.0, 3.0))
+    grid.SetOrigin(lo.tolist())
+    moving = sitk.Resample(fixed, grid, _sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    path = str(tmp_path / "ct_turned.nii.gz")
+    sitk.WriteImage(moving, path)
+    return path, truth
+
+
+@pytest.mark.parametrize(
+    "rotation",
+    [np.diag([-1.0, 1.0, -1.0]), np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])],
+    ids=["180deg_about_y", "90deg_about_x"],
+)
+def test_header_disagreeing_by_a_large_rotation_is_found(tmp_path, rotation):
+    path, truth = _turned_ct(tmp_path, rotation)
+    out = tmp_path / "out"
+    common = ("--fixed_path", sample_path("ct_abdomen"), "--moving_path", path, "--moving_modality", "ct",
+              "--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
+    trusted = run_bundle(*common, "--orientation_search", "off")
+    assert trusted.returncode != 0  # the headers alone do not register it: the search is what finds it
+    result = run_bundle(*common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "ct_abdomen__ct_turned"
+    summary = json.loads((folder / "summary.json").read_text())
+    search = summary["confidence"]["orientation_search"]
+    assert search["n_candidates"] == 24 and search["header_orientation"]["success"] is False
+    _, tre = sample_ct_tre(read_transform_json(folder / "rigid.json"), truth, seed=1)
+    assert tre.mean() < 4.0, (tre.mean(), search["chosen"])
+    assert os.path.exists(folder / "rigid.tfm")
