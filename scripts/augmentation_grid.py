@@ -4,10 +4,11 @@ Usage::
 
     python scripts/augmentation_grid.py [--seed 0] [--output bundles/crosssam_registration/docs/augmentation_grid.png]
 
-Rows: the CT sample ``ct_abdomen`` and the MR sample ``mr_abdomen``, preprocessed like the bundles (``load_scan``,
+Rows: the CT sample ``ct_abdomen``, the MR sample ``mr_abdomen`` and the CT-MR phantom pair, preprocessed like the bundles (``load_scan``,
 MONAI ``Orientation`` to SPL, ``Spacing`` to 2 mm, ``NormalizeIntensityByModalityd`` to [-50, 205]). Columns: the
-original mid-axial slice, then six augmented versions of the 3D volume (each on its own, mid-axial slice shown):
-random Bezier intensity map, intensity inversion, both (``aggressive_intensity_augmentation``), MONAI ``RandAffine``
+original mid-axial slice, then augmented versions of the 3D volume (each on its own, mid-axial slice shown):
+random Bezier intensity map, intensity inversion, both (the paper's ``aggressive_intensity_augmentation``), the
+project's body remap (rank-equalised body, then reversed: ``RandBodyContrastRemap``), MONAI ``RandAffine``
 (rotation up to 15 degrees about every axis, scale 0.8-1.2), ``RandZoom`` (resizing, 0.8-1.2, size kept) and
 ``RandGaussianSmooth`` (blur, sigma 1-2 voxels = 2-4 mm). Every tile is shown with the same fixed window [-50, 205]
 (so inversions and curves are visible as such), anterior up and patient left on the right (radiological view);
@@ -35,6 +36,7 @@ from samv2_components.sample_data import sample_path
 from samv2_components.transforms import (
     NormalizeIntensityByModalityd,
     RandBezierIntensity,
+    RandBodyContrastRemap,
     RandIntensityInversion,
     aggressive_intensity_augmentation,
 )
@@ -62,6 +64,8 @@ def augmentations(seed: int) -> list[tuple[str, object]]:
         ("Bezier", RandBezierIntensity(prob=1.0, value_range=VALUE_RANGE)),
         ("inversion", RandIntensityInversion(prob=1.0, value_range=VALUE_RANGE)),
         ("Bezier+inversion", aggressive_intensity_augmentation(1.0, 1.0, VALUE_RANGE)),
+        ("body remap (rank)", RandBodyContrastRemap(prob=1.0, reverse_prob=0.0, value_range=VALUE_RANGE)),
+        ("body remap reversed", RandBodyContrastRemap(prob=1.0, reverse_prob=1.0, value_range=VALUE_RANGE)),
         (
             "RandAffine 15deg 0.8-1.2",
             RandAffine(prob=1.0, rotate_range=(deg15,) * 3, scale_range=(0.2,) * 3, padding_mode="border"),
@@ -123,10 +127,15 @@ def main(output: str = DEFAULT_OUTPUT, seed: int = 0, tile: int = 180) -> str:
         tile: tile size in pixels.
     """
     torch.manual_seed(seed)
-    rows = [("CT", preprocess("ct_abdomen", "ct")), ("MR", preprocess("mr_abdomen", "mr"))]
+    rows = [
+        ("CT", preprocess("ct_abdomen", "ct")),
+        ("MR", preprocess("mr_abdomen", "mr")),
+        ("CT ph", preprocess("phantom_ct", "ct")),
+        ("MR ph", preprocess("phantom_mr", "mr")),
+    ]
     font = ImageFont.load_default()
     label_h, margin = 16, 34
-    n_cols = 7
+    n_cols = 9
     sheet = Image.new("L", (margin + n_cols * tile, label_h + len(rows) * tile), 255)
     draw = ImageDraw.Draw(sheet)
     labels = ["original"]

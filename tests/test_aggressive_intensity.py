@@ -16,6 +16,7 @@ from monai.transforms import Compose
 from samv2_components.transforms import (
     RandBezierIntensity,
     RandBezierIntensityd,
+    RandBodyContrastRemap,
     RandIntensityInversion,
     RandIntensityInversiond,
     RandPatchPaird,
@@ -260,7 +261,8 @@ def test_dictionary_versions():
 def test_aggressive_composition():
     aug = aggressive_intensity_augmentation(prob_bezier=1.0, prob_inversion=1.0, value_range=(0.0, 10.0))
     assert isinstance(aug, Compose)
-    bezier, inversion = aug.transforms
+    remap, bezier, inversion = aug.transforms
+    assert isinstance(remap, RandBodyContrastRemap) and remap.prob == 0.0  # the paper's defaults: no body remap
     assert isinstance(bezier, RandBezierIntensity) and isinstance(inversion, RandIntensityInversion)
     assert bezier.value_range == inversion.value_range == (0.0, 10.0)
     x = np.linspace(0.0, 10.0, 101)
@@ -271,7 +273,7 @@ def test_aggressive_composition():
         assert (out[0], out[-1]) == ((0.0, 10.0) if bezier.decreasing else (10.0, 0.0))
         assert np.allclose(out, 10.0 - bezier(x, randomize=False))
     default = aggressive_intensity_augmentation()
-    assert (default.transforms[0].prob, default.transforms[1].prob) == (0.8, 0.5)
+    assert (default.transforms[1].prob, default.transforms[2].prob) == (0.8, 0.5)
     assert default.transforms[0].value_range == (LOW, HIGH)
 
 
@@ -384,3 +386,46 @@ def test_patch_pairs_with_composed_augmentation(volume):
         bad(volume)
     with pytest.raises(TypeError):
         RandPatchPaird(patch_size=PATCH, intensity_augmentation="bezier")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_body_remap_ranks_the_body_and_keeps_the_background(reverse):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(LOW, HIGH, (1, 6, 10, 10)).astype(np.float32)
+    x[0, :, :3] = rng.uniform(LOW, -30.0, (6, 3, 10))  # background
+    t = RandBodyContrastRemap(prob=1.0, reverse_prob=float(reverse), body_threshold=-25.0, body_low=0.0).set_random_state(0)
+    y = t(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    background = x <= -25.0
+    assert np.array_equal(y[background], x[background])
+    body_in, body_out = x[~background], y[~background]
+    assert body_out.min() == pytest.approx(0.0) and body_out.max() == pytest.approx(HIGH)
+    order = np.argsort(body_in)
+    steps = np.diff(body_out[order])
+    assert np.all(steps < 0) if reverse else np.all(steps > 0)  # strictly monotone: ranks of distinct values
+    # equalised: the output of the body is uniform on [body_low, high]
+    assert np.allclose(np.sort(body_out), np.linspace(0.0, HIGH, body_out.size), atol=1e-3)
+
+
+def test_body_remap_keeps_type_and_metadata_and_prob_zero_is_identity():
+    x = torch.linspace(LOW, HIGH, 64, dtype=torch.float64).reshape(1, 4, 4, 4)
+    meta = MetaTensor(x.clone(), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    out = RandBodyContrastRemap(prob=1.0).set_random_state(3)(meta)
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float64 and torch.equal(out.affine, meta.affine)
+    assert not torch.equal(out.as_tensor(), x)
+    assert torch.equal(RandBodyContrastRemap(prob=0.0)(x), x)
+    with pytest.raises(ValueError, match="body_threshold < body_low"):
+        RandBodyContrastRemap(body_threshold=10.0, body_low=0.0)
+
+
+def test_project_augmentation_never_brightens_the_background():
+    """The crosssam train.json settings (body remap, increasing Bezier, no whole-patch inversion) keep air dark:
+    the background stays below the body's lowest value after every draw."""
+    rng = np.random.default_rng(1)
+    x = np.full((1, 6, 12, 12), LOW, dtype=np.float32)
+    x[0, :, 3:9, 3:9] = rng.uniform(5.0, 80.0, (6, 6, 6))
+    aug = aggressive_intensity_augmentation(prob_bezier=0.5, prob_inversion=0.0, decreasing_prob=0.0, prob_body_remap=0.5)
+    share_random_state(aug, np.random.RandomState(0))
+    for _ in range(50):
+        y = aug(x)
+        assert y[0, :, :3].max() <= y[0, :, 3:9, 3:9].min()

@@ -1,5 +1,6 @@
 from samv2_components.transforms.aggressive_intensity import (
     RandBezierIntensity,
+    RandBodyContrastRemap,
     RandBezierIntensityd,
     RandIntensityInversion,
     RandIntensityInversiond,
@@ -19,6 +20,7 @@ __all__ = [
     "NormalizeIntensityByModalityd",
     "RandBezierIntensity",
     "RandBezierIntensityd",
+    "RandBodyContrastRemap",
     "RandIntensityInversion",
     "RandIntensityInversiond",
     "RandPatchPaird",
