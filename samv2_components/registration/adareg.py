@@ -83,6 +83,14 @@ def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, mar
     return start, stop
 
 
+def transform_summary(fixed_to_moving: np.ndarray) -> dict[str, Any]:
+    """``rotation_deg`` (angle about the rotation axis) and ``translation_mm`` (LPS) of a 4x4 rigid matrix, for
+    the confidence summary."""
+    rotation = np.asarray(fixed_to_moving, dtype=np.float64)[:3, :3]
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+    return {"rotation_deg": round(angle, 2), "translation_mm": [round(float(v), 2) for v in np.asarray(fixed_to_moving)[:3, 3]]}
+
+
 def _voxel_volume_mm3(image: MetaTensor) -> float:
     affine, _ = affine_and_space(image)
     return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
@@ -256,14 +264,5 @@ class AdaReg:
             return failed
         small_to_large = fit.transform.matrix
         fixed_to_moving = small_to_large if small == "fixed" else np.linalg.inv(small_to_large)
-        rotation = fixed_to_moving[:3, :3]
-        angle = float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
-        summary.update(
-            {
-                "success": True,
-                "reason": "",
-                "rotation_deg": round(angle, 2),
-                "translation_mm": [round(float(v), 2) for v in fixed_to_moving[:3, 3]],
-            }
-        )
+        summary.update({"success": True, "reason": "", **transform_summary(fixed_to_moving)})
         return RigidRegistration(True, "", fixed_to_moving, small, points, matched, scores, np.asarray(fit.inliers), summary, corners)
