@@ -133,3 +133,29 @@ def test_ct_given_as_mr_is_refused(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and "is this a CT" in errors[0], result.stderr[-2000:]
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_crop_index_range_on_an_oblique_grid_against_known_voxels():
+    from samv2_components.registration import body_box_corners, crop_index_range
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = q @ np.diag([2.0, 1.5, 3.0])
+    affine_lps[:3, 3] = [12.0, -40.0, 7.0]
+    # the corners of voxels 5..9, 10..19, 3..6 (outer faces) -> exactly that index range
+    lo, hi = np.array([4.5, 9.5, 2.5]), np.array([9.5, 19.5, 6.5])
+    corners_idx = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    corners = corners_idx @ affine_lps[:3, :3].T + affine_lps[:3, 3]
+    start, stop = crop_index_range(corners, affine_lps, (30, 40, 20), margin_mm=0.0)
+    assert start.tolist() == [4, 9, 2] and stop.tolist() == [11, 21, 8]  # covers [lo, hi] by voxel centres
+    # a margin of 6 mm adds 3, 4 and 2 voxels on each side (6 mm / spacing), clipped to the volume
+    start, stop = crop_index_range(corners, affine_lps, (30, 40, 20), margin_mm=6.0)
+    assert start.tolist() == [1, 5, 0] and stop.tolist() == [14, 25, 10]
+    assert crop_index_range(corners + 1000.0, affine_lps, (30, 40, 20), margin_mm=6.0) is None  # no overlap
+    # the body box of a mask on a MetaTensor: outer faces of its voxels, in LPS
+    mask = torch.zeros(6, 8, 5, dtype=torch.bool)
+    mask[1:4, 2:7, 0:2] = True
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    box = body_box_corners(MetaTensor(torch.zeros(1, 6, 8, 5), affine=torch.as_tensor(ras)), mask)
+    expected = np.array([[a, b, c] for a in (0.5, 3.5) for b in (1.5, 6.5) for c in (-0.5, 1.5)]) @ affine_lps[:3, :3].T + affine_lps[:3, 3]
+    np.testing.assert_allclose(box, expected, atol=1e-9)

@@ -109,3 +109,66 @@ def test_header_disagreeing_by_a_large_rotation_is_found(tmp_path, rotation):
     _, tre = sample_ct_tre(read_transform_json(folder / "rigid.json"), truth, seed=1)
     assert tre.mean() < 4.0, (tre.mean(), search["chosen"])
     assert os.path.exists(folder / "rigid.tfm")
+
+
+class _ScriptedAdaReg:
+    """A stand-in for AdaReg whose rigid fit reports a scripted inlier count per orientation candidate (found by
+    comparing the turned volume with each of the 24 turns) and the identity transform in the turned scan's space,
+    with the turned scan's real body box: what the search makes of it is then known exactly."""
+
+    grid_spacing_mm, min_inliers = 12.0, 12
+
+    def __init__(self, moving, inliers: dict[int, int]):
+        self.turns = [rotate_volume(moving, s)[0].as_tensor() for s in axis_aligned_rotations()]
+        self.inliers = inliers
+
+    def rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
+        from samv2_components.registration import RigidRegistration, body_box_corners, body_mask
+
+        k = next(i for i, t in enumerate(self.turns) if t.shape == moving_image.shape and torch.equal(t, moving_image.as_tensor()))
+        n = self.inliers.get(k, 0)
+        summary = {"n_points": 100, "n_inliers": n, "n_matches_above_score": 100, "inlier_fraction": n / 100}
+        ok = n >= self.min_inliers
+        return RigidRegistration(ok, "" if ok else "too few", np.eye(4), "moving", np.zeros((0, 3)), np.zeros((0, 3)),
+                                 np.zeros(0), np.zeros(0, bool), summary, body_box_corners(moving_image, body_mask(moving_image)))
+
+
+def _asymmetric_volume() -> MetaTensor:
+    rng = np.random.default_rng(3)
+    data = torch.full((1, 10, 14, 12), -50.0)
+    data[0, 2:8, 3:12, 2:7] = torch.as_tensor(rng.uniform(10, 200, (6, 9, 5)), dtype=torch.float32)  # off-centre body
+    affine = torch.tensor([[0, 0, -2.0, 40], [0, -2.0, 0, 25], [2.0, 0, 0, -60], [0, 0, 0, 1]], dtype=torch.float64)
+    return MetaTensor(data, affine=affine)
+
+
+def test_search_maps_the_winner_back_to_the_moving_scan_and_embeds_each_turn_once():
+    from samv2_components.registration import OrientationSearch, body_box_corners, body_mask
+
+    moving = _asymmetric_volume()
+    adareg = _ScriptedAdaReg(moving, {7: 40, 3: 15})
+    calls = []
+    search = OrientationSearch(adareg, embed=lambda image: calls.append(1) or {"fine": None})
+    result, candidates = search(moving, {}, moving, moving_heads={"fine": None})
+    assert result.success and candidates[0].index == 7
+    _, world_map = rotate_volume(moving, axis_aligned_rotations()[7])
+    # the scripted fit is the identity in the turned scan, so fixed -> moving is the inverse turn
+    np.testing.assert_allclose(result.fixed_to_moving, np.linalg.inv(world_map), atol=1e-9)
+    # the body box comes back in the moving scan's own space: the same 8 corners as computed there
+    expected = body_box_corners(moving, body_mask(moving))
+    got = result.small_body_corners
+    assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expected, 6)))
+    assert len(calls) == 23  # the identity reuses the given embeddings, the winner's refit reuses its own
+
+
+def test_search_without_a_clear_winner_fails_and_names_both_candidates():
+    from samv2_components.registration import OrientationSearch
+
+    moving = _asymmetric_volume()
+    search = OrientationSearch(_ScriptedAdaReg(moving, {7: 40, 3: 36}), embed=lambda image: {})
+    result, _ = search(moving, {}, moving)
+    assert not result.success and "no clear winner" in result.reason
+    assert np.array_equal(result.fixed_to_moving, np.eye(4))
+    best_two = result.summary["orientation_search"]["best_two"]
+    assert [c["candidate"] for c in best_two] == [7, 3] and [c["n_inliers"] for c in best_two] == [40, 36]
+    clear, _ = OrientationSearch(_ScriptedAdaReg(moving, {7: 40, 3: 20}), embed=lambda image: {})(moving, {}, moving)
+    assert clear.success  # 20 < 0.8 x 40

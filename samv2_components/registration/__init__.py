@@ -6,7 +6,14 @@ The rigid fit (:mod:`~samv2_components.registration.rigid`) needs only NumPy. Th
 runs, so importing this package works without it.
 """
 
-from samv2_components.registration.adareg import AdaReg, RigidRegistration, body_mask, grid_points_in_mask
+from samv2_components.registration.adareg import (
+    AdaReg,
+    RigidRegistration,
+    body_box_corners,
+    body_mask,
+    crop_index_range,
+    grid_points_in_mask,
+)
 from samv2_components.registration.deformable import DeformableResult, refine_deformable, write_displacement_field
 from samv2_components.registration.intensity_baselines import (
     IntensityRegistrationResult,
@@ -28,7 +35,9 @@ __all__ = [
     "AdaRegWorkflow",
     "RegistrationFailed",
     "RigidRegistration",
+    "body_box_corners",
     "body_mask",
+    "crop_index_range",
     "grid_points_in_mask",
     "DeformableResult",
     "refine_deformable",

@@ -23,6 +23,7 @@ instead of silently picking one.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable
@@ -33,18 +34,19 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from samv2_components.geometry import affine_and_space, convert_affine
-import copy
-
+from samv2_components.geometry import affine_and_space, convert_affine, voxel_to_world
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
 
 __all__ = [
+    "ORIENTATION_SEARCH_MODES",
     "axis_aligned_rotations",
     "rotate_volume",
     "OrientationCandidate",
     "OrientationSearch",
     "register_rigid_with_orientation_search",
 ]
+
+ORIENTATION_SEARCH_MODES = ("auto", "always", "off")
 
 
 def axis_aligned_rotations() -> list[np.ndarray]:
@@ -159,25 +161,29 @@ class OrientationSearch:
             ratio = (adareg.grid_spacing_mm / self.scoring.grid_spacing_mm) ** 3
             self.scoring.min_inliers = max(6, int(round(adareg.min_inliers * ratio)))
 
-    def _candidate(self, index, s, fixed_image, fixed_heads, moving_image, adareg: AdaReg | None = None) -> OrientationCandidate:
+    def _candidate(self, index, s, fixed_image, fixed_heads, moving_image, adareg: AdaReg | None = None,
+                   embedded: tuple | None = None) -> tuple[OrientationCandidate, tuple]:
+        """Register the moving scan turned by ``s``; returns the candidate and ``(rotated, heads, world_map)``
+        (``embedded``: that triple from an earlier call, to refit without embedding again)."""
         t0 = time.perf_counter()
-        rotated, world_map = rotate_volume(moving_image, s)
-        heads = self.embed(rotated)
+        if embedded is None:
+            rotated, world_map = rotate_volume(moving_image, s)
+            embedded = (rotated, self.embed(rotated), world_map)
+        rotated, heads, world_map = embedded
         result = (adareg or self.scoring).rigid(fixed_image, fixed_heads, rotated, heads)
         back = np.linalg.inv(world_map)
         result.fixed_to_moving = back @ result.fixed_to_moving if result.success else np.eye(4)
         if result.success:
             result.summary.update(transform_summary(result.fixed_to_moving))
-        if result.small_fov == "moving":  # the small scan's points and body box: rotated -> original moving scan
-            if len(result.points_small):
-                result.points_small = result.points_small @ back[:3, :3].T + back[:3, 3]
-            if len(result.small_body_corners):
-                result.small_body_corners = result.small_body_corners @ back[:3, :3].T + back[:3, 3]
-        elif len(result.points_large):
-            result.points_large = result.points_large @ back[:3, :3].T + back[:3, 3]
+        to_moving = lambda p: p @ back[:3, :3].T + back[:3, 3]  # noqa: E731  rotated scan -> moving scan (LPS)
+        if result.small_fov == "moving":
+            result.points_small = to_moving(result.points_small)
+            result.small_body_corners = to_moving(result.small_body_corners)
+        else:
+            result.points_large = to_moving(result.points_large)
         n_points = max(int(result.summary.get("n_points", 0)), 1)
         score = float(result.summary.get("n_inliers", 0)) / n_points
-        return OrientationCandidate(index, world_map[:3, :3].copy(), result, score, time.perf_counter() - t0)
+        return OrientationCandidate(index, world_map[:3, :3].copy(), result, score, time.perf_counter() - t0), embedded
 
     def _same_answer(self, a: RigidRegistration, b: RigidRegistration, corners: np.ndarray) -> bool:
         pa = corners @ a.fixed_to_moving[:3, :3].T + a.fixed_to_moving[:3, 3]
@@ -185,13 +191,21 @@ class OrientationSearch:
         return float(np.max(np.linalg.norm(pa - pb, axis=1))) <= self.agreement_mm
 
     def __call__(
-        self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor
+        self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor, moving_heads: dict | None = None
     ) -> tuple[RigidRegistration, list[OrientationCandidate]]:
         """Search; returns the chosen registration (or a failure naming the best two candidates) and every
-        candidate, best first. The chosen result's ``summary["orientation_search"]`` records the search."""
+        candidate, best first. The chosen result's ``summary["orientation_search"]`` records the search.
+        ``moving_heads``: the moving scan's embeddings as it comes, if already computed (the identity candidate
+        then needs no embedding)."""
         t0 = time.perf_counter()
         rotations = axis_aligned_rotations()
-        candidates = [self._candidate(i, s, fixed_image, fixed_heads, moving_image) for i, s in enumerate(rotations)]
+        candidates, kept = [], None  # kept: (score, embedded) of the best successful candidate, for its refit
+        for i, s in enumerate(rotations):
+            embedded = (moving_image, moving_heads, np.eye(4)) if i == 0 and moving_heads is not None else None
+            candidate, embedded = self._candidate(i, s, fixed_image, fixed_heads, moving_image, embedded=embedded)
+            if candidate.result.success and (kept is None or candidate.score > kept[0]):
+                kept = (candidate.score, embedded)
+            candidates.append(candidate)
         candidates.sort(key=lambda c: -c.score)
         record: dict[str, Any] = {
             "n_candidates": len(candidates),
@@ -224,7 +238,8 @@ class OrientationSearch:
                 return failed, candidates
         final = best
         if self.scoring.grid_spacing_mm != self.adareg.grid_spacing_mm:  # refit the winner with the full settings
-            final = self._candidate(best.index, rotations[best.index], fixed_image, fixed_heads, moving_image, self.adareg)
+            final, _ = self._candidate(best.index, rotations[best.index], fixed_image, fixed_heads, moving_image,
+                                       self.adareg, embedded=kept[1])
         record["seconds"] = round(time.perf_counter() - t0, 2)
         final.result.summary["orientation_search"] = record
         return final.result, candidates
@@ -232,8 +247,6 @@ class OrientationSearch:
 
 def _box_corners(image: MetaTensor) -> np.ndarray:
     """The 8 corner voxel centres ``(8, 3)`` of a volume ``(C, D, H, W)``, LPS mm."""
-    from samv2_components.geometry import voxel_to_world
-
     affine, space = affine_and_space(image)
     n = np.asarray(image.shape[1:]) - 1
     corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])], dtype=np.float64)
@@ -261,12 +274,12 @@ def register_rigid_with_orientation_search(
     The result's ``summary["orientation_search"]`` (when a search ran) lists its time, the best two candidates
     with their scores and the header orientation's outcome.
     """
-    if mode not in ("auto", "always", "off"):
+    if mode not in ORIENTATION_SEARCH_MODES:
         raise ValueError(f"orientation search mode must be 'auto', 'always' or 'off', got {mode!r}")
     rigid = adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
     matched = "n_matches_above_score" in rigid.summary  # both scans had a body and points were matched
     if mode == "always" or (mode == "auto" and not rigid.success and matched):
         header = {k: rigid.summary.get(k) for k in ("success", "reason", "n_inliers", "inlier_fraction")}
-        rigid, _ = OrientationSearch(adareg, embed, **search_kwargs)(fixed_image, fixed_heads, moving_image)
+        rigid, _ = OrientationSearch(adareg, embed, **search_kwargs)(fixed_image, fixed_heads, moving_image, moving_heads)
         rigid.summary["orientation_search"]["header_orientation"] = header
     return rigid

@@ -116,7 +116,9 @@ class AdaRegWorkflow:
         orientation_search: str = "auto",
         orientation_kwargs: Mapping[str, Any] | None = None,
     ):
-        if orientation_search not in ("auto", "always", "off"):
+        from samv2_components.registration.orientation import ORIENTATION_SEARCH_MODES
+
+        if orientation_search not in ORIENTATION_SEARCH_MODES:
             raise ValueError(f"orientation_search must be 'auto', 'always' or 'off', got {orientation_search!r}")
         self.orientation_search, self.orientation_kwargs = orientation_search, dict(orientation_kwargs or {})
         self.paths = {"fixed": os.fspath(fixed_path), "moving": os.fspath(moving_path)}
