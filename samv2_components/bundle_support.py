@@ -1,5 +1,6 @@
-"""Small helpers the bundle configs call: where the bundle lives, the datalist of an inference run, and the
-one-line error report. They hold no method logic (that lives in the other modules)."""
+"""Small helpers around the bundles: where a bundle lives, the datalist of an inference run, the one-line error
+report, and running a bundle workflow from Python (what the ``samv2`` command line and the MONAI Label app do).
+They hold no method logic (that lives in the other modules)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ import ast
 import glob
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from samv2_components.errors import SAMv2InputError, install_cli_error_handler
 from samv2_components.transforms.intensity import check_modality
 
-__all__ = ["resolve_bundle_root", "inference_datalist", "install_cli_error_handler"]
+__all__ = [
+    "resolve_bundle_root",
+    "expand_input_paths",
+    "inference_datalist",
+    "install_cli_error_handler",
+    "find_bundles_dir",
+    "run_bundle",
+    "BUNDLE_NAMES",
+    "BUNDLES_DIR_ENV",
+]
+
+BUNDLE_NAMES = ("semantic_sam", "samv2_matching", "crosssam_registration")
+BUNDLES_DIR_ENV = "SAMV2_BUNDLES_DIR"
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -46,21 +61,16 @@ def resolve_bundle_root(bundle_name: str, argv: Sequence[str] | None = None) -> 
     raise SAMv2InputError(bundle_name, "cannot find the bundle folder: run from inside it or pass --bundle_root <folder>")
 
 
-def inference_datalist(input_path: str | Sequence[str], modality: str) -> list[dict[str, str]]:
-    """Datalist ``[{"image": path, "modality": m}, ...]`` for an inference run.
-
-    Args:
-        input_path: a scan file, a DICOM series folder, a glob pattern (``"scans/*.nii.gz"``) or a list of them.
-        modality: ``"ct"`` or ``"mr"`` for all scans.
+def expand_input_paths(input_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The scan paths named by ``input_path``: a file, a DICOM series folder, a glob pattern or a list of them.
 
     Raises :class:`SAMv2InputError` for a path that does not exist or a pattern that matches nothing, before any
     work starts (so no output is written for a partly valid request).
     """
-    modality = check_modality(modality, "modality")
     paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
     if not paths:
         raise SAMv2InputError("input_path", "no input scan given")
-    items = []
+    found = []
     for p in paths:
         p = os.fspath(p)
         matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
@@ -69,5 +79,68 @@ def inference_datalist(input_path: str | Sequence[str], modality: str) -> list[d
         for m in matches:
             if not os.path.exists(m):
                 raise SAMv2InputError(m, "file not found")
-            items.append({"image": m, "modality": modality})
-    return items
+            found.append(m)
+    return found
+
+
+def inference_datalist(input_path: str | Sequence[str], modality: str) -> list[dict[str, str]]:
+    """Datalist ``[{"image": path, "modality": m}, ...]`` for an inference run.
+
+    Args:
+        input_path: a scan file, a DICOM series folder, a glob pattern (``"scans/*.nii.gz"``) or a list of them
+            (see :func:`expand_input_paths`).
+        modality: ``"ct"`` or ``"mr"`` for all scans.
+    """
+    modality = check_modality(modality, "modality")
+    return [{"image": path, "modality": modality} for path in expand_input_paths(input_path)]
+
+
+def find_bundles_dir(bundles_dir: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the three bundles.
+
+    Search order: ``bundles_dir``, ``$SAMV2_BUNDLES_DIR``, the ``bundles/`` folder of the checkout this package is
+    installed from (``pip install -e .``), ``./bundles``.
+    """
+    candidates = [bundles_dir, os.environ.get(BUNDLES_DIR_ENV), Path(__file__).resolve().parents[1] / "bundles", Path.cwd() / "bundles"]
+    for candidate in candidates:
+        if candidate and all((Path(candidate) / name / "configs" / "metadata.json").is_file() for name in BUNDLE_NAMES):
+            return Path(candidate).resolve()
+    given = bundles_dir or os.environ.get(BUNDLES_DIR_ENV) or "bundles"
+    raise SAMv2InputError(given, f"no SAMv2 bundles found ({', '.join(BUNDLE_NAMES)}); pass --bundles_dir or set {BUNDLES_DIR_ENV}")
+
+
+def run_bundle(
+    bundle: str,
+    configs: Sequence[str],
+    overrides: Mapping[str, Any],
+    bundles_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Any:
+    """Run ``bundle``'s workflow from its ``configs`` (merged in order) with config ``overrides``, in this process.
+
+    The same as ``python -m monai.bundle run --config_file "[...]" --key value ...`` except that logging is left to
+    the caller (the bundle's ``logging.conf`` is not applied). Overrides whose value is ``None`` are dropped, so
+    the bundle default applies. With ``progress``, a per-scan progress bar is attached to the bundle's evaluator.
+
+    Returns what the config's ``run`` section returned (a list, one entry per expression).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    root = find_bundles_dir(bundles_dir) / bundle
+    workflow = ConfigWorkflow(
+        config_file=[str(root / "configs" / name) for name in configs],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        bundle_root=str(root),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    workflow.initialize()
+    if progress and "evaluator" in workflow.parser:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=True, desc="scans").attach(workflow.parser.get_parsed_content("evaluator"))
+    try:
+        return workflow.run()
+    finally:
+        workflow.finalize()

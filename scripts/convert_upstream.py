@@ -35,19 +35,7 @@ import fire
 
 from samv2_components.errors import SAMv2Error
 from samv2_components.networks.upstream import convert_upstream_checkpoint
-from samv2_components.networks.weights import format_network_kwargs
-
-
-def network_def_overrides(kwargs: dict) -> str:
-    """The ``monai.bundle run`` command-line overrides that build the network these weights fit."""
-    parts = [f"--network_def#width {float(kwargs['width'])!r}"]
-    heads = ",".join(f"'{h}'" for h in kwargs["heads"])
-    parts.append(f'--network_def#heads "[{heads}]"')
-    if kwargs.get("embedding_dim", 128) != 128:
-        parts.append(f"--network_def#embedding_dim {kwargs['embedding_dim']}")
-    if kwargs.get("in_channels", 1) != 1:
-        parts.append(f"--network_def#in_channels {kwargs['in_channels']}")
-    return " ".join(parts)
+from samv2_components.networks.weights import format_network_kwargs, network_def_overrides
 
 
 def main(checkpoint: str, output: str, width: float | None = None, heads=None) -> None:

@@ -110,8 +110,12 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
 class LoadScand(MapTransform):
     """Dictionary version of :func:`load_scan`: replaces each path under ``keys`` by the loaded ``MetaTensor``.
 
+    A value that is already an image in memory (a ``MetaTensor`` with its affine, as MONAI Deploy's operators and
+    MONAI's ``LoadImaged`` produce) is checked the same way and kept; a channel axis is added to a 3D array
+    ``(X, Y, Z)`` so that the result is always ``(1, X, Y, Z)``.
+
     Args:
-        keys: keys holding file paths.
+        keys: keys holding file paths or in-memory images.
         check_intensities: see :func:`validate_scan` (set False for label maps).
     """
 
@@ -119,8 +123,20 @@ class LoadScand(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.check_intensities = check_intensities
 
+    def _in_memory(self, image: MetaTensor) -> MetaTensor:
+        source = str(image.meta.get("filename_or_obj") or "in-memory image")
+        if image.ndim == 3:
+            image = image[None]
+        image = image.float() if not torch.is_floating_point(image) else image
+        validate_scan(image, source, check_intensities=self.check_intensities)
+        return image
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = load_scan(d[key], check_intensities=self.check_intensities)
+            value = d[key]
+            if isinstance(value, MetaTensor):
+                d[key] = self._in_memory(value)
+            else:
+                d[key] = load_scan(value, check_intensities=self.check_intensities)
         return d

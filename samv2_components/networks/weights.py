@@ -24,7 +24,10 @@ from torch import nn
 from samv2_components.errors import CheckpointError
 from samv2_components.networks.samv2_net import _FPN_CHANNELS, _STAGE_CHANNELS, HEAD_NAMES
 
-__all__ = ["check_state_dict", "load_weights", "infer_network_kwargs", "read_state_dict", "format_network_kwargs"]
+__all__ = [
+    "check_state_dict", "load_weights", "infer_network_kwargs", "read_state_dict", "format_network_kwargs",
+    "network_def_overrides",
+]
 
 logger = logging.getLogger("samv2_components")
 
@@ -69,6 +72,18 @@ def format_network_kwargs(kwargs: Mapping[str, Any]) -> str:
     if kwargs.get("in_channels", 1) != 1:
         parts.append(f"in_channels={kwargs['in_channels']}")
     return ", ".join(parts)
+
+
+def network_def_overrides(kwargs: dict) -> str:
+    """The ``monai.bundle run`` command-line overrides that build the network these weights fit."""
+    parts = [f"--network_def#width {float(kwargs['width'])!r}"]
+    heads = ",".join(f"'{h}'" for h in kwargs["heads"])
+    parts.append(f'--network_def#heads "[{heads}]"')
+    if kwargs.get("embedding_dim", 128) != 128:
+        parts.append(f"--network_def#embedding_dim {kwargs['embedding_dim']}")
+    if kwargs.get("in_channels", 1) != 1:
+        parts.append(f"--network_def#in_channels {kwargs['in_channels']}")
+    return " ".join(parts)
 
 
 def _network_kwargs(network: nn.Module) -> dict[str, Any] | None:

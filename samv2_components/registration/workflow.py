@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from samv2_components.errors import SAMv2Error, SAMv2InputError
 from samv2_components.io.atomic import atomic_directory
@@ -95,6 +96,7 @@ class AdaRegWorkflow:
             (:class:`~samv2_components.registration.orientation.OrientationSearch`); ``"always"``: search even
             when the header orientation succeeds; ``"off"``: trust the headers.
         orientation_kwargs: arguments of :class:`~samv2_components.registration.orientation.OrientationSearch`.
+        progress: show a progress bar over the stages (embedding, rigid fit, deformable refinement, writing).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class AdaRegWorkflow:
         info: Mapping[str, Any] | None = None,
         orientation_search: str = "auto",
         orientation_kwargs: Mapping[str, Any] | None = None,
+        progress: bool = False,
     ):
         from samv2_components.registration.orientation import ORIENTATION_SEARCH_MODES
 
@@ -130,6 +133,7 @@ class AdaRegWorkflow:
         self.adareg, self.output_dir, self.device = adareg, os.fspath(output_dir), torch.device(device)
         self.deformable, self.deformable_kwargs = bool(deformable), dict(deformable_kwargs or {})
         self.write_qc, self.info = bool(write_qc), dict(info or {})
+        self.progress = bool(progress)
 
     def _embed(self, which: str):
         path = self.paths[which]
@@ -155,10 +159,22 @@ class AdaRegWorkflow:
 
     def run(self) -> str:
         """Register and write; returns the result folder. Raises :class:`RegistrationFailed` on failure."""
+        # stages: embed fixed, embed moving, rigid fit, [deformable,] write
+        with tqdm(total=5 if self.deformable else 4, desc="AdaReg", unit="stage", disable=not self.progress) as bar:
+            return self._run(bar)
+
+    def _run(self, bar: tqdm) -> str:
+        def stage(name: str) -> None:  # the bar counts finished stages and names the running one
+            bar.update(0 if bar.n == 0 and name == "embed fixed" else 1)
+            bar.set_postfix_str(name)
+
         t0 = time.perf_counter()
+        stage("embed fixed")
         fixed_image, fixed_heads = self._embed("fixed")
+        stage("embed moving")
         moving_image, moving_heads = self._embed("moving")
         embed_s = time.perf_counter() - t0
+        stage("rigid fit")
         rigid = self._register_rigid(fixed_image, fixed_heads, moving_image, moving_heads)
         name = f"{case_name(self.paths['fixed'])}__{case_name(self.paths['moving'])}"
         summary: dict[str, Any] = {
@@ -201,8 +217,11 @@ class AdaRegWorkflow:
         if self.deformable:
             from samv2_components.registration.deformable import refine_deformable
 
+            stage("deformable")
+
             deformable = refine_deformable(fixed, moving, initial_fixed_to_moving=matrix, **self.deformable_kwargs)
             summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
+        stage("write")
         with atomic_directory(self.output_dir, name) as tmp:
             write_itk_transform(matrix, os.path.join(tmp, "rigid.tfm"), transform_type="rigid")
             write_transform_json(
@@ -233,6 +252,7 @@ class AdaRegWorkflow:
                     )
             summary["total_seconds"] = round(time.perf_counter() - t0, 2)
             self._write_json(os.path.join(tmp, "summary.json"), summary)
+        bar.update(1)
         logger.info("registered %s to %s: %s", self.paths["moving"], self.paths["fixed"], rigid.summary)
         return folder
 

@@ -1,0 +1,267 @@
+"""``samv2``: the project's command line (a thin ``fire`` wrapper over the three MONAI bundles).
+
+Every command runs one bundle workflow, exactly as ``python -m monai.bundle run --config_file ...`` would, with the
+command's arguments turned into the bundle's config overrides. Anything else given as ``--key value`` is passed on
+as a config override too (``--network_def#width 1.0``, ``--matcher#method nearest_neighbour``, ...).
+
+With no input arguments, each command runs on the small real scans shipped with the package (the bundle defaults),
+so ``samv2 match`` alone shows what matching does.
+
+Exit status, for shell scripts:
+
+* ``0``: done; the output folder(s) are printed on stdout, one per line;
+* ``1``: bad input (a missing or unreadable file, a wrong modality, a checkpoint that does not fit...): one line
+  ``ERROR: <file>: <problem>`` on stderr, nothing written;
+* ``2``: the command line itself is wrong (unknown command, missing argument), as ``fire`` reports it;
+* ``3``: the registration ran but could not be made confident: ``ERROR: ...`` names the reason and the
+  ``summary.json`` that holds the confidence figures; no transform is written.
+
+Bundles are found in ``$SAMV2_BUNDLES_DIR``, else the ``bundles/`` folder of the checkout the package is installed
+from (``pip install -e .``), else ``./bundles``. Progress bars go to stderr when it is a terminal
+(``SAMV2_PROGRESS=1`` or ``0`` forces them on or off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from samv2_components.bundle_support import run_bundle
+from samv2_components.errors import find_samv2_error
+
+__all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_CONFIDENT = 3
+
+PROGRESS_ENV = "SAMV2_PROGRESS"
+
+
+def _log_to_stderr() -> None:
+    """Bundle log lines go to stderr, so that a script can read the result paths from stdout."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    # ignite logs the exception of a failed run before re-raising it; main() reports it in one line instead
+    logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
+
+
+def _move_stdout_handlers_to_stderr() -> None:
+    """MONAI's loggers hold their own handler on ``sys.stdout`` (created at import): point them at stderr."""
+    for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+                handler.setStream(sys.stderr)
+
+
+def _output_folders(output_dir: str, paths: Sequence[str]) -> list[str]:
+    """The per-scan result folders ``<output_dir>/<case>`` of a bundle run over ``paths``."""
+    from samv2_components.io.embeddings import case_name
+
+    return [os.path.join(output_dir, case_name(p)) for p in paths]
+
+
+def _progress_wanted() -> bool:
+    """Progress bars on stderr: on a terminal by default; ``SAMV2_PROGRESS=1`` or ``0`` forces them on or off."""
+    forced = os.environ.get(PROGRESS_ENV)
+    return sys.stderr.isatty() if forced is None else forced.strip().lower() not in ("0", "false", "no", "")
+
+
+class SAMv2Command:
+    """SAMv2 anatomical embeddings: embed scans, match points between scans, register CT and MR.
+
+    Points are physical millimetres, LPS unless a points file says RAS. Run "samv2 COMMAND --help" for a command's
+    arguments; any other --key value is passed to the bundle config as an override. With no input arguments a
+    command runs on the small real scans shipped with the package.
+    Exit status: 0 done (result folders printed on stdout), 1 bad input (one ERROR line on stderr),
+    2 bad command line, 3 registration not confident (nothing written but summary.json).
+    Environment: SAMV2_BUNDLES_DIR (where the bundles are; default: the source checkout, then ./bundles),
+    SAMV2_PROGRESS=1/0 (progress bars on stderr; default: when stderr is a terminal).
+    """
+
+    def __init__(self, bundles_dir: str | None = None, progress: bool | None = None):
+        self._bundles_dir = bundles_dir
+        self._progress = _progress_wanted() if progress is None else bool(progress)
+
+    def _run(self, bundle: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> Any:
+        import monai.bundle  # noqa: F401 - creates MONAI's loggers, whose stdout handlers are moved next
+
+        _move_stdout_handlers_to_stderr()
+        with contextlib.redirect_stdout(sys.stderr):  # printed tables too: stdout is for the result paths
+            return run_bundle(bundle, configs, overrides, self._bundles_dir, self._progress)
+
+    @staticmethod
+    def _paths(value: str | Sequence[str] | None, default_sample: str) -> list[str]:
+        """The scans a command runs on: ``value`` expanded (globs, lists), or the named shipped sample."""
+        from samv2_components.bundle_support import expand_input_paths
+        from samv2_components.sample_data import sample_path
+
+        return [sample_path(default_sample)] if value is None else expand_input_paths(value)
+
+    def embed(self, input_path=None, modality: str = "ct", output_dir: str = "samv2_output/embeddings", **overrides):
+        """Compute the fine, coarse and semantic embeddings of one or more scans (bundle semantic_sam).
+
+        Writes, per scan, <output_dir>/<case>/: one NIfTI per head (its own grid and affine, LPS) and a preview PNG.
+
+        Args:
+            input_path: scan file(s) any ITK reader takes (NIfTI, NRRD, MHA, ...), a DICOM series folder, a glob
+                pattern, or a list "['a.nii.gz','b.nrrd']". Default: the shipped sample CT.
+            modality: ct or mr, for all scans (never guessed).
+            output_dir: parent folder of the results.
+            overrides: more bundle config overrides, e.g. --network_def#width 1.0 --inferer#bf16 false.
+        """
+        paths = self._paths(input_path, "ct_abdomen")
+        self._run("semantic_sam", ["inference.json"], {"input_path": paths, "modality": modality, "output_dir": output_dir, **overrides})
+        return "\n".join(_output_folders(output_dir, paths))
+
+    def match(
+        self,
+        template=None,
+        points=None,
+        query=None,
+        modality: str = "ct",
+        query_modality: str | None = None,
+        output_dir: str = "samv2_output/matches",
+        method: str = "fixed_point",
+        cache_dir: str | None = None,
+        **overrides,
+    ):
+        """Find the points of a template scan on other scans (bundle samv2_matching).
+
+        Writes, per query scan, <output_dir>/<case>/: the matched points in the format and coordinate system of
+        the points file (with score and a 'confident' flag per point), matches.json and QC pictures.
+
+        Args:
+            template: the annotated scan. Default: the shipped sample CT.
+            points: its points (CSV, JSON or 3D Slicer .mrk.json; LPS or RAS as the file says). Default: 8 organ points.
+            query: scan(s) to find the points on (file, DICOM folder, glob or list). Default: a CT of another subject.
+            modality: ct or mr, the template's modality.
+            query_modality: the queries' modality (default: same as the template).
+            output_dir: parent folder of the results.
+            method: fixed_point (SAMv2, default) or nearest_neighbour.
+            cache_dir: keep embeddings here between runs (the template is embedded once).
+            overrides: more bundle config overrides, e.g. --matcher#min_confident_score 0.7.
+        """
+        queries = self._paths(query, "ct_abdomen_2")
+        values = {"template_path": template, "template_points": points, "query_path": queries, "modality": modality,
+                  "query_modality": query_modality, "output_dir": output_dir, "matcher#method": method, "cache_dir": cache_dir}
+        self._run("samv2_matching", ["inference.json"], {**values, **overrides})
+        return "\n".join(_output_folders(output_dir, queries))
+
+    def register(
+        self,
+        fixed=None,
+        moving=None,
+        fixed_modality: str = "ct",
+        moving_modality: str = "mr",
+        output_dir: str = "samv2_output/registration",
+        deformable: bool = True,
+        orientation_search: str = "auto",
+        **overrides,
+    ):
+        """Register a moving scan to a fixed scan with CrossSAM AdaReg (bundle crosssam_registration).
+
+        Either scan may have the smaller field of view. Writes <output_dir>/<fixed case>__<moving case>/: rigid.tfm
+        (ITK, loads in 3D Slicer and ANTs), rigid.json (4x4 fixed-to-moving matrix, LPS mm), the cropped scan, the
+        moving scan resampled rigidly (and deformably), the B-spline field, summary.json and QC overlays.
+        Exit status 3 (and no transform) when the registration is not confident.
+
+        Args:
+            fixed: the fixed scan. Default: the shipped phantom CT.
+            moving: the moving scan. Default: the shipped phantom T2 MR.
+            fixed_modality: ct or mr.
+            moving_modality: ct or mr.
+            output_dir: parent folder of the results.
+            deformable: refine with an elastix B-spline (mutual information) after the rigid fit.
+            orientation_search: auto (try the 24 axis-aligned orientations when the headers give no confident
+                fit), always, or off.
+            overrides: more bundle config overrides, e.g. --adareg#crop_margin_mm 40.
+        """
+        from samv2_components.io.embeddings import case_name
+        from samv2_components.sample_data import sample_path
+
+        fixed = fixed or sample_path("phantom_ct")
+        moving = moving or sample_path("phantom_mr")
+        values = {"fixed_path": fixed, "moving_path": moving, "fixed_modality": fixed_modality,
+                  "moving_modality": moving_modality, "output_dir": output_dir, "deformable": bool(deformable),
+                  "orientation_search": orientation_search, "workflow#progress": self._progress}
+        self._run("crosssam_registration", ["inference.json"], {**values, **overrides})
+        return os.path.join(output_dir, f"{case_name(fixed)}__{case_name(moving)}")
+
+    def evaluate(
+        self,
+        pairs=None,
+        query=None,
+        template=None,
+        modality: str = "ct",
+        output_dir: str = "samv2_output/evaluation",
+        cpm_radius_mm: float = 10.0,
+        **overrides,
+    ):
+        """Match the template points of a ground-truth pairs file and report the accuracy (bundle samv2_matching).
+
+        Prints CPM@radius, MED and per-axis errors for SAMv2 and plain nearest-neighbour matching, and writes them
+        to <output_dir>/<query case>/metrics.json.
+
+        Args:
+            pairs: CSV of point pairs (template x,y,z and true query x,y,z, LPS mm). Default: the shipped pairs.
+            query: the one query scan the pairs refer to. Default: the shipped second CT.
+            template: the template scan. Default: the shipped sample CT.
+            modality: ct or mr.
+            output_dir: parent folder of the results.
+            cpm_radius_mm: radius of the CPM metric (paper: 10 mm).
+            overrides: more bundle config overrides.
+        """
+        queries = self._paths(query, "ct_abdomen_2")
+        values = {"pairs_path": pairs, "query_path": queries[0], "template_path": template, "modality": modality,
+                  "output_dir": output_dir, "cpm_radius_mm": cpm_radius_mm}
+        self._run("samv2_matching", ["inference.json", "evaluate.json"], {**values, **overrides})
+        return _output_folders(output_dir, queries)[0]
+
+    def convert_upstream(self, checkpoint: str, output: str, width: float | None = None, heads=None):
+        """Convert a published upstream SAM/SAMv2 checkpoint (mmcv .pth) into a bundle model.pt.
+
+        Every tensor is checked by loading it into a fresh network; prints the network_def overrides the bundle
+        needs for it. The .pth is a full Python pickle: convert only files you trust.
+
+        Args:
+            checkpoint: the upstream .pth file.
+            output: the weights file to write, e.g. bundles/semantic_sam/models/model.pt.
+            width: fail unless the checkpoint has this width (1.0 for the published networks).
+            heads: fail unless it has these heads, e.g. "['fine','coarse']" for SAM v1.
+        """
+        from samv2_components.networks.upstream import convert_upstream_checkpoint
+        from samv2_components.networks.weights import format_network_kwargs, network_def_overrides
+
+        kwargs = convert_upstream_checkpoint(checkpoint, output, width=width, heads=heads)
+        sys.stderr.write(f"wrote {output} ({format_network_kwargs(kwargs)}); run the bundles with:\n  {network_def_overrides(kwargs)}\n")
+        return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``samv2`` console script; returns the exit status (see the module docstring)."""
+    import fire
+
+    from samv2_components.registration.workflow import RegistrationFailed
+
+    _log_to_stderr()
+    try:
+        fire.Fire(SAMv2Command(), command=list(sys.argv[1:] if argv is None else argv), name="samv2")
+    except fire.core.FireExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as exc:  # noqa: BLE001 - only our own errors become one line; anything else keeps its traceback
+        error = find_samv2_error(exc)  # MONAI and ignite wrap the errors raised inside a workflow
+        if error is None:
+            raise
+        sys.stderr.write(f"ERROR: {error}\n")
+        return EXIT_NOT_CONFIDENT if isinstance(error, RegistrationFailed) else EXIT_ERROR
+    finally:
+        logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
