@@ -248,8 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from samv2_components.registration.workflow import RegistrationFailed
 
     _log_to_stderr()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--help", "-h") for a in args) and "--" not in args:
+        # the commands take **overrides, so fire would read a plain --help as an override named "help"
+        args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire(SAMv2Command(), command=list(sys.argv[1:] if argv is None else argv), name="samv2")
+        fire.Fire(SAMv2Command(), command=args, name="samv2")
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
     except Exception as exc:  # noqa: BLE001 - only our own errors become one line; anything else keeps its traceback
