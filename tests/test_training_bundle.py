@@ -242,3 +242,15 @@ def test_cli_input_error_is_one_line(tmp_path, case):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ERROR: {culprit}: ") and problem in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("config", [TRAIN, "bundles/crosssam_registration/configs/train.json"])
+@pytest.mark.parametrize("num_steps, epoch_length, num_epochs", [(20, 20, 1), (100, 100, 1), (250, 100, 2), (20000, 100, 200)])
+def test_num_steps_below_one_epoch_runs_that_many_steps(config, num_steps, epoch_length, num_epochs):
+    """Checkpoints come every 100 iterations, but a short run (a smoke test) is not stretched to 100."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, config))
+    parser["num_steps"] = num_steps
+    parser.parse(reset=True)
+    assert parser.get_parsed_content("epoch_length") == epoch_length
+    assert parser.get_parsed_content("num_epochs") == num_epochs
