@@ -191,3 +191,18 @@ def test_bundle_folder_copied_elsewhere_runs(bundle, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"loaded weights from {copy / 'models' / 'model.pt'}" in result.stdout + result.stderr
     assert any(out.rglob("*.json")), list(out.rglob("*"))
+
+
+@pytest.mark.parametrize("bundle", ["semantic_sam", "samv2_matching"])
+def test_inference_config_has_monai_infer_workflow_properties(bundle):
+    """MONAI's standard ``infer`` properties (what MONAI Label's bundle tasks and other tools look up)."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=_bundle(bundle, "configs", "inference.json"), meta_file=_bundle(bundle, "configs", "metadata.json"),
+        workflow_type="infer", logging_file=False, bundle_root=_bundle(bundle),
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+    assert workflow.dataset_dir == os.path.dirname(sample_path("ct_abdomen"))
+    assert isinstance(workflow.network_def, SAMv2Net)

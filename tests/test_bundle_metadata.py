@@ -33,6 +33,7 @@ REQUIRED_FILES = (
     "docs/README.md",
     "docs/data_license.txt",
     "LICENSE",
+    "large_files.yml",
 )
 #: the bundle whose network the others reuse, so their network_data_format must be identical
 NETWORK_BUNDLE = "semantic_sam"
@@ -220,3 +221,19 @@ def test_logging_conf(bundle, restore_logging):
     assert not engine_logger.isEnabledFor(logging.ERROR)
     assert engine_logger.isEnabledFor(logging.CRITICAL)
     assert logging.getLogger("samv2_components").isEnabledFor(logging.INFO)
+
+
+#: the Model Zoo README template's sections, in order
+ZOO_README_SECTIONS = ("## Model Overview", "## Data", "## Training", "## Performance", "## MONAI Bundle Commands", "## References", "# License")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=_ids(BUNDLES))
+def test_readme_follows_the_zoo_template(bundle):
+    text = (bundle / "docs" / "README.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    positions = []
+    for heading in ZOO_README_SECTIONS:
+        assert heading in lines, f"{bundle.name}/docs/README.md lacks the section {heading!r}"
+        positions.append(lines.index(heading))
+    assert positions == sorted(positions), f"{bundle.name}/docs/README.md: sections out of the template's order"
+    assert "ckpt_export" in text and "large_files.yml" in text, "export and weights commands missing"
