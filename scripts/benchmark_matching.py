@@ -7,8 +7,9 @@ Sections (each uses the ``samv2_matching`` bundle's preprocessing, network, weig
 1. **Intra-subject** (``--image``, default the held-out chest CT ``lung2``): the scan against a known random
    rotation/scale/translation + smooth elastic deformation of itself (the generator of
    ``scripts/evaluate_known_transform.py``); ``--num_points`` template points inside the body; exact ground truth.
-   Rows: exhaustive NN (reference), coarse-to-fine NN, fixed-point; plus how often the coarse-to-fine NN finds
-   the exhaustive maximum.
+   Rows: exhaustive NN (reference), coarse-to-fine NN, fixed-point, fixed-point + refine (the bundle's
+   ``refiner``: local intensity registration at native resolution, :mod:`samv2_components.matching.refinement`);
+   plus how often the coarse-to-fine NN finds the exhaustive maximum.
 2. **Absent anatomy**: the same template points matched into a scan that does not contain them
    (``--absent_image``, default the abdominal sample CT of another subject: chest points have no match there);
    reports how many matches are flagged ``confident=false``, next to the flag rate on the intra-subject query.
@@ -76,6 +77,7 @@ class BundlePipeline:
         self.ckpt = ckpt or parser.get_parsed_content("ckpt_path")
         load_weights(self.network, self.ckpt)
         self.matcher_kwargs = {k: v for k, v in parser["matcher"].items() if k != "_target_"}
+        self.refiner = parser.get_parsed_content("refiner")  # the bundle's settings, used whether or not "refine" is on
 
     def matcher(self, **overrides) -> SAMv2Matcher:
         return SAMv2Matcher(**{**self.matcher_kwargs, **overrides})
@@ -130,23 +132,31 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         query_path = known.save_nifti(query, os.path.join(tmp, "query.nii"))
         del query
         template_heads, query_heads = pipe.embed(image), pipe.embed(query_path)
+        query_native = load_scan(query_path)  # as the bundle reads it, for the intensity refinement
     matcher = pipe.matcher()
     (tp, qp), prep_s = _timed(lambda: (matcher.prepare(template_heads), matcher.prepare(query_heads)))
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
     nn, nn_s = _timed(matcher.match, tp, qp, points, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, points, method="fixed_point")
+    refined, refine_s = _timed(pipe.refiner.refine, template, points, query_native, fp.points_lps)
     agree = float(100.0 * np.mean(np.linalg.norm(nn.nn_points_lps - exhaustive, axis=1) < 1e-3))
     rows = [
         {"method": "no matching (template position)", **summarize_errors(points, truth)},
         {"method": "NN, exhaustive (reference)", **summarize_errors(exhaustive, truth), "time_s": ex_s},
         {"method": "NN, coarse-to-fine", **summarize_errors(nn.points_lps, truth), "time_s": nn_s, "flagged": _flag_rate(nn)},
         {"method": "fixed-point", **summarize_errors(fp.points_lps, truth), "time_s": fp_s, "flagged": _flag_rate(fp)},
+        {"method": "fixed-point + refine", **summarize_errors(refined.points_lps, truth), "time_s": fp_s + refine_s,
+         "flagged": _flag_rate(fp)},
     ]
     fixed = np.array([m == "fixed_point" for m in fp.methods])
     notes = [
         f"coarse-to-fine NN found the exhaustive maximum for {agree:.1f} % of the points; fixed-point answered "
         f"{100 * fixed.mean():.1f} % of the points (the rest fell back to NN); median fixed points per point "
         f"{np.median(fp.n_fixed_points):.0f}; preparing both scans took {prep_s:.2f} s",
+        f"refinement ({refined.similarity}, step {pipe.refiner.step_for(template, query_native):.2f} mm, patch "
+        f"{pipe.refiner.patch_mm:g} mm, trust radius {pipe.refiner.trust_radius_mm:g} mm) accepted "
+        f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
+        + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"),
         f"transform: {tf.describe()['rotation_deg_xyz']} deg, scale {tf.describe()['scale']}, translation "
         f"{tf.describe()['translation_mm_lps']} mm, elastic max {disp['max_displacement_mm']:.2f} mm",
     ]
@@ -186,6 +196,7 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
     nn, nn_s = _timed(matcher.match, tp, qp, src, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, src, method="fixed_point")
+    refined, refine_s = _timed(pipe.refiner.refine, load_scan(template_image), src, load_scan(query_image), fp.points_lps)
     rows = [
         {"method": "identity (scanner coordinates)", **summarize_errors(src, truth, radii_mm=radii)},
     ]
@@ -207,6 +218,8 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
     rows += [
         {"method": "SAMv2 NN", **summarize_errors(nn.points_lps, truth, radii_mm=radii), "time_s": nn_s, "flagged": _flag_rate(nn)},
         {"method": "SAMv2 fixed-point", **summarize_errors(fp.points_lps, truth, radii_mm=radii), "time_s": fp_s, "flagged": _flag_rate(fp)},
+        {"method": f"SAMv2 fixed-point + refine ({100 * refined.accepted.mean():.0f} % refined)",
+         **summarize_errors(refined.points_lps, truth, radii_mm=radii), "time_s": fp_s + refine_s, "flagged": _flag_rate(fp)},
     ]
     organ_lines = ["| organ | radius (mm) | " + " | ".join(per_organ) + " |", "|:---|---:|" + "---:|" * len(per_organ)]
     for i, name in enumerate(pairs.names):

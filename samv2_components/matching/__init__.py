@@ -4,7 +4,8 @@
 * :class:`EmbeddedScan` — one scan's heads prepared once (descriptor map + coarse-to-fine search index);
 * :mod:`.nearest_neighbour` — descriptor and score conventions, exhaustive NN (the reference);
 * :mod:`.coarse_to_fine` — the fast NN search; :mod:`.fixed_point` — fixed-point matching;
-* :mod:`.affine_fit` — robust affine fit; :mod:`.workflow` — the bundle's template and per-query transform.
+* :mod:`.affine_fit` — robust affine fit; :mod:`.workflow` — the bundle's template and per-query transform;
+* :mod:`.refinement` — sub-voxel refinement of matches by local intensity registration (beyond the paper).
 """
 
 from samv2_components.matching.affine_fit import AffineFit, fit_affine, fit_affine_robust
@@ -21,6 +22,7 @@ from samv2_components.matching.nearest_neighbour import (
     present_heads,
     query_descriptor_map,
 )
+from samv2_components.matching.refinement import LocalIntensityRefiner, RefinementResult
 from samv2_components.matching.workflow import MatchingTemplate, MatchPointsd, check_modality_pair, points_outside_scan
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "METHODS",
     "MatchResult",
     "SAMv2Matcher",
+    "LocalIntensityRefiner",
+    "RefinementResult",
     "DescriptorMap",
     "descriptor_at_points",
     "match_nearest_neighbour",

@@ -48,8 +48,14 @@ class MatchingEvaluation:
         system = summary["coordinate_system"]
         names = [p["name"] for p in summary["points"]]
         rows = {}
-        for label, key in ((summary["method"], "matched"), ("nearest_neighbour", "nearest_neighbour")):
-            predicted = PointSet(names, [p[key] for p in summary["points"]], system)
+        answers = {summary["method"]: [p["matched"] for p in summary["points"]]}
+        if all("embedding_x" in p for p in summary["points"]):  # refined run: the embedding matches it started from
+            answers[summary["method"].replace("+refine", "") + " (before refinement)"] = [
+                [p["embedding_x"], p["embedding_y"], p["embedding_z"]] for p in summary["points"]
+            ]
+        answers["nearest_neighbour"] = [p["nearest_neighbour"] for p in summary["points"]]
+        for label, coords in answers.items():
+            predicted = PointSet(names, coords, system)
             rows[label] = evaluate_point_sets(predicted, pairs.query, pairs.radii_mm, self.cpm_radius_mm)
         table = format_metrics_table(rows)
         print(f"Matching accuracy on {len(pairs)} pairs of {self.pairs_path} ({rows[summary['method']]['coordinate_system']} mm):")

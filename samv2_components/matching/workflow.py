@@ -35,10 +35,12 @@ from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import convert_affine, convert_points, world_to_voxel
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
+from samv2_components.io.image import load_scan
 from samv2_components.io.point_pairs import is_point_pairs_file, read_point_pairs
 from samv2_components.io.points import PointSet, read_points, write_points
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.matcher import SAMv2Matcher
+from samv2_components.matching.refinement import LocalIntensityRefiner
 from samv2_components.transforms import check_modality
 from samv2_components.visualize import save_match_qc
 
@@ -121,6 +123,14 @@ class MatchingTemplate:
         self.points: PointSet | None = None
         self.image: MetaTensor | None = None
         self.scan: EmbeddedScan | None = None
+        self._native: MetaTensor | None = None
+
+    @property
+    def native_image(self) -> MetaTensor:
+        """The template scan as read from disk (for the intensity refinement), loaded once."""
+        if self._native is None:
+            self._native = load_scan(self.image_path)
+        return self._native
 
     @property
     def points_lps(self) -> np.ndarray:
@@ -183,6 +193,9 @@ class MatchPointsd(MapTransform):
         write_qc: write ``qc/<point>.png`` per point.
         qc_field_of_view_mm: side of a QC panel, mm.
         info: extra entries for ``matches.json`` (weights, network...).
+        refiner: a :class:`~samv2_components.matching.refinement.LocalIntensityRefiner` to refine every match by
+            local intensity registration at native resolution (``None``: embedding matches only). The points file
+            then holds the refined position (where accepted) and the embedding match in ``embedding_x/y/z``.
     """
 
     def __init__(
@@ -198,8 +211,10 @@ class MatchPointsd(MapTransform):
         write_qc: bool = True,
         qc_field_of_view_mm: float = 160.0,
         info: Mapping[str, Any] | None = None,
+        refiner: LocalIntensityRefiner | None = None,
     ):
         super().__init__(keys)
+        self.refiner = refiner
         self.template, self.matcher, self.output_dir = template, matcher, output_dir
         self.pred_key, self.modality_key = pred_key, modality_key
         self.model_modalities, self.allow_cross_modality = tuple(model_modalities), bool(allow_cross_modality)
@@ -218,15 +233,26 @@ class MatchPointsd(MapTransform):
             template = self.template.setup()
             query = self.matcher.prepare(d[self.pred_key])
             result = self.matcher.match(template.scan, query, template.points_lps)
-            d["matches_path"] = self._write(template, query, image, source, result)
+            refinement = None
+            if self.refiner is not None:
+                refinement = self.refiner.refine(
+                    template.native_image, template.points_lps, load_scan(source), result.points_lps,
+                    same_modality=modality == template.modality,
+                    inside_query=lambda points: ~points_outside_scan(image, points),
+                )
+            d["matches_path"] = self._write(template, query, image, source, result, refinement)
         return d
 
-    def _write(self, template: MatchingTemplate, query: EmbeddedScan, image: MetaTensor, source: str, result) -> str:
+    def _write(self, template: MatchingTemplate, query: EmbeddedScan, image: MetaTensor, source: str, result, refinement=None) -> str:
         points = template.points
         system = points.coordinate_system
-        matched = PointSet(
-            points.names, convert_points(result.points_lps, "LPS", system), system, result.columns()
-        )
+        final_lps = result.points_lps if refinement is None else refinement.points_lps
+        columns = result.columns()
+        if refinement is not None:
+            columns.update(refinement.columns())
+            embedding = convert_points(refinement.embedding_points_lps, "LPS", system)  # in the file's system
+            columns.update({f"embedding_{a}": [round(float(v), 3) for v in embedding[:, i]] for i, a in enumerate("xyz")})
+        matched = PointSet(points.names, convert_points(final_lps, "LPS", system), system, columns)
         unconfident = [n for n, c in zip(points.names, result.confident) if not c]
         if unconfident:
             logger.warning(
@@ -244,11 +270,14 @@ class MatchPointsd(MapTransform):
                 "coordinate_system": system,
                 "units": "mm",
                 "points_file": points_file,
-                "method": self.matcher.method,
+                "method": self.matcher.method + ("" if refinement is None else "+refine"),
                 "matcher": vars(self.matcher),
                 "n_points": len(points),
                 "n_confident": int(np.sum(result.confident)),
                 "n_fixed_point": int(sum(m == "fixed_point" for m in result.methods)),
+                "refinement": None if refinement is None else {
+                    **vars(self.refiner), "similarity": refinement.similarity, "n_refined": int(refinement.accepted.sum())
+                },
                 **self.info,
                 "points": [
                     {
@@ -256,7 +285,7 @@ class MatchPointsd(MapTransform):
                         "template": [round(float(v), 3) for v in t],
                         "matched": [round(float(v), 3) for v in m],
                         "nearest_neighbour": [round(float(v), 3) for v in nn],
-                        **{k: col[i] for k, col in result.columns().items()},
+                        **{k: col[i] for k, col in columns.items()},
                     }
                     for i, (n, t, m, nn) in enumerate(
                         zip(points.names, points.coords, matched.coords, convert_points(result.nn_points_lps, "LPS", system))
@@ -277,7 +306,7 @@ class MatchPointsd(MapTransform):
                         template.image,
                         template.points_lps[i],
                         image,
-                        result.points_lps[i],
+                        final_lps[i],
                         heat_map=_heat_map(descriptors[i], query),
                         title=title,
                         field_of_view_mm=self.qc_field_of_view_mm,
