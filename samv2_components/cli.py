@@ -127,6 +127,7 @@ class SAMv2Command:
         output_dir: str = "samv2_output/matches",
         method: str = "fixed_point",
         cache_dir: str | None = None,
+        refine: bool = False,
         **overrides,
     ):
         """Find the points of a template scan on other scans (bundle samv2_matching).
@@ -143,11 +144,14 @@ class SAMv2Command:
             output_dir: parent folder of the results.
             method: fixed_point (SAMv2, default) or nearest_neighbour.
             cache_dir: keep embeddings here between runs (the template is embedded once).
+            refine: refine each match by local intensity registration at native resolution (sub-voxel; best for
+                scans of the same patient); the points file then also holds the embedding match.
             overrides: more bundle config overrides, e.g. --matcher#min_confident_score 0.7.
         """
         queries = self._paths(query, "ct_abdomen_2")
         values = {"template_path": template, "template_points": points, "query_path": queries, "modality": modality,
-                  "query_modality": query_modality, "output_dir": output_dir, "matcher#method": method, "cache_dir": cache_dir}
+                  "query_modality": query_modality, "output_dir": output_dir, "matcher#method": method, "cache_dir": cache_dir,
+                  "refine": bool(refine)}
         self._run("samv2_matching", ["inference.json"], {**values, **overrides})
         return "\n".join(_output_folders(output_dir, queries))
 

@@ -138,7 +138,10 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
     nn, nn_s = _timed(matcher.match, tp, qp, points, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, points, method="fixed_point")
-    refined, refine_s = _timed(pipe.refiner.refine, template, points, query_native, fp.points_lps)
+    refined, refine_s = _timed(
+        lambda: pipe.refiner.refine(template, points, query_native, fp.points_lps,
+                                    local_linear=pipe.refiner.local_frames(matcher, tp, qp, points))
+    )
     agree = float(100.0 * np.mean(np.linalg.norm(nn.nn_points_lps - exhaustive, axis=1) < 1e-3))
     rows = [
         {"method": "no matching (template position)", **summarize_errors(points, truth)},
@@ -196,7 +199,10 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
     nn, nn_s = _timed(matcher.match, tp, qp, src, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, src, method="fixed_point")
-    refined, refine_s = _timed(pipe.refiner.refine, load_scan(template_image), src, load_scan(query_image), fp.points_lps)
+    refined, refine_s = _timed(
+        lambda: pipe.refiner.refine(load_scan(template_image), src, load_scan(query_image), fp.points_lps,
+                                    local_linear=pipe.refiner.local_frames(matcher, tp, qp, src))
+    )
     rows = [
         {"method": "identity (scanner coordinates)", **summarize_errors(src, truth, radii_mm=radii)},
     ]

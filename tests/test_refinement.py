@@ -76,6 +76,38 @@ def test_refinement_recovers_a_known_translation_below_a_millimetre(ct, similari
     np.testing.assert_allclose(result.points_lps[~result.accepted], embedding[~result.accepted])
 
 
+def test_local_frame_corrects_a_rotation(ct, tmp_path):
+    """Query = the CT turned by 12 degrees about S: with the true local linear map the patches are compared in one
+    frame and the truth is found; a translation-only comparison is off."""
+    sitk = pytest.importorskip("SimpleITK")
+    image = sitk.ReadImage(sample_path("ct_abdomen"))
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(12.0))  # query point -> template point (ITK, LPS)
+    query_path = tmp_path / "turned.nii.gz"
+    sitk.WriteImage(sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0), str(query_path))
+    query = load_scan(query_path)
+    matrix = np.array(turn.GetMatrix()).reshape(3, 3)
+    offset = np.array(turn.GetTranslation()) + np.array(centre) - matrix @ np.array(centre)
+    template_points = _inner_points(ct, 30, seed=4)
+    truth = (template_points - offset) @ np.linalg.inv(matrix).T  # the inverse of query -> template
+    rng = np.random.default_rng(5)
+    embedding = truth + rng.uniform(-2.5, 2.5, truth.shape)
+    refiner = LocalIntensityRefiner(step_mm=1.0)
+    frames = np.broadcast_to(np.linalg.inv(matrix), (len(truth), 3, 3))  # template -> query linear part
+    with_frame = refiner.refine(ct, template_points, query, embedding, local_linear=frames)
+    without = refiner.refine(ct, template_points, query, embedding)
+    error_with = np.linalg.norm(with_frame.points_lps - truth, axis=1)
+    error_without = np.linalg.norm(without.points_lps - truth, axis=1)
+    assert with_frame.accepted.mean() >= 0.8
+    assert np.median(error_with) < 1.0
+    assert np.median(error_with) < np.median(error_without)
+
+
+def test_implausible_frames_fall_back_to_the_identity():
+    frames = np.stack([np.eye(3), np.diag([1.0, 1.0, -1.0]), 3 * np.eye(3), np.full((3, 3), np.nan), np.diag([1.2, 0.9, 1.1])])
+    assert LocalIntensityRefiner.plausible_linear(frames).tolist() == [True, False, False, False, True]
+
+
 def test_auto_similarity_follows_the_modality_pair(ct):
     refiner = LocalIntensityRefiner(step_mm=3.0)
     points = _inner_points(ct, 3, seed=2)

@@ -4,10 +4,13 @@ The embedding matches live on the 4 mm fine grid, so their accuracy stops near t
 are of the same subject. :class:`LocalIntensityRefiner` refines each match by a translation-only registration of
 a small patch around the template point:
 
-1. Sample the template scan on a cube of side ``patch_mm`` around the template point, and the query scan on the
-   same cube enlarged by ``trust_radius_mm`` around the embedding match. Both grids are axis-aligned in **world
-   LPS** with step ``step_mm`` (default: the finest native voxel spacing of the two scans, within 0.5-1 mm), so a
-   grid shift is a physical shift; sampling is trilinear on the scans as read from disk (native resolution, not
+1. Sample the query scan on a cube of side ``patch_mm`` enlarged by ``trust_radius_mm`` around the embedding
+   match, and the template scan on the corresponding cube around the template point: mapped through the local
+   frame (the inverse of the local linear template -> query map, estimated from embedding matches of a wider grid
+   of points, :meth:`LocalIntensityRefiner.local_frames`), so that both patches are compared in the query's frame
+   with rotation and scale corrected. Both grids are axis-aligned in **world
+   LPS** with step ``step_mm`` (default 1 mm; ``None``: the finest native voxel spacing of the two scans, within
+   0.5-1 mm), so a grid shift is a physical shift; sampling is trilinear on the scans as read from disk (native resolution, not
    the 2 mm network input).
 2. Score every shift of the patch within the enlarged cube, all at once (``conv3d``), with a local similarity:
    ``"ncc"`` (zero-normalised cross-correlation, same modality) or ``"mind"`` (MIND self-similarity descriptors on
@@ -80,8 +83,8 @@ def _native_spacing(image: MetaTensor) -> np.ndarray:
     return np.linalg.norm(affine[:3, :3], axis=0)
 
 
-def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: float) -> torch.Tensor:
-    """Trilinear samples of ``image`` on cubes axis-aligned in world LPS.
+def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: float, linear=None) -> torch.Tensor:
+    """Trilinear samples of ``image`` on cubes axis-aligned in world LPS (or mapped by a linear map per cube).
 
     Args:
         image: one scan ``(1, X, Y, Z)`` with its affine (MONAI ``MetaTensor``, RAS affine unless
@@ -89,6 +92,8 @@ def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: fl
         centres_lps: ``(N, 3)`` cube centres, world LPS mm.
         half_size: the cube has ``2 * half_size + 1`` samples per axis.
         step_mm: sample spacing, mm.
+        linear: optional ``(N, 3, 3)``: cube ``n`` samples ``centre_n + linear_n @ offset`` instead of
+            ``centre_n + offset`` (a local rotation/scale/shear, LPS).
 
     Returns:
         ``(N, 1, S, S, S)`` float32, axes (L, P, S) world: element ``[n, 0, i, j, k]`` is the image at
@@ -97,11 +102,12 @@ def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: fl
     centres = as_points(centres_lps)
     offsets = step_mm * np.arange(-half_size, half_size + 1, dtype=np.float64)
     grid_lps = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
+    maps = np.broadcast_to(np.eye(3), (len(centres), 3, 3)) if linear is None else np.asarray(linear, np.float64)
     space = str(image.meta.get("space", "RAS")) if hasattr(image, "meta") else "RAS"
     affine = np.asarray(image.affine, dtype=np.float64)
     size = np.asarray(image.shape[1:], dtype=np.float64)
     side = 2 * half_size + 1
-    voxels = np.stack([world_to_voxel(c + grid_lps, affine, affine_space=space, world_space="LPS") for c in centres])
+    voxels = np.stack([world_to_voxel(c + grid_lps @ m.T, affine, affine_space=space, world_space="LPS") for c, m in zip(centres, maps)])
     normalised = 2.0 * voxels / np.maximum(size - 1, 1) - 1.0  # align_corners=True
     # grid_sample reads (x, y, z) = (last, middle, first) array axis
     grid = torch.as_tensor(normalised[..., ::-1].copy(), dtype=torch.float32).view(len(centres), side, side, side, 3)
@@ -175,18 +181,24 @@ class LocalIntensityRefiner:
         similarity: ``"auto"``, ``"ncc"`` or ``"mind"``.
         min_improvement: the similarity must rise by at least this much over the embedding match's.
         max_points_per_batch: points scored together (bounds memory).
+        frame_spacing_mm, frame_steps, frame_inlier_mm: the local frame of :meth:`local_frames`: a grid of
+            ``(2 * frame_steps + 1)^3`` template points ``frame_spacing_mm`` apart around each point, matched by
+            nearest neighbour, and an affine fitted to them (trimming residuals above ``frame_inlier_mm``).
     """
 
     def __init__(
         self,
-        patch_mm: float = 24.0,
+        patch_mm: float = 16.0,
         trust_radius_mm: float = 6.0,
-        step_mm: float | None = None,
+        step_mm: float | None = 1.0,
         min_step_mm: float = 0.5,
         max_step_mm: float = 1.0,
         similarity: str = "auto",
         min_improvement: float = 0.0,
         max_points_per_batch: int = 64,
+        frame_spacing_mm: float = 10.0,
+        frame_steps: int = 2,
+        frame_inlier_mm: float = 4.0,
     ):
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
@@ -197,6 +209,45 @@ class LocalIntensityRefiner:
         self.min_step_mm, self.max_step_mm = float(min_step_mm), float(max_step_mm)
         self.similarity, self.min_improvement = similarity, float(min_improvement)
         self.max_points_per_batch = int(max_points_per_batch)
+        self.frame_spacing_mm, self.frame_steps, self.frame_inlier_mm = float(frame_spacing_mm), int(frame_steps), float(frame_inlier_mm)
+
+    def local_frames(self, matcher, template_scan, query_scan, template_points_lps) -> np.ndarray:
+        """``(N, 3, 3)`` linear part of the local template -> query map around each point, from embeddings.
+
+        A local rotation/scale between the scans makes a translation-only patch comparison biased; this estimates
+        it from nearest-neighbour embedding matches of a grid of template points around each point (40 mm across
+        by default: wide enough for a well-conditioned fit, while the fixed-point affine's 12 mm neighbourhood is
+        not) with a robust affine fit. NaN where too few grid points match consistently.
+
+        Args:
+            matcher: a :class:`~samv2_components.matching.matcher.SAMv2Matcher`.
+            template_scan, query_scan: the prepared :class:`~samv2_components.matching.embedded_scan.EmbeddedScan`.
+            template_points_lps: ``(N, 3)``, LPS mm.
+        """
+        from samv2_components.matching.affine_fit import fit_affine_robust
+
+        points = as_points(template_points_lps)
+        steps = np.arange(-self.frame_steps, self.frame_steps + 1) * self.frame_spacing_mm
+        grid = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
+        sources = (points[:, None, :] + grid[None]).reshape(-1, 3)
+        targets = matcher.match(template_scan, query_scan, sources, method="nearest_neighbour").points_lps
+        targets = targets.reshape(len(points), len(grid), 3)
+        frames = np.full((len(points), 3, 3), np.nan)
+        for i, point in enumerate(points):
+            fit = fit_affine_robust(point + grid, targets[i], self.frame_inlier_mm, min_points=max(8, len(grid) // 4))
+            if fit.inliers.sum() >= max(8, len(grid) // 4):
+                frames[i] = fit.transform.matrix[:3, :3]
+        return frames
+
+    @staticmethod
+    def plausible_linear(linear: np.ndarray, max_stretch: float = 1.5) -> np.ndarray:
+        """``(N,)`` bool: finite maps whose singular values all lie in [1 / max_stretch, max_stretch] and that keep
+        orientation (a local anatomy map between two scans is close to a rotation with mild scaling)."""
+        linear = np.asarray(linear, np.float64).reshape(-1, 3, 3)
+        finite = np.isfinite(linear).all(axis=(1, 2))
+        safe = np.where(finite[:, None, None], linear, np.eye(3))
+        singular = np.linalg.svd(safe, compute_uv=False)
+        return finite & (np.linalg.det(safe) > 0) & (singular.min(1) >= 1 / max_stretch) & (singular.max(1) <= max_stretch)
 
     def step_for(self, template: MetaTensor, query: MetaTensor) -> float:
         """The sampling step (mm) used for this pair of scans."""
@@ -213,6 +264,7 @@ class LocalIntensityRefiner:
         matched_points_lps,
         same_modality: bool = True,
         inside_query=None,
+        local_linear=None,
     ) -> RefinementResult:
         """Refine ``matched_points_lps`` (``(N, 3)``, LPS mm) of ``template_points_lps`` (``(N, 3)``, LPS mm).
 
@@ -221,6 +273,10 @@ class LocalIntensityRefiner:
             same_modality: chooses the similarity under ``"auto"``.
             inside_query: callable ``(M, 3) LPS -> (M,) bool``, where a point counts as inside the query scan
                 (default: within its voxel grid).
+            local_linear: optional ``(N, 3, 3)`` linear part of the local template -> query map around each point
+                (e.g. the fixed-point affine). The template patch is then sampled through its inverse, so that it
+                is compared with the query in the query's frame (rotation and scale corrected); maps that are not
+                plausible local anatomy maps (see :meth:`plausible_linear`) are replaced by the identity.
         """
         template_points, matched = as_points(template_points_lps), as_points(matched_points_lps)
         if len(template_points) != len(matched):
@@ -235,9 +291,14 @@ class LocalIntensityRefiner:
         before, after = np.full(n, np.nan), np.full(n, np.nan)
         interior = np.zeros(n, dtype=bool)
         score_maps = _ncc_maps if measure == "ncc" else _mind_maps
+        inverse = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        if local_linear is not None:
+            local_linear = np.asarray(local_linear, np.float64)
+            ok = self.plausible_linear(local_linear)
+            inverse[ok] = np.linalg.inv(local_linear[ok])
         for start in range(0, n, self.max_points_per_batch):
             sl = slice(start, min(n, start + self.max_points_per_batch))
-            patches = sample_lps_cubes(template, template_points[sl], half + margin, step)
+            patches = sample_lps_cubes(template, template_points[sl], half + margin, step, linear=inverse[sl])
             regions = sample_lps_cubes(query, matched[sl], half + reach + margin, step)
             with torch.no_grad():
                 maps = score_maps(patches, regions)  # (b, 2R+1, 2R+1, 2R+1), index reach = no shift

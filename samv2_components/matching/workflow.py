@@ -239,6 +239,7 @@ class MatchPointsd(MapTransform):
                     template.native_image, template.points_lps, load_scan(source), result.points_lps,
                     same_modality=modality == template.modality,
                     inside_query=lambda points: ~points_outside_scan(image, points),
+                    local_linear=self.refiner.local_frames(self.matcher, template.scan, query, template.points_lps),
                 )
             d["matches_path"] = self._write(template, query, image, source, result, refinement)
         return d
