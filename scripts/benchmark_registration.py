@@ -510,6 +510,7 @@ def make_cases(
     spacing_mm: float = 2.0,
     pre_rotation: np.ndarray | None = None,
     prefix: str = "case",
+    crop: bool = True,
 ) -> list[Case]:
     """Draw ``n`` cases (seeded) and write their moving images to ``work_dir`` (NIfTI).
 
@@ -526,6 +527,8 @@ def make_cases(
     offset, ``D = D_random @ F`` (the "aligned" set uses the axis-aligned rotation that undoes the reference's
     head-to-foot reversal, so that the scans' headers agree up to the random offset). ``T_case = D @ T_ref`` holds
     for either.
+
+    ``crop=False`` keeps the whole (offset) MR grid (the "native" set: no offset, no crop, the pair as it comes).
     """
     if reference is None:
         raise ValueError("make_cases needs the reference fixed -> moving matrix")
@@ -552,14 +555,14 @@ def make_cases(
         lo, hi = content.min(0), content.max(0)
         body = apply_matrix(offset, body_corners)
         b_lo, b_hi = body.min(0), body.max(0)
-        axes = sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist())
-        crop = {}
+        axes = sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist()) if crop else []
+        kept = {}
         for ax in axes:
             keep = float(rng.uniform(*keep_range))
             length = (b_hi[ax] - b_lo[ax]) * keep
             start = b_lo[ax] + rng.uniform(0.0, 1.0 - keep) * (b_hi[ax] - b_lo[ax])
             lo[ax], hi[ax] = max(lo[ax], start), min(hi[ax], start + length)
-            crop["LPS"[ax]] = round(keep, 2)
+            kept["LPS"[ax]] = round(keep, 2)
         moving = case_image(mr, offset, lo, hi, spacing_mm)
         truth = offset @ reference
         points = case_points(ct, reference, truth, mr, moving, tre_spacing_mm)
@@ -573,7 +576,7 @@ def make_cases(
                 "rotation_deg": round(abs(angle), 1),
                 "axis": np.round(axis, 3).tolist(),
                 "translation_mm": np.round(translation, 1).tolist(),
-                "crop_keep": crop,
+                "crop_keep": kept,
                 "moving_size": list(moving.GetSize()),
             })
         )
@@ -959,6 +962,8 @@ def _reference_lines(ref: dict, path: str | None) -> list[str]:
 
 
 ORIENTATIONS = {
+    "native": "the pair as it comes (the MR 2 mm as acquired, head-to-foot reversed relative to the CT; no offset, "
+    "no crop; one case)",
     "acquired": "the MR as acquired (head-to-foot reversed relative to the CT: the reference rotates by ~180 deg)",
     "aligned": "the MR pre-rotated by the axis-aligned rotation that undoes the reversal (headers agree up to the "
     "random offset); the same random offsets and crops",
@@ -1050,7 +1055,8 @@ def main(
         work_dir: where the case images go (default: a temporary folder, deleted at the end).
         methods: comma-separated subset of ``adareg_search`` (the bundle default: orientation search auto),
             ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
-        orientations: comma-separated case sets: ``acquired`` (the MR as acquired: T_case = D @ T_ref) and/or
+        orientations: comma-separated case sets: ``native`` (the pair as it comes, one case: D = identity, no
+            crop), ``acquired`` (the MR as acquired with random offsets and crops: T_case = D @ T_ref) and/or
             ``aligned`` (D also undoes the reference's axis-aligned head-to-foot reversal; same random offsets).
         threads: threads of every method (torch, ITK/SimpleITK, elastix, ANTs).
         ckpt: AdaReg weights (default: the bundle's ``models/model.pt``).
@@ -1085,8 +1091,12 @@ def main(
             flip = np.round(T_ref[:3, :3].T) if o == "aligned" else None  # nearest axis-aligned inverse rotation
             if flip is not None and not np.isclose(abs(np.linalg.det(flip)), 1.0):
                 raise ValueError("the reference rotation is not close to an axis-aligned one; no 'aligned' set")
-            case_sets[o] = make_cases(num_cases, seed, T_ref, work_dir, tre_spacing_mm=tre_spacing, pre_rotation=flip,
-                                      prefix=f"{o}_")
+            if o == "native":  # the pair as it comes: one case, no offset, no crop
+                case_sets[o] = make_cases(1, seed, T_ref, work_dir, tre_spacing_mm=tre_spacing, max_rotation_deg=0.0,
+                                          max_translation_mm=0.0, crop=False, prefix="native_")
+            else:
+                case_sets[o] = make_cases(num_cases, seed, T_ref, work_dir, tre_spacing_mm=tre_spacing,
+                                          pre_rotation=flip, prefix=f"{o}_")
 
         wanted = [m.strip().lower() for m in str(methods).replace(" ", "").split(",") if m.strip()]
         runners, skipped = [], {}

@@ -107,6 +107,29 @@ def test_make_cases_truth_composes_offset_and_reference(tmp_path):
         assert case.info["rotation_deg"] <= 20.0 and np.all(np.abs(case.info["translation_mm"]) <= 40.0)
 
 
+def test_native_case_is_the_pair_as_it_comes(tmp_path):
+    """The 'native' set: no offset and no crop, so the truth is the reference and the moving image spans the MR."""
+    ball = np.array([-5.0, 8.0, -4.0])
+    ct = _synthetic_ct(ball)
+    reference = br.rigid_matrix(br.axis_angle([0, 1, 0], 180.0), translation=(6.0, -9.0, 4.0))
+    corners = br.apply_matrix(reference, br._box_corners(*br._grid_box(ct)))
+    mr = br.case_image(ct + 1000.0, reference, corners.min(0), corners.max(0), 3.0)
+    ct_path, mr_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz")
+    sitk.WriteImage(ct, ct_path)
+    sitk.WriteImage(mr, mr_path)
+    (case,) = br.make_cases(1, seed=0, reference=reference, work_dir=str(tmp_path / "cases"), ct_path=ct_path,
+                            mr_path=mr_path, max_rotation_deg=0.0, max_translation_mm=0.0, crop=False,
+                            tre_spacing_mm=6.0, min_points=20, spacing_mm=3.0)
+    np.testing.assert_allclose(case.offset, np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(case.truth, reference, atol=1e-9)
+    assert case.info["crop_keep"] == {}
+    moving = sitk.ReadImage(case.moving_path)
+    lo, hi = br._grid_box(moving)
+    mr_lo, mr_hi = br._grid_box(mr)
+    np.testing.assert_allclose(lo, mr_lo, atol=1e-6)
+    np.testing.assert_allclose(hi, mr_hi, atol=1e-6)
+
+
 def test_elastix_euler_map_to_matrix():
     c, t = np.array([10.0, -5.0, 3.0]), np.array([1.0, 2.0, -3.0])
     pmap = {"Transform": ("EulerTransform",), "TransformParameters": ("0", "0", str(np.pi / 2), *map(str, t)),
