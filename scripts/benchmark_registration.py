@@ -1070,6 +1070,9 @@ def main(
     torch.set_num_threads(int(threads))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv else "scripts/benchmark_registration.py", *sys.argv[1:]])
+    # fire turns "a,b" into a tuple: accept both
+    methods = ",".join(methods) if isinstance(methods, (list, tuple)) else methods
+    orientations = ",".join(orientations) if isinstance(orientations, (list, tuple)) else orientations
     sets = [o.strip().lower() for o in str(orientations).replace(" ", "").split(",") if o.strip()]
     if not sets or any(o not in ORIENTATIONS for o in sets):
         raise ValueError(f"orientations must be a comma-separated subset of {', '.join(ORIENTATIONS)}, got {orientations!r}")
