@@ -180,7 +180,9 @@ def test_large_files_yml_lists_the_weights_with_their_hash(bundle, tmp_path):
         download_large_files(bundle_path=str(copy))
 
 
-@pytest.mark.parametrize("bundle", ["semantic_sam", "samv2_matching"])
+@pytest.mark.parametrize(
+    "bundle", ["semantic_sam", "samv2_matching", pytest.param("crosssam_registration", marks=pytest.mark.slow)]
+)
 def test_bundle_folder_copied_elsewhere_runs(bundle, tmp_path):
     copy = tmp_path / "somewhere" / bundle
     shutil.copytree(_bundle(bundle), copy, ignore=shutil.ignore_patterns("outputs", "eval", "runs"))
