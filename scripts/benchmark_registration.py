@@ -1090,7 +1090,7 @@ def main(
         T_ref = np.asarray(ref["fixed_to_moving"], dtype=np.float64)
         case_sets = {}
         for o in sets:
-            log(f"drawing {num_cases} '{o}' cases into {work_dir} ...")
+            log(f"drawing {1 if o == 'native' else num_cases} '{o}' case(s) into {work_dir} ...")
             flip = np.round(T_ref[:3, :3].T) if o == "aligned" else None  # nearest axis-aligned inverse rotation
             if flip is not None and not np.isclose(abs(np.linalg.det(flip)), 1.0):
                 raise ValueError("the reference rotation is not close to an axis-aligned one; no 'aligned' set")
