@@ -601,7 +601,8 @@ class AdaRegMethod:
 
     name = "SAMv2 AdaReg rigid, headers trusted (orientation search off)"
 
-    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu", orientation_search: str = "off"):
+    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu", orientation_search: str = "off",
+                 confirm_below_fraction: float | None = None):
         import torch
         from monai.bundle import ConfigParser
 
@@ -618,7 +619,7 @@ class AdaRegMethod:
         self.ckpt = ckpt or parser.get_parsed_content("ckpt_path")
         load_weights(self.network, self.ckpt)
         self.adareg = parser.get_parsed_content("adareg")
-        self.orientation_search = orientation_search
+        self.orientation_search, self.confirm_below_fraction = orientation_search, confirm_below_fraction
         self.settings = {k: v for k, v in parser["adareg"].items() if k not in ("_target_", "matcher")}
         self._fixed: dict[str, tuple] = {}
 
@@ -644,7 +645,8 @@ class AdaRegMethod:
         moving_image, moving_heads, moving_s = self.embed(case.moving_path, "mr")
         t0 = time.perf_counter()
         result = register_rigid_with_orientation_search(
-            self.adareg, self.embed_image, fixed_image, fixed_heads, moving_image, moving_heads, mode=self.orientation_search
+            self.adareg, self.embed_image, fixed_image, fixed_heads, moving_image, moving_heads, mode=self.orientation_search,
+            confirm_below_fraction=self.confirm_below_fraction,
         )
         wall = fixed_s + moving_s + time.perf_counter() - t0
         summary = result.summary
@@ -664,6 +666,16 @@ class SearchingAdaRegMethod(AdaRegMethod):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, orientation_search="auto", **kwargs)
+
+
+class ConfirmingAdaRegMethod(AdaRegMethod):
+    """Orientation search ``auto`` that also searches when the header fit is marginal (inlier fraction below
+    ``confirm_below_fraction``): the header orientation must then win the search."""
+
+    name = "SAMv2 AdaReg rigid, orientation search auto + confirm marginal header fits (< 15 % inliers)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, orientation_search="auto", confirm_below_fraction=0.15, **kwargs)
 
 
 class UncheckedAdaRegMethod(AdaRegMethod):
@@ -1054,6 +1066,7 @@ def main(
         boxplot: the box-plot PNG of the first orientation set; other sets get ``<stem>_<set>.png``.
         work_dir: where the case images go (default: a temporary folder, deleted at the end).
         methods: comma-separated subset of ``adareg_search`` (the bundle default: orientation search auto),
+            ``adareg_confirm`` (auto, and a marginal header fit must win a search too),
             ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
         orientations: comma-separated case sets: ``native`` (the pair as it comes, one case: D = identity, no
             crop), ``acquired`` (the MR as acquired with random offsets and crops: T_case = D @ T_ref) and/or
@@ -1106,6 +1119,8 @@ def main(
         for key in wanted:
             if key == "adareg_search":
                 runners.append(SearchingAdaRegMethod(ckpt=ckpt, device=device))
+            elif key == "adareg_confirm":
+                runners.append(ConfirmingAdaRegMethod(ckpt=ckpt, device=device))
             elif key == "adareg":
                 runners.append(AdaRegMethod(ckpt=ckpt, device=device))
             elif key == "adareg_unchecked":

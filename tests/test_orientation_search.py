@@ -172,3 +172,24 @@ def test_search_without_a_clear_winner_fails_and_names_both_candidates():
     assert [c["candidate"] for c in best_two] == [7, 3] and [c["n_inliers"] for c in best_two] == [40, 36]
     clear, _ = OrientationSearch(_ScriptedAdaReg(moving, {7: 40, 3: 20}), embed=lambda image: {})(moving, {}, moving)
     assert clear.success  # 20 < 0.8 x 40
+
+
+def test_auto_confirms_a_marginal_header_fit_by_searching():
+    """``confirm_below_fraction``: a header fit that only just passes must win a search; a clear one is kept."""
+    from samv2_components.registration import register_rigid_with_orientation_search
+
+    moving = _asymmetric_volume()
+    identity = next(i for i, r in enumerate(axis_aligned_rotations()) if np.allclose(r, np.eye(3)))
+    embed = lambda image: {}  # noqa: E731
+    marginal = _ScriptedAdaReg(moving, {identity: 13, 7: 40})  # 13 % inliers: passes the 12-inlier check
+    kept = register_rigid_with_orientation_search(marginal, embed, moving, {}, moving, {}, mode="auto")
+    assert kept.success and "orientation_search" not in kept.summary  # plain auto trusts it
+    confirmed = register_rigid_with_orientation_search(marginal, embed, moving, {}, moving, {}, mode="auto",
+                                                       confirm_below_fraction=0.15)
+    assert confirmed.success and confirmed.summary["orientation_search"]["chosen"]["candidate"] == 7
+    assert confirmed.summary["orientation_search"]["header_orientation"]["inlier_fraction"] == 0.13
+    clear = _ScriptedAdaReg(moving, {identity: 30, 7: 40})
+    trusted = register_rigid_with_orientation_search(clear, embed, moving, {}, moving, {}, mode="auto",
+                                                     confirm_below_fraction=0.15)
+    assert trusted.success and "orientation_search" not in trusted.summary
+    np.testing.assert_allclose(trusted.fixed_to_moving, np.eye(4))

@@ -261,6 +261,7 @@ def register_rigid_with_orientation_search(
     moving_image: MetaTensor,
     moving_heads: dict,
     mode: str = "auto",
+    confirm_below_fraction: float | None = None,
     **search_kwargs,
 ) -> RigidRegistration:
     """AdaReg rigid at the header orientation, then :class:`OrientationSearch` when ``mode`` says so.
@@ -269,6 +270,9 @@ def register_rigid_with_orientation_search(
         mode: ``"auto"``: search only when the header orientation gives no consistent registration although both
             scans have a body (the common case costs nothing extra); ``"always"``: search in any case; ``"off"``:
             trust the headers.
+        confirm_below_fraction: under ``"auto"``, also search when the header fit succeeds with an inlier fraction
+            below this (a marginal fit may be a wrong orientation that just passed the check); the header
+            orientation then competes with the others, and an ambiguous search is a refusal. ``None``: never.
         search_kwargs: arguments of :class:`OrientationSearch`.
 
     The result's ``summary["orientation_search"]`` (when a search ran) lists its time, the best two candidates
@@ -278,7 +282,11 @@ def register_rigid_with_orientation_search(
         raise ValueError(f"orientation search mode must be 'auto', 'always' or 'off', got {mode!r}")
     rigid = adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
     matched = "n_matches_above_score" in rigid.summary  # both scans had a body and points were matched
-    if mode == "always" or (mode == "auto" and not rigid.success and matched):
+    marginal = (
+        confirm_below_fraction is not None and rigid.success
+        and float(rigid.summary.get("inlier_fraction", 1.0)) < float(confirm_below_fraction)
+    )
+    if mode == "always" or (mode == "auto" and matched and (not rigid.success or marginal)):
         header = {k: rigid.summary.get(k) for k in ("success", "reason", "n_inliers", "inlier_fraction")}
         rigid, _ = OrientationSearch(adareg, embed, **search_kwargs)(fixed_image, fixed_heads, moving_image, moving_heads)
         rigid.summary["orientation_search"]["header_orientation"] = header
