@@ -31,6 +31,7 @@ __all__ = [
     "affine_and_space",
     "strided_grid_affine",
     "label_centroids",
+    "points_outside_scan",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -160,3 +161,21 @@ def label_centroids(label_map, labels=None, min_voxels: int = 1) -> dict[int, np
     # the affine is linear, so the world mean of the voxel centres is the world point of their mean index
     world = voxel_to_world(sums[ok] / counts[ok, None], affine, space, "LPS")
     return {int(i): w for i, w in zip(ids[ok], world)}
+
+
+def points_outside_scan(image, points_lps, tolerance_voxels: float = 0.5) -> np.ndarray:
+    """Mask ``(N,)`` of world points (LPS mm) that lie outside the scan as it was read from disk.
+
+    Uses ``meta["original_affine"]`` and ``meta["spatial_shape"]`` (what the reader saw, before reorientation,
+    resampling and padding) when present, else the image's own affine and shape. A point is inside when its voxel
+    coordinates are within ``[-tolerance, n - 1 + tolerance]`` on every axis (``0.5``: the outer voxel faces).
+    """
+    meta = getattr(image, "meta", {})
+    if "original_affine" in meta and "spatial_shape" in meta:
+        affine = np.asarray(meta["original_affine"], dtype=np.float64)
+        shape = np.asarray(meta["spatial_shape"], dtype=np.float64).reshape(-1)[-3:]
+        space = str(meta.get("space", "RAS"))
+    else:
+        (affine, space), shape = affine_and_space(image), np.asarray(image.shape[-3:], np.float64)
+    voxels = world_to_voxel(points_lps, affine, affine_space=space, world_space="LPS")
+    return np.any((voxels < -tolerance_voxels) | (voxels > shape - 1 + tolerance_voxels), axis=1)

@@ -233,3 +233,30 @@ def test_label_centroids_sample_labels_match_simpleitk():
     assert sorted(got) == sorted(expected)
     for k in expected:
         np.testing.assert_allclose(got[k], expected[k], atol=1e-4)
+
+
+def test_points_outside_scan_against_a_known_grid_and_its_original_geometry():
+    """A 10 x 20 x 5 grid with 2 x 1 x 3 mm voxels, origin (RAS) (100, -50, 30): voxel faces bound the scan; after a
+    reorientation/resampling the check still uses the grid as read (``original_affine``, ``spatial_shape``)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from samv2_components.geometry import points_outside_scan
+
+    affine = np.diag([2.0, 1.0, 3.0, 1.0])
+    affine[:3, 3] = [100.0, -50.0, 30.0]
+    image = MetaTensor(torch.zeros(1, 10, 20, 5), affine=torch.as_tensor(affine))
+    corner_ras = affine[:3, 3]  # voxel (0, 0, 0)
+    far_ras = affine[:3, :3] @ [9, 19, 4] + affine[:3, 3]  # voxel (9, 19, 4)
+    lps = lambda ras: np.array([-ras[0], -ras[1], ras[2]])  # noqa: E731
+    points = np.stack([
+        lps(corner_ras), lps(far_ras),
+        lps(corner_ras - [0.9, 0, 0]),  # 0.45 voxel beyond the first face along i: inside the face
+        lps(corner_ras - [1.1, 0, 0]),  # 0.55 voxel beyond: outside
+        lps(far_ras + [0, 0, 1.6]),  # 0.53 voxel beyond the last face along k: outside
+    ])
+    np.testing.assert_array_equal(points_outside_scan(image, points), [False, False, False, True, True])
+    # a resampled copy (other affine and shape) that remembers the grid it was read from gives the same answer
+    resampled = MetaTensor(torch.zeros(1, 3, 3, 3), affine=torch.eye(4, dtype=torch.float64),
+                           meta={"original_affine": affine, "spatial_shape": np.array([10, 20, 5])})
+    np.testing.assert_array_equal(points_outside_scan(resampled, points), [False, False, False, True, True])

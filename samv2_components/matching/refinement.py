@@ -27,7 +27,6 @@ point is flagged with the reason. Both positions are returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from samv2_components.geometry import as_points, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, points_outside_scan, world_to_voxel
 
 __all__ = ["LocalIntensityRefiner", "RefinementResult", "sample_lps_cubes", "SIMILARITIES"]
 
@@ -79,8 +78,7 @@ class RefinementResult:
 
 
 def _native_spacing(image: MetaTensor) -> np.ndarray:
-    affine = np.asarray(image.affine, dtype=np.float64)
-    return np.linalg.norm(affine[:3, :3], axis=0)
+    return np.linalg.norm(affine_and_space(image)[0][:3, :3], axis=0)
 
 
 def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: float, linear=None) -> torch.Tensor:
@@ -103,8 +101,7 @@ def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: fl
     offsets = step_mm * np.arange(-half_size, half_size + 1, dtype=np.float64)
     grid_lps = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
     maps = np.broadcast_to(np.eye(3), (len(centres), 3, 3)) if linear is None else np.asarray(linear, np.float64)
-    space = str(image.meta.get("space", "RAS")) if hasattr(image, "meta") else "RAS"
-    affine = np.asarray(image.affine, dtype=np.float64)
+    affine, space = affine_and_space(image)
     size = np.asarray(image.shape[1:], dtype=np.float64)
     side = 2 * half_size + 1
     voxels = np.stack([world_to_voxel(c + grid_lps @ m.T, affine, affine_space=space, world_space="LPS") for c, m in zip(centres, maps)])
@@ -272,7 +269,7 @@ class LocalIntensityRefiner:
             template, query: the scans as read (``(1, X, Y, Z)`` with affines), not the network input.
             same_modality: chooses the similarity under ``"auto"``.
             inside_query: callable ``(M, 3) LPS -> (M,) bool``, where a point counts as inside the query scan
-                (default: within its voxel grid).
+                (default: :func:`~samv2_components.geometry.points_outside_scan`, within the scan as read).
             local_linear: optional ``(N, 3, 3)`` linear part of the local template -> query map around each point
                 (e.g. the fixed-point affine). The template patch is then sampled through its inverse, so that it
                 is compared with the query in the query's frame (rotation and scale corrected); maps that are not
@@ -322,10 +319,7 @@ class LocalIntensityRefiner:
             interior[sl] = is_interior.numpy()
         refined = matched + best_shift
         distance = np.linalg.norm(best_shift, axis=1)
-        if inside_query is None:
-            inside = ~_outside_grid(query, refined)
-        else:
-            inside = np.asarray(inside_query(refined), dtype=bool)
+        inside = ~points_outside_scan(query, refined) if inside_query is None else np.asarray(inside_query(refined), dtype=bool)
         status = []
         for i in range(n):
             if not interior[i]:
@@ -341,10 +335,3 @@ class LocalIntensityRefiner:
         accepted = np.array([s == "refined" for s in status], dtype=bool)
         points = np.where(accepted[:, None], refined, matched)
         return RefinementResult(points, matched.copy(), accepted, distance, before, after, status, measure)
-
-
-def _outside_grid(image: MetaTensor, points_lps: Sequence) -> np.ndarray:
-    space = str(image.meta.get("space", "RAS")) if hasattr(image, "meta") else "RAS"
-    voxels = world_to_voxel(points_lps, np.asarray(image.affine, np.float64), affine_space=space, world_space="LPS")
-    shape = np.asarray(image.shape[1:], dtype=np.float64)
-    return np.any((voxels < -0.5) | (voxels > shape - 0.5), axis=1)

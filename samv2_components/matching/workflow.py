@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.geometry import convert_affine, convert_points, world_to_voxel
+from samv2_components.geometry import convert_affine, convert_points, points_outside_scan
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.image import load_scan
@@ -47,25 +47,6 @@ from samv2_components.visualize import save_match_qc
 __all__ = ["MatchingTemplate", "MatchPointsd", "points_outside_scan", "check_modality_pair"]
 
 logger = logging.getLogger(__name__)
-
-
-def points_outside_scan(image: MetaTensor, points_lps, tolerance_voxels: float = 0.5) -> np.ndarray:
-    """Mask ``(N,)`` of world points (LPS mm) that lie outside the scan as it was read from disk.
-
-    Uses ``meta["original_affine"]`` and ``meta["spatial_shape"]`` (what the reader saw, before reorientation,
-    resampling and padding) when present, else the image's own affine and shape. A point is inside when its voxel
-    coordinates are within ``[-tolerance, n - 1 + tolerance]`` on every axis (``0.5``: the outer voxel faces).
-    """
-    meta = getattr(image, "meta", {})
-    if "original_affine" in meta and "spatial_shape" in meta:
-        affine = np.asarray(meta["original_affine"], dtype=np.float64)
-        shape = np.asarray(meta["spatial_shape"], dtype=np.float64).reshape(-1)[-3:]
-        space = str(meta.get("space", "RAS"))
-    else:
-        affine, shape, space = np.asarray(image.affine, np.float64), np.asarray(image.shape[-3:], np.float64), "RAS"
-        space = str(meta.get("space", space))
-    voxels = world_to_voxel(points_lps, affine, affine_space=space, world_space="LPS")
-    return np.any((voxels < -tolerance_voxels) | (voxels > shape - 1 + tolerance_voxels), axis=1)
 
 
 def check_modality_pair(
@@ -238,7 +219,6 @@ class MatchPointsd(MapTransform):
                 refinement = self.refiner.refine(
                     template.native_image, template.points_lps, load_scan(source), result.points_lps,
                     same_modality=modality == template.modality,
-                    inside_query=lambda points: ~points_outside_scan(image, points),
                     local_linear=self.refiner.local_frames(self.matcher, template.scan, query, template.points_lps),
                 )
             d["matches_path"] = self._write(template, query, image, source, result, refinement)

@@ -32,7 +32,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import SAMv2Error, find_samv2_error
+from samv2_components.errors import find_samv2_error
 from samv2_components.io.embeddings import case_name
 
 __all__ = ["MatchPointsTask", "RegisterTask"]
@@ -60,14 +60,27 @@ def _resolve(resolve_image: ImageResolver, request: Mapping[str, Any], key: str)
     return path
 
 
+def _request_image(request: Mapping[str, Any], role: str) -> str:
+    """The request's own image (MONAI Label has resolved it to a file)."""
+    path = request.get("image")
+    if not path or not os.path.exists(str(path)):
+        raise _bad_request(f"image: {role} image '{path}' not found")
+    return str(path)
+
+
 def _run(bundle: str, overrides: Mapping[str, Any], bundles_dir: str | None) -> None:
-    """Run a bundle; our own input errors become a one-line bad-request error."""
+    """Run a bundle; our own input errors become a one-line bad-request error. A refused registration
+    (:class:`~samv2_components.registration.workflow.RegistrationFailed`) is re-raised as it is: it is an answer."""
+    from samv2_components.registration.workflow import RegistrationFailed
+
     try:
         run_bundle(bundle, ["inference.json"], overrides, bundles_dir)
     except Exception as exc:
         error = find_samv2_error(exc)
         if error is None:
             raise
+        if isinstance(error, RegistrationFailed):
+            raise error from exc
         raise _bad_request(str(error)) from exc
 
 
@@ -100,9 +113,7 @@ class MatchPointsTask(InferTask):
         return True
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[None, dict]:
-        query = request.get("image")
-        if not query or not os.path.exists(str(query)):
-            raise _bad_request(f"image: query image '{query}' not found")
+        query = _request_image(request, "query")
         template = _resolve(self.resolve_image, request, "template_image")
         points = request.get("template_points")
         if not isinstance(points, dict) or not isinstance(points.get("markups"), list):
@@ -115,7 +126,7 @@ class MatchPointsTask(InferTask):
             overrides = {
                 "template_path": template,
                 "template_points": points_path,
-                "query_path": str(query),
+                "query_path": query,
                 "modality": request.get("modality") or self.config()["modality"],
                 "query_modality": request.get("query_modality") or None,
                 "matcher#method": request.get("method") or "fixed_point",
@@ -124,7 +135,7 @@ class MatchPointsTask(InferTask):
                 "write_qc": False,
             }
             _run("samv2_matching", overrides, self.bundles_dir)
-            folder = os.path.join(output_dir, case_name(str(query)))
+            folder = os.path.join(output_dir, case_name(query))
             return None, {
                 "markups": _read_json(os.path.join(folder, "template_points.mrk.json")),
                 "matches": _read_json(os.path.join(folder, "matches.json")),
@@ -155,15 +166,13 @@ class RegisterTask(InferTask):
     def __call__(self, request: Mapping[str, Any]) -> tuple[None, dict]:
         from samv2_components.registration.workflow import RegistrationFailed
 
-        moving = request.get("image")
-        if not moving or not os.path.exists(str(moving)):
-            raise _bad_request(f"image: moving image '{moving}' not found")
+        moving = _request_image(request, "moving")
         fixed = _resolve(self.resolve_image, request, "fixed_image")
         defaults = self.config()
         with tempfile.TemporaryDirectory(prefix="samv2_register_") as tmp:
             overrides = {
                 "fixed_path": fixed,
-                "moving_path": str(moving),
+                "moving_path": moving,
                 "fixed_modality": request.get("fixed_modality") or defaults["fixed_modality"],
                 "moving_modality": request.get("moving_modality") or defaults["moving_modality"],
                 "deformable": bool(request.get("deformable", defaults["deformable"])),
@@ -171,17 +180,12 @@ class RegisterTask(InferTask):
                 "write_qc": False,
                 "output_dir": tmp,
             }
-            folder = os.path.join(tmp, f"{case_name(fixed)}__{case_name(str(moving))}")
+            folder = os.path.join(tmp, f"{case_name(fixed)}__{case_name(moving)}")
             try:
-                run_bundle("crosssam_registration", ["inference.json"], overrides, self.bundles_dir)
-            except Exception as exc:
-                error = find_samv2_error(exc)
-                if isinstance(error, RegistrationFailed):  # a refusal is an answer, not an error
-                    summary = _read_json(os.path.join(folder, "summary.json"))
-                    return None, {"success": False, "reason": summary["confidence"].get("reason", str(error)), "summary": summary}
-                if isinstance(error, SAMv2Error):
-                    raise _bad_request(str(error)) from exc
-                raise
+                _run("crosssam_registration", overrides, self.bundles_dir)
+            except RegistrationFailed as error:  # a refusal is an answer, not an error
+                summary = _read_json(os.path.join(folder, "summary.json"))
+                return None, {"success": False, "reason": summary["confidence"].get("reason", str(error)), "summary": summary}
             with open(os.path.join(folder, "rigid.tfm"), encoding="utf-8") as f:
                 tfm = f.read()
             return None, {
