@@ -156,8 +156,9 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         f"coarse-to-fine NN found the exhaustive maximum for {agree:.1f} % of the points; fixed-point answered "
         f"{100 * fixed.mean():.1f} % of the points (the rest fell back to NN); median fixed points per point "
         f"{np.median(fp.n_fixed_points):.0f}; preparing both scans took {prep_s:.2f} s",
-        f"refinement ({refined.similarity}, step {pipe.refiner.step_for(template, query_native):.2f} mm, patch "
-        f"{pipe.refiner.patch_mm:g} mm, trust radius {pipe.refiner.trust_radius_mm:g} mm) accepted "
+        f"refinement ({refined.similarity}; search: step {pipe.refiner.step_for(template, query_native):.2f} mm, patch "
+        f"{pipe.refiner.patch_mm:g} mm, trust radius {pipe.refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
+        f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in pipe.refiner.affine_levels) or 'none'}) accepted "
         f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
         + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"),
         f"transform: {tf.describe()['rotation_deg_xyz']} deg, scale {tf.describe()['scale']}, translation "

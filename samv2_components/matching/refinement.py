@@ -35,13 +35,11 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from samv2_components.geometry import affine_and_space, as_points, points_outside_scan, world_to_voxel
+from samv2_components.matching.patch_affine import AffineLevel, mind_descriptors, patch_similarity, register_patches
 
 __all__ = ["LocalIntensityRefiner", "RefinementResult", "sample_lps_cubes", "SIMILARITIES"]
 
 SIMILARITIES = ("auto", "ncc", "mind")
-
-#: 6-neighbourhood offsets of the MIND descriptor (voxels of the sampling grid)
-_MIND_OFFSETS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 
 
 @dataclass
@@ -131,25 +129,9 @@ def _ncc_maps(patches: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     return numerator / variance.sqrt().clamp_min(1e-6)
 
 
-def _mind(volume: torch.Tensor) -> torch.Tensor:
-    """MIND descriptors ``(N, 6, ...)`` of ``(N, 1, ...)`` volumes (one voxel lost on every side)."""
-    inner = volume[:, :, 1:-1, 1:-1, 1:-1]
-    shape = inner.shape[2:]
-    distances = []
-    for dx, dy, dz in _MIND_OFFSETS:
-        shifted = volume[:, :, 1 + dx : 1 + dx + shape[0], 1 + dy : 1 + dy + shape[1], 1 + dz : 1 + dz + shape[2]]
-        # patch distance: squared difference averaged over a 3-voxel box
-        distances.append(F.avg_pool3d(F.pad((inner - shifted) ** 2, (1, 1, 1, 1, 1, 1), mode="replicate"), 3, stride=1))
-    d = torch.cat(distances, dim=1)
-    variance = d.mean(dim=1, keepdim=True)
-    variance = variance.clamp_min(1e-3 * variance.mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-12))
-    mind = torch.exp(-d / variance)
-    return mind / mind.amax(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def _mind_maps(patches: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     """``1 - mean squared MIND difference`` of each patch at every shift within its region (higher is better)."""
-    mt, mq = _mind(patches), _mind(regions)
+    mt, mq = mind_descriptors(patches), mind_descriptors(regions)
     n, c, s = mt.shape[:3]
     q = mq.reshape(1, n * c, *mq.shape[2:])
     cross = F.conv3d(q, mt.reshape(n * c, 1, s, s, s), groups=n * c)[0].view(n, c, *[q.shape[-1] - s + 1] * 3).sum(1)
@@ -181,6 +163,12 @@ class LocalIntensityRefiner:
         frame_spacing_mm, frame_steps, frame_inlier_mm: the local frame of :meth:`local_frames`: a grid of
             ``(2 * frame_steps + 1)^3`` template points ``frame_spacing_mm`` apart around each point, matched by
             nearest neighbour, and an affine fitted to them (trimming residuals above ``frame_inlier_mm``).
+        affine_levels: optional local affine registration after the search (:func:`~samv2_components.matching.
+            patch_affine.register_patches`): a list of :class:`~samv2_components.matching.patch_affine.AffineLevel`
+            or mappings of its fields (``patch_mm``, ``step_mm``, ``iterations``, ``smoothing_mm``, ...), coarse
+            to fine. Each point's map starts from the search's optimum (the embedding match where the search found
+            none) and the local frame; the similarity test then compares the last level's patch at the final map
+            with the same patch at the embedding match and the local frame.
     """
 
     def __init__(
@@ -196,6 +184,7 @@ class LocalIntensityRefiner:
         frame_spacing_mm: float = 10.0,
         frame_steps: int = 2,
         frame_inlier_mm: float = 4.0,
+        affine_levels=None,
     ):
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
@@ -207,6 +196,7 @@ class LocalIntensityRefiner:
         self.similarity, self.min_improvement = similarity, float(min_improvement)
         self.max_points_per_batch = int(max_points_per_batch)
         self.frame_spacing_mm, self.frame_steps, self.frame_inlier_mm = float(frame_spacing_mm), int(frame_steps), float(frame_inlier_mm)
+        self.affine_levels = [AffineLevel.from_config(level) for level in (affine_levels or [])]
 
     def local_frames(self, matcher, template_scan, query_scan, template_points_lps) -> np.ndarray:
         """``(N, 3, 3)`` linear part of the local template -> query map around each point, from embeddings.
@@ -319,6 +309,18 @@ class LocalIntensityRefiner:
             interior[sl] = is_interior.numpy()
         refined = matched + best_shift
         distance = np.linalg.norm(best_shift, axis=1)
+        implausible = np.zeros(n, dtype=bool)
+        if self.affine_levels:
+            searched = interior & (distance <= self.trust_radius_mm)
+            start = np.where(searched[:, None], refined, matched)
+            frames = np.linalg.inv(inverse)
+            local = register_patches(template, template_points, query, start, frames, self.affine_levels, measure, self.max_points_per_batch)
+            last = self.affine_levels[-1]
+            before = patch_similarity(template, template_points, query, matched, frames, last, measure)
+            after = local.similarity_final
+            refined, interior = local.points_lps, np.ones(n, dtype=bool)
+            distance = np.linalg.norm(refined - matched, axis=1)
+            implausible = ~self.plausible_linear(local.linear)
         inside = ~points_outside_scan(query, refined) if inside_query is None else np.asarray(inside_query(refined), dtype=bool)
         status = []
         for i in range(n):
@@ -326,6 +328,8 @@ class LocalIntensityRefiner:
                 status.append("kept: no optimum inside the trust radius")
             elif distance[i] > self.trust_radius_mm:
                 status.append("kept: optimum beyond the trust radius")
+            elif implausible[i]:
+                status.append("kept: implausible local deformation")
             elif not after[i] >= before[i] + self.min_improvement:
                 status.append("kept: no similarity gain")
             elif not inside[i]:
