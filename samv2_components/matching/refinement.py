@@ -17,11 +17,15 @@ a small patch around the template point:
    the 6-neighbourhood, Heinrich et al. 2012, compared by mean squared difference; across modalities). ``"auto"``
    picks NCC for a same-modality pair and MIND otherwise.
 3. Take the best shift and refine it below the step by a parabola per axis.
+4. Optionally (``affine_levels``), register a local affine map per point from there, coarse to fine
+   (:mod:`samv2_components.matching.patch_affine`): a translation alone lets a patch on a boundary slide along it
+   and cannot follow the local rotation, scale and deformation that the estimated frame gets only roughly.
 
-A refinement is **accepted** only when the best shift is an interior optimum of the search cube, lies within the
-trust radius (Euclidean) of the embedding match, improves the similarity at the embedding match by at least
-``min_improvement``, and keeps the point inside the query scan; otherwise the embedding match is kept and the
-point is flagged with the reason. Both positions are returned.
+A refinement is **accepted** only when the result lies within the trust radius (Euclidean) of the embedding match
+(and, for the search alone, is an interior optimum of the search cube), improves the similarity at the embedding
+match by at least ``min_improvement``, keeps a plausible local map (affine stage: no axis collapsed or stretched
+beyond 1.5x, see :meth:`LocalIntensityRefiner.plausible_linear`), and keeps the point inside the query scan;
+otherwise the embedding match is kept and the point is flagged with the reason. Both positions are returned.
 """
 
 from __future__ import annotations
