@@ -5,7 +5,8 @@
 * :mod:`.nearest_neighbour` — descriptor and score conventions, exhaustive NN (the reference);
 * :mod:`.coarse_to_fine` — the fast NN search; :mod:`.fixed_point` — fixed-point matching;
 * :mod:`.affine_fit` — robust affine fit; :mod:`.workflow` — the bundle's template and per-query transform;
-* :mod:`.refinement` — sub-voxel refinement of matches by local intensity registration (beyond the paper).
+* :mod:`.refinement` — sub-voxel refinement of matches by local intensity registration (beyond the paper);
+* :mod:`.patch_affine` — its batched local affine registration of one patch per point.
 """
 
 from samv2_components.matching.affine_fit import AffineFit, fit_affine, fit_affine_robust
@@ -22,6 +23,7 @@ from samv2_components.matching.nearest_neighbour import (
     present_heads,
     query_descriptor_map,
 )
+from samv2_components.matching.patch_affine import AffineLevel, PatchAffineResult, register_patches
 from samv2_components.matching.refinement import LocalIntensityRefiner, RefinementResult
 from samv2_components.matching.workflow import MatchingTemplate, MatchPointsd, check_modality_pair, points_outside_scan
 
@@ -39,6 +41,9 @@ __all__ = [
     "SAMv2Matcher",
     "LocalIntensityRefiner",
     "RefinementResult",
+    "AffineLevel",
+    "PatchAffineResult",
+    "register_patches",
     "DescriptorMap",
     "descriptor_at_points",
     "match_nearest_neighbour",
