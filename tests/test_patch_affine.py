@@ -139,3 +139,23 @@ def test_bad_levels_are_refused(ct):
         register_patches(ct, points, ct, points[:1], None, LEVELS)
     with pytest.raises(TypeError):
         LocalIntensityRefiner(affine_levels=[{"patch_mm": 16.0, "step_mm": 1.0, "unknown": 1}])
+
+
+def test_cross_modal_evaluation_moves_a_grid_by_exactly_the_reference_transform(ct):
+    """scripts/evaluate_refinement_cross_modal.py's control query: every voxel centre lands at T p (LPS)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from evaluate_refinement_cross_modal import moved_scan
+
+    angle = np.deg2rad(170.0)
+    transform = np.eye(4)
+    transform[:3, :3] = [[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]]
+    transform[:3, 3] = [12.0, -30.0, 5.5]
+    moved = moved_scan(ct, transform)
+    voxels = np.array([[0.0, 0.0, 0.0], [10.0, 20.0, 5.0], [121.0, 100.0, 29.0]])
+    before = voxel_to_world(voxels, np.asarray(ct.affine))
+    after = voxel_to_world(voxels, np.asarray(moved.affine))
+    np.testing.assert_allclose(after, before @ transform[:3, :3].T + transform[:3, 3], atol=1e-6)
+    np.testing.assert_array_equal(moved.numpy(), ct.numpy())  # same voxels, no resampling
