@@ -25,6 +25,16 @@ CONFIG = os.path.join(ROOT, "bundles", "semantic_sam", "configs", "inference.jso
 SHIFT_LPS = np.array([8.0, -12.0, 4.0])
 
 
+def interior_points(image, n: int, seed: int, max_margin: int = 20, margin_divisor: int = 4) -> np.ndarray:
+    """``(n, 3)`` random world points (LPS mm) of ``image`` ``(1, X, Y, Z)``, at least
+    ``min(max_margin, size // margin_divisor)`` voxels inside its grid on every axis (seeded)."""
+    rng = np.random.default_rng(seed)
+    size = np.asarray(image.shape[1:])
+    margin = np.minimum(max_margin, size // margin_divisor)
+    idx = np.stack([rng.uniform(m, s - 1 - m, n) for m, s in zip(margin, size)], axis=1)
+    return voxel_to_world(idx, np.asarray(image.affine))
+
+
 # ------------------------------------------------------------------------------------------- embedded scans
 def save_crop(path, shift_lps=(0.0, 0.0, 0.0)):
     """A 64 x 64 x 24 crop (3 mm) of the sample CT, optionally with its origin moved by ``shift_lps`` mm."""

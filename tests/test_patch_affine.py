@@ -16,15 +16,17 @@ from samv2_components.geometry import voxel_to_world
 from samv2_components.io.image import load_scan
 from samv2_components.matching.patch_affine import (
     AffineLevel,
-    _cube_offsets,
-    _sample,
-    _smoothed_volume,
+    cube_offsets,
     lps_to_sampling_grid,
     patch_similarity,
     register_patches,
+    sample_world_points,
+    smoothed_volume,
 )
 from samv2_components.matching.refinement import LocalIntensityRefiner, sample_lps_cubes
 from samv2_components.sample_data import sample_path
+
+from matching_fixtures import interior_points
 
 LEVELS = [AffineLevel(32.0, 2.0, 100, 1.0), AffineLevel(16.0, 1.0, 40)]
 
@@ -53,11 +55,8 @@ def affine_pair(tmp_path_factory):
 
 
 def _inner_points(image, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    size = np.asarray(image.shape[1:])
-    margin = np.minimum(25, size // 3)
-    idx = np.stack([rng.uniform(m, s - 1 - m, n) for m, s in zip(margin, size)], axis=1)
-    return voxel_to_world(idx, np.asarray(image.affine))
+    """Points far enough inside the 30-slice CT for a 32 mm patch around a few millimetres of error."""
+    return interior_points(image, n, seed, max_margin=25, margin_divisor=3)
 
 
 def test_sampling_grid_matrix_agrees_with_the_voxel_world_conversion(ct):
@@ -68,11 +67,14 @@ def test_sampling_grid_matrix_agrees_with_the_voxel_world_conversion(ct):
     world = voxel_to_world(voxel, np.asarray(ct.affine))
     grid = world @ to_grid[:3, :3].T + to_grid[:3, 3]
     np.testing.assert_allclose(grid, (2 * voxel / (size - 1) - 1)[:, ::-1], atol=1e-9)  # (x, y, z) = last..first axis
+    at_centres = sample_world_points(smoothed_volume(ct), lps_to_sampling_grid(ct), torch.as_tensor(world)[None])[0]
+    expected_values = [float(ct[0, int(i), int(j), int(k)]) for i, j, k in voxel]
+    np.testing.assert_allclose(at_centres.numpy(), expected_values, atol=1e-2)
     points = _inner_points(ct, 4, seed=0)
     expected = sample_lps_cubes(ct, points, half_size=2, step_mm=2.5).flatten(1).numpy()
     probe = AffineLevel(10.0, 2.5, 0)  # 5 samples per axis
-    world = torch.as_tensor(points, dtype=torch.float32)[:, None, :] + _cube_offsets(probe)[None]
-    sampled = _sample(_smoothed_volume(ct, 0.0), lps_to_sampling_grid(ct), world).numpy()
+    world = torch.as_tensor(points, dtype=torch.float32)[:, None, :] + cube_offsets(probe.half_size, probe.step_mm)[None]
+    sampled = sample_world_points(smoothed_volume(ct), lps_to_sampling_grid(ct), world).numpy()
     np.testing.assert_allclose(sampled, expected, atol=0.05)
     identity = np.broadcast_to(np.eye(3), (4, 3, 3))
     # an exact copy of the scan compared with itself: NCC 1 at the same points, lower 3 mm away

@@ -21,6 +21,8 @@ from samv2_components.io.image import load_scan
 from samv2_components.matching.refinement import LocalIntensityRefiner, sample_lps_cubes
 from samv2_components.sample_data import sample_path
 
+from matching_fixtures import interior_points
+
 SHIFT_LPS = np.array([7.3, -4.1, 2.6])
 
 
@@ -34,14 +36,6 @@ def _moved(image: MetaTensor, shift_lps: np.ndarray) -> MetaTensor:
     affine = np.asarray(image.affine, np.float64).copy()
     affine[:3, 3] += convert_points(shift_lps[None], "LPS", "RAS")[0]
     return MetaTensor(image.as_tensor().clone(), affine=torch.as_tensor(affine))
-
-
-def _inner_points(image: MetaTensor, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    size = np.asarray(image.shape[1:])
-    margin = np.minimum(20, size // 4)
-    idx = np.stack([rng.uniform(m, s - 1 - m, n) for m, s in zip(margin, size)], axis=1)
-    return voxel_to_world(idx, np.asarray(image.affine))
 
 
 def test_cubes_are_sampled_along_world_lps_axes(ct):
@@ -61,7 +55,7 @@ def test_cubes_are_sampled_along_world_lps_axes(ct):
 @pytest.mark.parametrize("similarity", ["ncc", "mind"])
 def test_refinement_recovers_a_known_translation_below_a_millimetre(ct, similarity):
     query = _moved(ct, SHIFT_LPS)
-    template_points = _inner_points(ct, 30, seed=0)
+    template_points = interior_points(ct, 30, seed=0)
     truth = template_points + SHIFT_LPS
     rng = np.random.default_rng(1)
     embedding = truth + rng.uniform(-2.5, 2.5, truth.shape)  # a few mm off, within the trust radius
@@ -88,7 +82,7 @@ def test_local_frame_corrects_a_rotation(ct, tmp_path):
     query = load_scan(query_path)
     matrix = np.array(turn.GetMatrix()).reshape(3, 3)
     offset = np.array(turn.GetTranslation()) + np.array(centre) - matrix @ np.array(centre)
-    template_points = _inner_points(ct, 30, seed=4)
+    template_points = interior_points(ct, 30, seed=4)
     truth = (template_points - offset) @ np.linalg.inv(matrix).T  # the inverse of query -> template
     rng = np.random.default_rng(5)
     embedding = truth + rng.uniform(-2.5, 2.5, truth.shape)
@@ -110,7 +104,7 @@ def test_implausible_frames_fall_back_to_the_identity():
 
 def test_auto_similarity_follows_the_modality_pair(ct):
     refiner = LocalIntensityRefiner(step_mm=3.0)
-    points = _inner_points(ct, 3, seed=2)
+    points = interior_points(ct, 3, seed=2)
     assert refiner.refine(ct, points, ct, points, same_modality=True).similarity == "ncc"
     assert refiner.refine(ct, points, ct, points, same_modality=False).similarity == "mind"
 
@@ -118,7 +112,7 @@ def test_auto_similarity_follows_the_modality_pair(ct):
 def test_a_match_far_from_the_truth_is_kept_and_flagged(ct):
     """The optimum lies beyond the trust radius: the embedding match stays, flagged, however good the optimum."""
     query = _moved(ct, SHIFT_LPS)
-    template_points = _inner_points(ct, 10, seed=3)
+    template_points = interior_points(ct, 10, seed=3)
     far = template_points + SHIFT_LPS + np.array([0.0, 0.0, 12.0])  # 12 mm off, trust radius 4 mm
     result = LocalIntensityRefiner(step_mm=1.0, trust_radius_mm=4.0).refine(ct, template_points, query, far)
     assert not result.accepted.any()

@@ -29,7 +29,17 @@ from monai.networks.layers import GaussianFilter
 
 from samv2_components.geometry import affine_and_space, as_points, world_to_voxel
 
-__all__ = ["AffineLevel", "mind_descriptors", "PatchAffineResult", "lps_to_sampling_grid", "register_patches", "patch_similarity"]
+__all__ = [
+    "AffineLevel",
+    "PatchAffineResult",
+    "cube_offsets",
+    "lps_to_sampling_grid",
+    "mind_descriptors",
+    "patch_similarity",
+    "register_patches",
+    "sample_world_points",
+    "smoothed_volume",
+]
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,9 @@ def lps_to_sampling_grid(image: MetaTensor) -> torch.Tensor:
     return torch.as_tensor((to_grid @ to_voxel)[[2, 1, 0, 3]])
 
 
-def _smoothed_volume(image: MetaTensor, sigma_mm: float) -> torch.Tensor:
-    """``(1, 1, X, Y, Z)`` float32 volume, Gaussian-smoothed by ``sigma_mm`` (per-axis sigma in voxels)."""
+def smoothed_volume(image: MetaTensor, sigma_mm: float = 0.0) -> torch.Tensor:
+    """``(1, 1, X, Y, Z)`` float32 volume of ``image``, Gaussian-smoothed by ``sigma_mm`` (0: as it is; per-axis
+    sigma in voxels)."""
     volume = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32)[None]
     if sigma_mm <= 0:
         return volume
@@ -128,16 +139,18 @@ def mind_descriptors(volume: torch.Tensor) -> torch.Tensor:
     return mind / mind.amax(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _cube_offsets(level: AffineLevel) -> torch.Tensor:
-    """``(S^3, 3)`` offsets of the cube samples, LPS mm, in (L, P, S) index order."""
-    axis = torch.arange(-level.half_size, level.half_size + 1, dtype=torch.float32) * level.step_mm
+def cube_offsets(half_size: int, step_mm: float, dtype=torch.float32) -> torch.Tensor:
+    """``(S^3, 3)`` offsets (LPS mm) of a cube of ``S = 2 * half_size + 1`` samples per axis, in (L, P, S) index order."""
+    axis = torch.arange(-half_size, half_size + 1, dtype=dtype) * step_mm
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-def _sample(volume: torch.Tensor, to_grid: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples ``(N, M)`` of ``volume`` at world LPS points ``(N, M, 3)`` (border value outside)."""
-    grid = world @ to_grid[:3, :3].T.float() + to_grid[:3, 3].float()
-    return F.grid_sample(volume, grid[None, :, :, None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0, :, :, 0]
+def sample_world_points(volume: torch.Tensor, to_grid: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(N, M)`` of ``volume`` ``(1, 1, X, Y, Z)`` at world LPS points ``(N, M, 3)`` (mm; border
+    value outside); ``to_grid``: :func:`lps_to_sampling_grid` of the volume's image. Differentiable in ``world``."""
+    grid = world @ to_grid[:3, :3].T.to(world.dtype) + to_grid[:3, 3].to(world.dtype)
+    grid = grid.to(volume.dtype)[None, :, :, None]
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0, :, :, 0]
 
 
 def _ncc(template: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -194,10 +207,9 @@ def register_patches(
         finite = np.isfinite(start_linear).all(axis=(1, 2))
         linear[finite] = start_linear[finite]
     to_template, to_query = lps_to_sampling_grid(template), lps_to_sampling_grid(query)
-    start_score = final_score = np.full(n, np.nan)
     for level in levels:
-        fixed_volume, moving_volume = _smoothed_volume(template, level.smoothing_mm), _smoothed_volume(query, level.smoothing_mm)
-        offsets = _cube_offsets(level)
+        fixed_volume, moving_volume = smoothed_volume(template, level.smoothing_mm), smoothed_volume(query, level.smoothing_mm)
+        offsets = cube_offsets(level.half_size, level.step_mm)
         side = 2 * level.half_size + 1
         lr_t = level.learning_rate_mm if level.learning_rate_mm is not None else level.step_mm / 4
         lr_a = level.learning_rate_linear if level.learning_rate_linear is not None else level.step_mm / 200
@@ -206,13 +218,13 @@ def register_patches(
             sl = slice(first, min(n, first + max_points_per_batch))
             centre = torch.as_tensor(centres[sl], dtype=torch.float32)
             with torch.no_grad():
-                fixed = _sample(fixed_volume, to_template, centre[:, None, :] + offsets[None])
+                fixed = sample_world_points(fixed_volume, to_template, centre[:, None, :] + offsets[None])
             shift = torch.as_tensor(points[sl], dtype=torch.float32).requires_grad_(True)
             matrix = torch.as_tensor(linear[sl], dtype=torch.float32).requires_grad_(True)
 
             def score() -> torch.Tensor:
                 moved = shift[:, None, :] + offsets[None] @ matrix.transpose(1, 2)
-                return _similarity(similarity, fixed, _sample(moving_volume, to_query, moved), side)
+                return _similarity(similarity, fixed, sample_world_points(moving_volume, to_query, moved), side)
 
             optimiser = torch.optim.Adam([{"params": [shift], "lr": lr_t}, {"params": [matrix], "lr": lr_a}])
             with torch.no_grad():

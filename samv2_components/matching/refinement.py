@@ -38,8 +38,17 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from samv2_components.geometry import affine_and_space, as_points, points_outside_scan, world_to_voxel
-from samv2_components.matching.patch_affine import AffineLevel, mind_descriptors, patch_similarity, register_patches
+from samv2_components.geometry import affine_and_space, as_points, points_outside_scan
+from samv2_components.matching.patch_affine import (
+    AffineLevel,
+    cube_offsets,
+    lps_to_sampling_grid,
+    mind_descriptors,
+    patch_similarity,
+    register_patches,
+    sample_world_points,
+    smoothed_volume,
+)
 
 __all__ = ["LocalIntensityRefiner", "RefinementResult", "sample_lps_cubes", "SIMILARITIES"]
 
@@ -100,19 +109,12 @@ def sample_lps_cubes(image: MetaTensor, centres_lps, half_size: int, step_mm: fl
         ``centre_n + step * (i - h, j - h, k - h)``. Outside the scan the nearest border value is used.
     """
     centres = as_points(centres_lps)
-    offsets = step_mm * np.arange(-half_size, half_size + 1, dtype=np.float64)
-    grid_lps = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
     maps = np.broadcast_to(np.eye(3), (len(centres), 3, 3)) if linear is None else np.asarray(linear, np.float64)
-    affine, space = affine_and_space(image)
-    size = np.asarray(image.shape[1:], dtype=np.float64)
+    offsets = cube_offsets(half_size, step_mm, dtype=torch.float64).numpy()
+    world = centres[:, None, :] + np.einsum("mk,njk->nmj", offsets, maps)  # centre_n + linear_n @ offset_m
+    samples = sample_world_points(smoothed_volume(image), lps_to_sampling_grid(image), torch.as_tensor(world))
     side = 2 * half_size + 1
-    voxels = np.stack([world_to_voxel(c + grid_lps @ m.T, affine, affine_space=space, world_space="LPS") for c, m in zip(centres, maps)])
-    normalised = 2.0 * voxels / np.maximum(size - 1, 1) - 1.0  # align_corners=True
-    # grid_sample reads (x, y, z) = (last, middle, first) array axis
-    grid = torch.as_tensor(normalised[..., ::-1].copy(), dtype=torch.float32).view(len(centres), side, side, side, 3)
-    volume = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32)
-    volume = volume[None].expand(len(centres), -1, -1, -1, -1)
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return samples.view(len(centres), 1, side, side, side)
 
 
 def _window_sums(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -282,11 +284,12 @@ class LocalIntensityRefiner:
         before, after = np.full(n, np.nan), np.full(n, np.nan)
         interior = np.zeros(n, dtype=bool)
         score_maps = _ncc_maps if measure == "ncc" else _mind_maps
-        inverse = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        frames = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()  # template -> query linear part per point
         if local_linear is not None:
             local_linear = np.asarray(local_linear, np.float64)
             ok = self.plausible_linear(local_linear)
-            inverse[ok] = np.linalg.inv(local_linear[ok])
+            frames[ok] = local_linear[ok]
+        inverse = np.linalg.inv(frames)
         for start in range(0, n, self.max_points_per_batch):
             sl = slice(start, min(n, start + self.max_points_per_batch))
             patches = sample_lps_cubes(template, template_points[sl], half + margin, step, linear=inverse[sl])
@@ -317,7 +320,6 @@ class LocalIntensityRefiner:
         if self.affine_levels:
             searched = interior & (distance <= self.trust_radius_mm)
             start = np.where(searched[:, None], refined, matched)
-            frames = np.linalg.inv(inverse)
             local = register_patches(template, template_points, query, start, frames, self.affine_levels, measure, self.max_points_per_batch)
             last = self.affine_levels[-1]
             before = patch_similarity(template, template_points, query, matched, frames, last, measure)
