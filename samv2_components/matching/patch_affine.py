@@ -177,7 +177,7 @@ def register_patches(
     query: MetaTensor,
     start_points_lps,
     start_linear=None,
-    levels=(AffineLevel(32.0, 2.0, 100, 1.0), AffineLevel(16.0, 1.0, 40)),
+    levels=(AffineLevel(32.0, 2.0, 200, 1.0), AffineLevel(16.0, 1.0, 100)),
     similarity: str = "ncc",
     max_points_per_batch: int = 64,
 ) -> PatchAffineResult:
