@@ -269,3 +269,82 @@ def test_labels_are_sampled_nearest():
             assert torch.equal(lab[0][keep], expected)
             far_out = ((idx < -0.6) | (idx > torch.tensor(shape).reshape(3, 1, 1, 1) - 0.4)).any(0)
             assert (lab[0][far_out] == 0).all()
+
+
+# -- simulated subject variation: a smooth displacement of patch a -----------------------------------------------
+
+
+class KnownField(RandPatchPaird):
+    """The transform with a known analytic displacement instead of a random one (voxels of patch a)."""
+
+    def draw_displacement(self, voxel_mm):
+        grid = patch_points(self.patch_size)[:, :3].T.reshape(3, *self.patch_size)
+        n = torch.tensor(self.patch_size, dtype=torch.float64).reshape(3, 1, 1, 1)
+        phase = torch.pi * grid / (n - 1)
+        return torch.stack([1.5 * torch.sin(phase[1]), -2.0 * torch.cos(phase[2]), 2.5 * torch.sin(phase[0] + phase[2])])
+
+
+def test_deformed_pairs_carry_a_known_field_exactly(ramp_volume):
+    t = KnownField(interpolated_keys="coords", patch_size=PATCH, rotate_range=0.2, deform_prob=1.0, keep_source=True,
+                   **NO_INTENSITY)
+    t.set_random_state(3)
+    checked = 0
+    for _ in range(6):
+        out = t(ramp_volume)
+        field = t.draw_displacement(None)
+        # patch a samples the volume at M_a (p + w(p)): its coordinate ramps show exactly that
+        p = patch_points(PATCH)
+        p[:, :3] += field.reshape(3, -1).T
+        expected = (p @ out["affine_a"].T)[:, :3].T.reshape(3, *PATCH)
+        size = torch.tensor(ramp_volume["image"].shape[1:], dtype=torch.float64).reshape(3, 1, 1, 1)
+        inside = ((expected >= 0) & (expected <= size - 1)).all(0)  # points pushed out of the volume read padding
+        assert inside.float().mean() > 0.5
+        assert torch.allclose(out["coords_a"].double()[:, inside], expected[:, inside], atol=2e-3)
+        # and its partner in b is the same volume point: M_b corr == M_a (p + w)
+        corr = out["corr_ab"].double().reshape(3, -1).T
+        q = torch.cat([corr, torch.ones(len(corr), 1, dtype=torch.float64)], 1)
+        assert torch.allclose((q @ out["affine_b"].T)[:, :3], (p @ out["affine_a"].T)[:, :3], atol=1e-4)
+        valid = out["valid_ab"][0]
+        for key in ("image", "coords"):
+            a, b = out[f"{key}_a"], out[f"{key}_b"]
+            err = (sample_trilinear(b, out["corr_ab"]) - a)[:, valid].abs()
+            assert float(err.max()) <= 1e-3 * float(a.abs().max()) if valid.any() else True, key
+        checked += int(valid.sum())
+        # without the field the correspondence would be off by w: the field really moved patch a
+        plain = (patch_points(PATCH) @ out["affine_a"].T)[:, :3].T.reshape(3, *PATCH)
+        assert float((out["coords_a"].double() - plain)[:, inside].abs().max()) > 1.0
+    assert checked > 0
+
+
+def test_random_displacement_is_smooth_bounded_and_one_to_one(ramp_volume):
+    from samv2_components.transforms.patch_pairs import smooth_displacement
+
+    rng = np.random.RandomState(0)
+    voxel_mm = np.array([2.4, 1.8, 2.0])
+    for sigma in (2.0, 5.0):  # 5.0 = the largest allowed for 40 mm control points
+        field = smooth_displacement((32, 96, 96), voxel_mm, sigma, 40.0, rng)
+        mm = field * torch.tensor(voxel_mm).reshape(3, 1, 1, 1)
+        assert float(mm.abs().max()) <= 3 * sigma + 1e-9 and float(mm.std()) > 0.3 * sigma
+        # Jacobian of p -> p + w(p) in voxels: finite differences; det > 0 everywhere = no folding
+        grads = [torch.gradient(field[i], dim=(0, 1, 2)) for i in range(3)]
+        jac = torch.stack([torch.stack(g) for g in grads]) + torch.eye(3, dtype=torch.float64).reshape(3, 3, 1, 1, 1)
+        det = torch.linalg.det(jac.permute(2, 3, 4, 0, 1))
+        assert float(det.min()) > 0.2
+    t = RandPatchPaird(patch_size=PATCH, deform_prob=0.5, **NO_INTENSITY)
+    t.set_random_state(0)
+    drawn = []
+    for _ in range(20):
+        t(ramp_volume)
+        drawn.append(t.displacement is not None)
+    assert 4 <= sum(drawn) <= 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [(dict(deform_prob=1.5), "deform_prob"), (dict(deform_sigma_mm=-1.0), "deform_sigma_mm"),
+     (dict(deform_sigma_mm=10.0, deform_control_spacing_mm=40.0), "deform_sigma_mm"),
+     (dict(deform_control_spacing_mm=0.0), "deform_control_spacing_mm")],
+)
+def test_bad_deformation_settings_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        RandPatchPaird(**kwargs)

@@ -29,14 +29,22 @@ class HeadsModel(nn.Module):
 
     Training needs every head on its own grid, and DistributedDataParallel only synchronises gradients of calls
     that go through ``forward``. ``net`` (the bundle's ``network_def``) keeps the plain state-dict keys.
+
+    ``channels_last``: run the network in the ``channels_last_3d`` memory format (parameters converted once here,
+    inputs on every call); with bf16 autocast on the CPU it cut the forward pass of a training batch from 1.2 s to
+    0.5 s (width 0.25, 4 x 32x96x96, one thread). The head outputs come back contiguous, as the losses flatten them.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, channels_last: bool = True):
         super().__init__()
-        self.net = net
+        self.channels_last = bool(channels_last)
+        self.net = net.to(memory_format=torch.channels_last_3d) if self.channels_last else net
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net.forward_heads(x)
+        if not self.channels_last:
+            return self.net.forward_heads(x)
+        heads = self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d))
+        return {name: emb.contiguous() for name, emb in heads.items()}
 
 
 def _cycle(loader: Iterable) -> Iterator:

@@ -1,8 +1,9 @@
 """Training datalists (Decathlon style): ``{"training": [{"image": ..., "label": ..., "modality": "ct"}, ...]}``.
 
 Every entry is checked before training starts, so a typo fails in the first second with the file's name instead
-of hours into a run: the image exists and is readable as one 3D volume, the modality is ``ct`` or ``mr``, and a
-label map (optional) lies on the image's grid.
+of hours into a run: the image exists, the modality is ``ct`` or ``mr``, and a label map (optional) lies on the
+image's grid; with ``check_images`` every image is also read in full and must be one finite, non-constant 3D
+volume, and every label map integer-valued.
 """
 
 from __future__ import annotations
@@ -12,11 +13,23 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.transforms.intensity import check_modality
 
-__all__ = ["load_training_datalist"]
+__all__ = ["LABEL_VOCABULARY", "load_training_datalist", "labels_share_vocabulary"]
+
+#: value of a datalist's ``label_vocabulary`` field when its label maps use the common structure ids of
+#: :mod:`samv2_components.io.label_vocabulary` (``scripts/prepare_training_data.py`` writes it)
+LABEL_VOCABULARY = "samv2_common"
+
+
+def labels_share_vocabulary(path: str | os.PathLike) -> bool:
+    """Whether a datalist declares its label maps harmonised (``"label_vocabulary": "samv2_common"``): then one
+    label id means one structure in every scan and semantic prototypes can be shared across a batch."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("label_vocabulary") == LABEL_VOCABULARY
 
 
 def _header_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray]:
@@ -39,9 +52,16 @@ def _header_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def load_training_datalist(
-    path: str | os.PathLike, key: str = "training", base_dir: str | None = None, check_labels: bool = True
+    path: str | os.PathLike,
+    key: str = "training",
+    base_dir: str | None = None,
+    check_labels: bool = True,
+    check_images: bool = False,
 ) -> list[dict]:
     """Read and check a datalist; relative paths are resolved against ``base_dir`` (default: the file's folder).
+
+    ``check_images`` reads every image and label map in full (unreadable, 2D, constant or NaN images and
+    non-integer label maps are refused); otherwise only headers are read.
 
     Returns the entries with absolute paths. Raises :class:`SAMv2InputError` naming the file at fault.
     """
@@ -68,11 +88,27 @@ def load_training_datalist(
                 if not os.path.exists(item[k]):
                     raise SAMv2InputError(item[k], f"file not found (listed in {where})")
         item["modality"] = check_modality(item.get("modality"), where)
+        if "weight" in item:
+            weight = item["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+                raise SAMv2InputError(where, f"'weight' must be a positive number (sampling weight), got {weight!r}")
         if check_labels and item.get("label"):
             image_geom, label_geom = _header_geometry(item["image"]), _header_geometry(item["label"])
             if image_geom[0] != label_geom[0] or not np.allclose(image_geom[1], label_geom[1], atol=1e-3):
                 raise SAMv2InputError(
                     item["label"], f"label map is not on the grid of its image {item['image']} (size/affine differ)"
                 )
+        if check_images:
+            _check_voxels(item)
         checked.append(item)
     return checked
+
+
+def _check_voxels(item: dict) -> None:
+    from samv2_components.io.image import load_scan
+
+    load_scan(item["image"])  # raises SAMv2InputError naming the file: unreadable, 2D/4D, NaN, constant
+    if item.get("label"):
+        label = load_scan(item["label"], check_intensities=False)
+        if not bool(torch.equal(label, torch.round(label))):
+            raise SAMv2InputError(item["label"], "label map has non-integer values")

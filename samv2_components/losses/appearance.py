@@ -143,12 +143,11 @@ def _rand(shape: Sequence[int], generator: torch.Generator | None, device: torch
 def _squared_distance(
     points: torch.Tensor, targets: torch.Tensor, spacing: torch.Tensor
 ) -> torch.Tensor:
-    """``(N, M)`` squared distances in mm between ``targets`` ``(N, 3)`` and ``points`` ``(M, 3)`` (voxel units)."""
-    total = points.new_zeros((targets.shape[0], points.shape[0]))
-    for axis in range(3):
-        diff = (points[None, :, axis] - targets[:, None, axis]) * spacing[axis]
-        total = total + diff * diff
-    return total
+    """``(N, M)`` squared distances in mm between ``targets`` ``(N, 3)`` and ``points`` ``(M, 3)`` (voxel units).
+
+    One ``cdist`` instead of per-axis broadcasts: the (N, M, 3) intermediates of the latter were a third of a
+    training step's loss time. Exact (no matrix-product shortcut), as the ignore radius is a hard threshold."""
+    return torch.cdist(targets * spacing, points * spacing, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 class VoxelInfoNCELoss(_Loss):
@@ -382,7 +381,7 @@ class VoxelInfoNCELoss(_Loss):
             # 3. candidate negatives: b's voxels (and a's), outside the ignore radius and the positive's support
             with torch.no_grad():
                 q_clamped = torch.minimum(q_sel.clamp_min(0.0), size_b - 1)
-                support = ((idx_b[None] - q_clamped[:, None]).abs() < 1.0).all(dim=2)
+                support = torch.cdist(q_clamped, idx_b, p=float("inf")) < 1.0  # within one voxel on every axis
                 keep_b = (_squared_distance(pos_b, t_sel, spacing_b[k]) >= radius2) & ~support
                 if self.negatives_from == "both":
                     keep_a = _squared_distance(pos_a, pos_a[anchors], spacing_a[k]) >= radius2

@@ -11,6 +11,12 @@ Sampling follows the reference implementation's ``ComputeAugParam_sample`` (DESI
 probability 0.8 the two views are drawn around a shared seed point (else independently). Improvements over the
 reference: the geometry is one affine per view (no crop-resample-crop chain and no separate coordinate
 meshgrids to carry along), rotations are optional and physical, and centres prefer the body.
+
+**Simulated subject variation** (optional, ``deform_prob``): patch a is additionally warped by a smooth random
+displacement ``w`` given in its own voxel frame, ``v = M_a (p + w(p))``, so that its partner in patch b is
+``M_b^-1 M_a (p + w(p))``: still exact, with no field inversion. With per-axis scales (``isotropic_scale=False``)
+this gives positive pairs across a large-scale elastic deformation plus anisotropic scaling, the shape difference
+between two bodies that a few training subjects cannot show (see :func:`smooth_displacement`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "apply_affine",
     "patch_correspondence",
     "sample_at_voxels",
+    "smooth_displacement",
 ]
 
 logger = logging.getLogger("samv2_components")
@@ -149,6 +156,31 @@ def sample_at_voxels(
     return out.reshape(volume.shape[0], *coords.shape[:-1])
 
 
+def smooth_displacement(
+    patch_size: Sequence[int],
+    voxel_mm: Sequence[float],
+    sigma_mm: float,
+    control_spacing_mm: float,
+    rng: np.random.RandomState,
+) -> torch.Tensor:
+    """A smooth random displacement ``(3, d, h, w)`` float64, in voxels of a patch whose voxels are ``voxel_mm``.
+
+    Random vectors (each component ``N(0, sigma_mm)``, clipped to 3 sigma) on a lattice of control points
+    ``control_spacing_mm`` apart that spans the patch, interpolated trilinearly to every voxel: a large-scale
+    elastic field (the lattice spacing sets its scale). The largest displacement gradient is about
+    ``2 * 3 * sigma_mm / control_spacing_mm``, so ``sigma_mm <= control_spacing_mm / 8`` keeps the map one-to-one
+    (the check in :class:`RandPatchPaird`).
+    """
+    size = np.asarray(patch_size, dtype=np.int64)
+    vox = np.asarray(voxel_mm, dtype=np.float64)
+    extent_mm = (size - 1) * vox
+    lattice = np.maximum(2, np.ceil(extent_mm / control_spacing_mm).astype(np.int64) + 1)
+    vectors_mm = np.clip(rng.normal(0.0, sigma_mm, size=(3, *lattice)), -3 * sigma_mm, 3 * sigma_mm)
+    vectors_vox = torch.from_numpy(vectors_mm / vox.reshape(3, 1, 1, 1))
+    field = F.interpolate(vectors_vox[None], size=tuple(int(n) for n in size), mode="trilinear", align_corners=True)
+    return field[0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the transform
 # --------------------------------------------------------------------------------------------------------------
@@ -226,6 +258,8 @@ class RandPatchPaird(MapTransform, Randomizable):
       inside the volume (``0 <= M_a p <= size - 1``), i.e. both patches saw real data there.
     * ``overlap``: 0-d bool tensor, whether the pair was drawn around a shared seed.
     * ``affine_a``, ``affine_b``: ``(4, 4)`` float64 ``M_k``, patch voxel -> volume voxel (see :func:`patch_affine`).
+      When patch a is deformed, ``M_a`` (and its ``MetaTensor`` affine) is the grid *before* the displacement;
+      ``corr_ab`` and ``valid_ab`` include it.
 
     Sampling (defaults follow the reference's ``ComputeAugParam_sample``, DESIGN §2):
 
@@ -274,6 +308,10 @@ class RandPatchPaird(MapTransform, Randomizable):
             the shape. If it is ``Randomizable`` (a ``Compose`` of them included) it draws from this transform's
             random state, set in :meth:`set_random_state` without drawing, so the pair geometry of a seed does not
             depend on it. None (default): no such step.
+        deform_prob: probability that patch a is warped by a smooth random displacement (:func:`smooth_displacement`).
+        deform_sigma_mm: standard deviation of the displacement at the control points (mm), at most
+            ``deform_control_spacing_mm / 8``.
+        deform_control_spacing_mm: distance of the displacement's control points (mm): the field's scale.
         suffixes: output key suffixes of the two patches.
         corr_key, valid_key, overlap_key: output keys of the correspondence, its validity and the overlap flag.
         affine_key: prefix of the ``M_k`` outputs (``affine_key + suffix``).
@@ -306,6 +344,9 @@ class RandPatchPaird(MapTransform, Randomizable):
         blur_prob: float = 0.3,
         blur_sigma_range: Sequence[float] = (0.25, 2.0),
         intensity_augmentation: Callable | None = None,
+        deform_prob: float = 0.0,
+        deform_sigma_mm: float = 4.0,
+        deform_control_spacing_mm: float = 40.0,
         suffixes: Sequence[str] = ("_a", "_b"),
         corr_key: str = "corr_ab",
         valid_key: str = "valid_ab",
@@ -342,6 +383,19 @@ class RandPatchPaird(MapTransform, Randomizable):
         if intensity_augmentation is not None and not callable(intensity_augmentation):
             raise TypeError(f"intensity_augmentation must be callable or None, got {type(intensity_augmentation)}")
         self.intensity_augmentation = intensity_augmentation
+        if not 0.0 <= float(deform_prob) <= 1.0:
+            raise ValueError(f"deform_prob must be in [0, 1], got {deform_prob!r}")
+        if not float(deform_control_spacing_mm) > 0.0:
+            raise ValueError(f"deform_control_spacing_mm must be > 0, got {deform_control_spacing_mm!r}")
+        if not 0.0 <= float(deform_sigma_mm) <= float(deform_control_spacing_mm) / 8.0:
+            raise ValueError(
+                f"deform_sigma_mm must be in [0, deform_control_spacing_mm / 8 = {float(deform_control_spacing_mm) / 8:g}] "
+                f"(a larger field can fold), got {deform_sigma_mm!r}"
+            )
+        self.deform_prob = float(deform_prob)
+        self.deform_sigma_mm = float(deform_sigma_mm)
+        self.deform_control_spacing_mm = float(deform_control_spacing_mm)
+        self.displacement: torch.Tensor | None = None
         self._warned_no_foreground: set[str] = set()
         self._foreground_tries = 64
         self.affines: list[np.ndarray] = []
@@ -396,8 +450,8 @@ class RandPatchPaird(MapTransform, Randomizable):
         return patch_affine(np.zeros(3), self.patch_size, scale, rotation_matrix(angles), spacing)
 
     def randomize(self, data: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0), source: str = "image") -> None:
-        """Draw the pair's geometry for a volume ``data`` ``(C, D, H, W)``: sets ``self.overlap`` and
-        ``self.affines`` (``[M_a, M_b]``)."""
+        """Draw the pair's geometry for a volume ``data`` ``(C, D, H, W)``: sets ``self.overlap``,
+        ``self.affines`` (``[M_a, M_b]``) and ``self.displacement`` (patch a's, in its voxels, or None)."""
         spacing = np.asarray(spacing, dtype=np.float64)
         size = np.asarray(data.shape[1:], dtype=np.float64)
         n = np.asarray(self.patch_size, dtype=np.float64)
@@ -418,6 +472,16 @@ class RandPatchPaird(MapTransform, Randomizable):
             m = linear.copy()
             m[:3, 3] = centre - linear[:3, :3] @ ((n - 1.0) / 2.0)
             self.affines.append(m)
+        self.displacement = None
+        if self.deform_prob > 0 and self.R.rand() < self.deform_prob:
+            voxel_mm = np.linalg.norm(spacing[:, None] * linears[0][:3, :3], axis=0)  # patch a's voxel size (mm)
+            self.displacement = self.draw_displacement(voxel_mm)
+
+    def draw_displacement(self, voxel_mm: np.ndarray) -> torch.Tensor:
+        """Patch a's displacement ``(3, d, h, w)`` in its own voxels (overridable, e.g. by a test's known field)."""
+        return smooth_displacement(
+            self.patch_size, voxel_mm, self.deform_sigma_mm, self.deform_control_spacing_mm, self.R
+        )
 
     # -- application --------------------------------------------------------------------------------------------
 
@@ -468,7 +532,8 @@ class RandPatchPaird(MapTransform, Randomizable):
         self.randomize(volume, spacing, source)
 
         grid = patch_voxel_grid(self.patch_size)
-        coords = [apply_affine(m, grid) for m in self.affines]
+        grid_a = grid if self.displacement is None else grid + self.displacement.permute(1, 2, 3, 0)
+        coords = [apply_affine(self.affines[0], grid_a), apply_affine(self.affines[1], grid)]
 
         jobs = [(k, "image") for k in image_keys]
         for keys, mode in ((self.label_keys, "nearest"), (self.interpolated_keys, "bilinear")):
@@ -496,7 +561,10 @@ class RandPatchPaird(MapTransform, Randomizable):
             if not self.keep_source:
                 d.pop(key)
 
-        corr = patch_correspondence(self.affines[0], self.affines[1], self.patch_size)
+        if self.displacement is None:
+            corr = patch_correspondence(self.affines[0], self.affines[1], self.patch_size)
+        else:  # the partner in b of the displaced point v = M_a (p + w(p)): M_b^-1 v
+            corr = apply_affine(np.linalg.inv(self.affines[1]), coords[0]).permute(3, 0, 1, 2)
         n = torch.tensor(self.patch_size, dtype=torch.float64).reshape(3, 1, 1, 1)
         vol_size = torch.tensor(size, dtype=torch.float64).reshape(3, 1, 1, 1)
         in_b = ((corr >= -1e-6) & (corr <= n - 1 + 1e-6)).all(0)
