@@ -52,8 +52,8 @@ import torch
 from monai.bundle import ConfigParser
 
 import evaluate_known_transform as known
-from make_organ_pairs import organ_pairs
 from samv2_components.io.image import load_scan
+from samv2_components.io.organ_pairs import organ_centroid_pairs
 from samv2_components.matching import SAMv2Matcher, match_nearest_neighbour
 from samv2_components.metrics import summarize_errors
 from samv2_components.networks.weights import load_weights
@@ -66,10 +66,12 @@ DATA = "/work/shared/data/body_ct"
 class BundlePipeline:
     """The matching bundle's preprocessing, network (with weights), embedding inferer and matcher settings."""
 
-    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu"):
+    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu", overrides: dict | None = None):
         parser = ConfigParser()
         parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
         parser["bundle_root"] = bundle_root
+        for key, value in (overrides or {}).items():
+            parser[key] = value
         self.device = torch.device(device)
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("embedding_inferer")
@@ -194,7 +196,7 @@ def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> li
 
 
 def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_image, query_labels, register: bool):
-    pairs = organ_pairs(template_labels, query_labels)
+    pairs = organ_centroid_pairs(template_labels, query_labels)
     matcher = pipe.matcher()
     tp, qp = matcher.prepare(pipe.embed(template_image)), matcher.prepare(pipe.embed(query_image))
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
