@@ -8,6 +8,7 @@ from samv2_components.transforms.aggressive_intensity import (
 )
 from samv2_components.transforms.intensity import MODALITIES, NormalizeIntensityByModalityd, check_modality
 from samv2_components.transforms.patch_pairs import RandPatchPaird
+from samv2_components.transforms.synthetic_contrast import RandSynthContrastd, TissueClassesd
 from samv2_components.transforms.registered_pairs import (
     RandRegisteredPatchd,
     load_registered_datalist,
@@ -25,6 +26,8 @@ __all__ = [
     "RandIntensityInversiond",
     "RandPatchPaird",
     "RandRegisteredPatchd",
+    "RandSynthContrastd",
+    "TissueClassesd",
     "aggressive_intensity_augmentation",
     "check_modality",
     "load_registered_datalist",
