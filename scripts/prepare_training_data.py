@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 try:
     import samv2_components  # noqa: F401
@@ -32,7 +33,7 @@ from samv2_components.errors import install_cli_error_handler
 from samv2_components.io.atomic import atomic_file
 from samv2_components.io.datalist import LABEL_VOCABULARY, load_training_datalist
 from samv2_components.io.label_vocabulary import AMOS, TOTALSEGMENTATOR_CT, TOTALSEGMENTATOR_MR, vocabulary_rows
-from samv2_components.io.training_data import CatalogueScan, label_source_for, prepare_catalogue
+from samv2_components.io.training_data import CatalogueScan, label_source_for, prepare_catalogue, resample_entries
 
 TS = "CC BY 4.0 (TotalSegmentator data)"
 CAMITK = "LGPL-3+ (Debian libcamitk5-data)"
@@ -125,17 +126,31 @@ def _markdown(report: list[dict], data_root: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(data_root: str = "../shared/data", output_dir: str = "bundles/semantic_sam/runs/data", report: str | None = None) -> None:
-    """Convert the training scans of ``data_root`` into ``output_dir`` and write ``output_dir/datalist.json``."""
+def main(
+    data_root: str = "../shared/data",
+    output_dir: str = "bundles/semantic_sam/runs/data",
+    report: str | None = None,
+    resample_mm: float | None = None,
+) -> None:
+    """Convert the training scans of ``data_root`` into ``output_dir`` and write ``output_dir/datalist.json``.
+
+    ``resample_mm`` (e.g. 2): instead store every training scan resampled to that spacing as int16 in
+    ``output_dir`` with a datalist of relative paths: a self-contained folder to copy to a GPU machine.
+    """
     root, out = os.path.abspath(data_root), os.path.abspath(output_dir)
-    entries, rows = prepare_catalogue(CATALOGUE, root, out)
+    if resample_mm is not None:
+        with tempfile.TemporaryDirectory(prefix="samv2_prepare_") as tmp:
+            entries, rows = prepare_catalogue(CATALOGUE, root, tmp)
+            entries = resample_entries(entries, out, float(resample_mm))
+    else:
+        entries, rows = prepare_catalogue(CATALOGUE, root, out)
     datalist = {"description": f"SAMv2 training scans from {root} (scripts/prepare_training_data.py)",
                 "label_vocabulary": LABEL_VOCABULARY, "held_out": HELD_OUT, "training": entries}
     path = os.path.join(out, "datalist.json")
     with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(datalist, f, indent=2)
-        load_training_datalist(tmp, check_images=True)  # refuse a bad list before it replaces a good one
+        load_training_datalist(tmp, base_dir=out, check_images=True)  # refuse a bad list before it replaces a good one
     for r in rows:
         why = "; ".join(x for x in (r["conversion"], r["note"]) if x)
         print(f"{r['role']:16s} {r['modality']} {r['image']}" + (f"  [{why}]" if why else ""), file=sys.stderr)

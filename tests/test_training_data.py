@@ -7,6 +7,7 @@ conversions and the catalogue on small images the tests make.
 from __future__ import annotations
 
 import json
+import os
 
 import itk
 import nibabel as nib
@@ -223,3 +224,60 @@ def test_bad_datalist_entries_are_refused_before_training(tmp_path, make, messag
     path.write_text(json.dumps({"training": [entry]}))
     with pytest.raises(SAMv2InputError, match=message):
         load_training_datalist(path, check_images=True)
+
+
+def test_resampled_copies_travel_with_relative_paths(collection, tmp_path):
+    # a CT whose value is 10x its own LPS x coordinate (mm): any geometry error shows in the resampled values
+    ramp = itk_image(np.zeros((30, 30, 30), np.int16), spacing=(1.0, 1.0, 1.0), origin=(-20.0, 5.0, 3.0))
+    x_lps = -20.0 + np.arange(30)
+    itk.imwrite(_with_values(ramp, np.broadcast_to(10 * x_lps, (30, 30, 30)).astype(np.int16)), str(collection / "ramp.nii.gz"))
+    catalogue = [CatalogueScan("ramp.nii.gz", "ct", "train", "MIT"),
+                 CatalogueScan("ct.nii.gz", "ct", "train", "MIT", "ct_labels.nii.gz", "totalsegmentator_ct")]
+    entries, _ = prepare_catalogue(catalogue, str(collection), str(tmp_path / "prepared"))
+    from samv2_components.geometry import voxel_to_world
+    from samv2_components.io.training_data import resample_entries
+
+    out = tmp_path / "cache"
+    items = resample_entries(entries, str(out), 2.0)
+    assert all(not os.path.isabs(i["image"]) and i["modality"] == "ct" for i in items)
+    image, label = nib.load(str(out / items[1]["image"])), nib.load(str(out / items[1]["label"]))
+    assert image.get_data_dtype() == np.int16 and np.allclose(image.header.get_zooms(), 2.0)
+    assert image.shape == label.shape
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, common_id("liver"), 1017}
+    resampled = load_scan(str(out / items[0]["image"]))
+    values = resampled[0].numpy()
+    idx = np.argwhere(np.ones(values.shape, bool))
+    world = voxel_to_world(idx.astype(float), resampled.affine)  # LPS mm of every 2 mm voxel centre
+    inside = (world[:, 0] >= -20) & (world[:, 0] <= 9)
+    assert inside.sum() > 100
+    assert np.allclose(values[tuple(idx[inside].T)], 10 * world[inside, 0], atol=1.0)  # value = 10 x, rounded
+    (path := out / "list.json").write_text(json.dumps({"training": items}))
+    assert load_training_datalist(path, check_images=True)[0]["image"] == str(out / items[0]["image"])
+
+
+def _with_values(reference, array):
+    out = itk.image_from_array(np.ascontiguousarray(array))
+    out.CopyInformation(reference)
+    return out
+
+
+def test_training_clock_stops_on_time_and_reports(caplog):
+    import logging
+    import time as _time
+
+    from ignite.engine import Engine, Events
+
+    from samv2_components.engines import TrainingClock
+
+    engine = Engine(lambda e, b: _time.sleep(0.02))
+    completed = []
+    engine.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
+    clock = TrainingClock(limit_seconds=0.2)
+    clock.attach(engine)
+    with caplog.at_level(logging.INFO, logger="samv2_components"):
+        engine.run(range(1000), max_epochs=1)
+    assert completed and 3 <= completed[0] < 100  # stopped early, and COMPLETED (final weights) still fired
+    assert clock.steps_per_second and 10 < clock.steps_per_second < 60
+    assert any("throughput:" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        TrainingClock(limit_seconds=0)

@@ -1,5 +1,6 @@
+from samv2_components.engines.clock import TrainingClock
 from samv2_components.engines.crosssam import CrossSAMTrainer
 from samv2_components.engines.resume import ResumeFromLatestCheckpoint, latest_checkpoint
 from samv2_components.engines.trainer import HeadsModel, SAMv2Trainer
 
-__all__ = ["CrossSAMTrainer", "HeadsModel", "ResumeFromLatestCheckpoint", "SAMv2Trainer", "latest_checkpoint"]
+__all__ = ["CrossSAMTrainer", "HeadsModel", "ResumeFromLatestCheckpoint", "SAMv2Trainer", "TrainingClock", "latest_checkpoint"]

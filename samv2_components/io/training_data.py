@@ -43,6 +43,7 @@ __all__ = [
     "read_slicer_segments",
     "label_source_for",
     "prepare_catalogue",
+    "resample_entries",
 ]
 
 ROLES = ("train", "held_out", "evaluation_only", "left_out")
@@ -236,3 +237,41 @@ def prepare_catalogue(
             row["classes"] = f"{len(present)} ({source.name})"
         entries.append(entry)
     return entries, report
+
+
+def resample_entries(entries: Sequence[dict], output_dir: str, spacing_mm: float = 2.0) -> list[dict]:
+    """Copies of the datalist's scans resampled to ``spacing_mm`` isotropic (linear; labels nearest), stored as
+    int16 NIfTI in ``output_dir`` (``images/``, ``labels/``), with entries whose paths are relative to it.
+
+    The training preprocessing resamples to 2 mm anyway, so a 2 mm copy trains identically (up to one more
+    interpolation) and is small enough to travel to another machine (the 23 shared training scans: a few tens of
+    MB). Intensities are rounded to integers (CT in HU, MR in its own units; percentiles normalise MR later).
+    """
+    import nibabel as nib
+    from monai.transforms import Spacingd
+
+    from samv2_components.io.image import LoadScand
+
+    load_image, load_label = LoadScand("image"), LoadScand("label", check_intensities=False, allow_missing_keys=True)
+    spacing = Spacingd(["image", "label"], pixdim=spacing_mm, mode=["bilinear", "nearest"], padding_mode="border",
+                       allow_missing_keys=True)
+    out, names = [], set()
+    for entry in entries:
+        data = spacing(load_label(load_image({k: entry[k] for k in ("image", "label") if k in entry})))
+        stem = _stem(entry["image"])
+        while stem in names:  # two scans with one file name
+            stem += "_"
+        names.add(stem)
+        item = {k: v for k, v in entry.items() if k not in ("image", "label")}
+        for key, folder in (("image", "images"), ("label", "labels")):
+            if key not in data:
+                continue
+            volume = data[key]
+            array = np.clip(np.rint(volume[0].cpu().numpy()), -32768, 32767).astype(np.int16)
+            relative = os.path.join(folder, f"{stem}.nii.gz")
+            path = os.path.join(output_dir, relative)
+            with atomic_file(path) as tmp:
+                nib.save(nib.Nifti1Image(array, np.asarray(volume.affine, dtype=np.float64)), tmp)
+            item[key] = relative
+        out.append(item)
+    return out
