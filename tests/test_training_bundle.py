@@ -133,7 +133,8 @@ def test_resume_continues_iterations_optimizer_and_schedule(first_run, tmp_path)
 
 
 def test_multi_gpu_config_splits_handlers_and_seeds_by_rank():
-    """Without a process group: rank > 0 builds only the resume and lr handlers; draws differ per rank."""
+    """Without a process group: rank > 0 builds only the resume, lr and clock handlers (every rank must stop at the
+    same iteration); draws differ per rank."""
     parser = ConfigParser()
     parser.read_config([os.path.join(ROOT, TRAIN), os.path.join(ROOT, MULTI_GPU)])
     handlers = parser["handlers"]
@@ -142,6 +143,7 @@ def test_multi_gpu_config_splits_handlers_and_seeds_by_rank():
     assert [h["_target_"].split(".")[-1] for h in handlers if "_disabled_" not in h] == [
         "ResumeFromLatestCheckpoint",
         "LrScheduleHandler",
+        "TrainingClock",
     ]
     assert parser["checkpoint_objects"]["model"] == "@network_def"  # plain SAMv2Net keys, not the DDP wrapper's
     # the step-type draw uses the same seed on every rank, so an iteration is all-appearance or all-semantic

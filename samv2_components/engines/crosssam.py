@@ -78,7 +78,7 @@ class CrossSAMTrainer(SAMv2Trainer):
         valid = batch[key_valid].to(device)
         body = batch[key_body].to(device) if key_body in batch else None
         with self._autocast(device):
-            heads = engine.network(torch.cat([a, b]))
+            heads = engine.network(torch.cat([a, b]), heads=("fine", "coarse"))
         n = a.shape[0]
         affine = batch.get(self.cross_affine_key)
         if affine is None:

@@ -40,10 +40,12 @@ class HeadsModel(nn.Module):
         self.channels_last = bool(channels_last)
         self.net = net.to(memory_format=torch.channels_last_3d) if self.channels_last else net
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{head: embedding}`` of ``x`` for ``heads`` (all heads if None)."""
+        wanted = None if heads is None else list(heads)
         if not self.channels_last:
-            return self.net.forward_heads(x)
-        heads = self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d))
+            return self.net.forward_heads(x, wanted)
+        heads = self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d), wanted)
         return {name: emb.contiguous() for name, emb in heads.items()}
 
 
@@ -130,7 +132,8 @@ class SAMv2Trainer(SupervisedTrainer):
         a, b = batch[key_a].to(device), batch[key_b].to(device)
         corr, valid = batch[key_corr].to(device), batch[key_valid].to(device)
         with self._autocast(device):
-            heads = engine.network(torch.cat([a, b]))  # one pass: both views share batch-norm statistics
+            # one pass: both views share batch-norm statistics; the semantic head is not needed here
+            heads = engine.network(torch.cat([a, b]), heads=("fine", "coarse"))
         n = a.shape[0]
         spacing = {}
         for view in ("a", "b"):  # column norms of patch->volume matrices = per-axis scale of each patch
@@ -153,7 +156,7 @@ class SAMv2Trainer(SupervisedTrainer):
         device = engine.state.device
         image, label = batch["image"].to(device), batch["label"].to(device)
         with self._autocast(device):
-            emb = engine.network(image)["semantic"].float()
+            emb = engine.network(image, heads=("semantic",))["semantic"].float()
         stride, offset = HEAD_GRIDS["semantic"]
         semantic = self.semantic_loss(emb, labels_to_grid(label, stride, offset, emb.shape[2:]))
         return {"loss": semantic, "semantic": semantic}

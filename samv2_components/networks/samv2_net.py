@@ -19,7 +19,7 @@ SAMv2 similarity score (the mean of per-head cosines). ``forward_heads`` returns
 
 import copy
 from collections.abc import Sequence
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -216,13 +216,15 @@ class SAMv2Net(nn.Module):
         """Channels of :meth:`forward`'s descriptor: ``embedding_dim`` per head."""
         return self.embedding_dim * len(self.head_names)
 
-    def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Each head's L2-normalised embedding on its own grid (see :data:`HEAD_GRIDS`)."""
+    def forward_heads(self, x: torch.Tensor, heads: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+        """Each head's L2-normalised embedding on its own grid (see :data:`HEAD_GRIDS`); ``heads`` picks a subset
+        (a training step needs only the heads its loss uses: each FPN head costs about a third of the pass)."""
         features = self.encoder(x)
         out: Dict[str, torch.Tensor] = {}
         for name, head in self.heads.items():
-            levels = self.head_levels[name]
-            out[name] = head([features[i] for i in levels])
+            if heads is None or name in heads:  # (TorchScript unrolls this loop: no `continue`)
+                levels = self.head_levels[name]
+                out[name] = head([features[i] for i in levels])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
