@@ -108,11 +108,17 @@ HELD_OUT = [s.image for s in CATALOGUE if s.role == "held_out"] + [
 
 
 def _markdown(report: list[dict], data_root: str) -> str:
-    lines = ["| scan | modality | use | licence | labels | conversion / note |", "|---|---|---|---|---|---|"]
+    n_train = sum(r["role"] == "train" for r in report)
+    lines = ["# Training data of the shipped Semantic-SAM model", "",
+             f"Written by `python scripts/prepare_training_data.py --report <this file>` from `../shared/data` (its README "
+             f"gives each scan's provenance): {n_train} training scans of {len(report)}. `weight`: relative sampling "
+             "weight of the scan's training pairs.", "",
+             "| scan | modality | use | weight | licence | labels (classes) | conversion / note |", "|---|---|---|---:|---|---|---|"]
     for r in report:
-        labels = f"{os.path.basename(r['label'])}: {r['classes']}" if r["label"] else ""
+        labels = f"{os.path.basename(r['label'])}" + (f": {r['classes']}" if r["classes"] else "") if r["label"] else ""
         note = "; ".join(x for x in (r["conversion"], r["note"]) if x)
-        lines.append(f"| `{r['image']}` | {r['modality']} | {r['role']} | {r['licence']} | {labels} | {note} |")
+        weight = f"{r['weight']:g}" if r["role"] == "train" else ""
+        lines.append(f"| `{r['image']}` | {r['modality']} | {r['role']} | {weight} | {r['licence']} | {labels} | {note} |")
     sources = [TOTALSEGMENTATOR_CT, TOTALSEGMENTATOR_MR, AMOS]
     for scan in CATALOGUE:
         if scan.label_source and scan.label_source.split(":")[0] in ("aal", "freesurfer", "slicer"):
