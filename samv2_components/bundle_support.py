@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from samv2_components.errors import SAMv2InputError, install_cli_error_handler
-from samv2_components.transforms.intensity import check_modality
+from samv2_components.modality import check_modality
 
 __all__ = [
     "resolve_bundle_root",

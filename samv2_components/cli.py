@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import find_samv2_error
+from samv2_components.errors import RegistrationFailed, find_samv2_error
 
 __all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT"]
 
@@ -248,8 +248,6 @@ class SAMv2Command:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``samv2`` console script; returns the exit status (see the module docstring)."""
     import fire
-
-    from samv2_components.registration.workflow import RegistrationFailed
 
     _log_to_stderr()
     args = list(sys.argv[1:] if argv is None else argv)

@@ -12,7 +12,14 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["SAMv2Error", "SAMv2InputError", "CheckpointError", "install_cli_error_handler", "find_samv2_error"]
+__all__ = [
+    "SAMv2Error",
+    "SAMv2InputError",
+    "CheckpointError",
+    "RegistrationFailed",
+    "install_cli_error_handler",
+    "find_samv2_error",
+]
 
 
 class SAMv2Error(Exception):
@@ -35,6 +42,15 @@ class SAMv2InputError(SAMv2Error, ValueError):
 
 class CheckpointError(SAMv2InputError):
     """A checkpoint does not fit the network: missing, unexpected or wrongly shaped tensors."""
+
+
+class RegistrationFailed(SAMv2Error):
+    """The scans could not be registered with confidence (the message says why).
+
+    Raised by the registration workflow and by CrossSAM's registered pairs; the command line and the MONAI Label
+    app report it as an answer (not confident), not as an error. Also importable from
+    :mod:`samv2_components.registration`.
+    """
 
 
 def find_samv2_error(exc: BaseException | None) -> SAMv2Error | None:

@@ -14,11 +14,15 @@ Conventions (see the project README):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from samv2_components.errors import SAMv2InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monai.data import MetaTensor
 
 __all__ = [
     "COORDINATE_SYSTEMS",
@@ -30,8 +34,12 @@ __all__ = [
     "world_to_voxel",
     "affine_and_space",
     "strided_grid_affine",
+    "strided_grid_of",
     "label_centroids",
     "points_outside_scan",
+    "body_mask",
+    "body_box_corners",
+    "crop_index_range",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -124,6 +132,22 @@ def strided_grid_affine(affine, stride: Sequence[float], offset: Sequence[float]
     return aff @ sub
 
 
+def strided_grid_of(affine, grid_affine, decimals: int = 6) -> tuple[tuple[int | float, ...], tuple[float, ...]]:
+    """``(stride, offset)`` of the grid with affine ``grid_affine`` on the grid with ``affine`` (both in one space):
+    the inverse of :func:`strided_grid_affine`, e.g. a head's grid read off its embedding map and the input scan.
+
+    Values are rounded to ``decimals`` (strides that are whole numbers become ints). Raises ``ValueError`` when the
+    grid is not a strided, axis-aligned sub-grid of ``affine``'s (rotated or sheared relative to it).
+    """
+    sub = np.linalg.solve(_as_numpy(affine), _as_numpy(grid_affine))
+    scale = np.abs(np.diag(sub)[:3]).max()
+    if np.abs(sub[:3, :3] - np.diag(np.diag(sub)[:3])).max() > 1e-6 * max(scale, 1.0):
+        raise ValueError("the grid is not an axis-aligned strided sub-grid of the other")
+    stride = [round(float(s), decimals) for s in np.diag(sub)[:3]]
+    offset = tuple(round(float(o), decimals) + 0.0 for o in sub[:3, 3])  # + 0.0: no -0.0
+    return tuple(int(s) if s == int(s) else s for s in stride), offset
+
+
 def label_centroids(label_map, labels=None, min_voxels: int = 1) -> dict[int, np.ndarray]:
     """World centroid (LPS mm) of each label of an integer label map: the mean of its voxel centres.
 
@@ -179,3 +203,52 @@ def points_outside_scan(image, points_lps, tolerance_voxels: float = 0.5) -> np.
         (affine, space), shape = affine_and_space(image), np.asarray(image.shape[-3:], np.float64)
     voxels = world_to_voxel(points_lps, affine, affine_space=space, world_space="LPS")
     return np.any((voxels < -tolerance_voxels) | (voxels > shape - 1 + tolerance_voxels), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Body box (AdaReg's crop, also used for CrossSAM's registered pairs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def body_mask(image: torch.Tensor, threshold: float = -25.0) -> torch.Tensor:
+    """Body mask ``(D, H, W)`` bool of a preprocessed scan ``(1, D, H, W)``: intensity > ``threshold``, largest
+    face-connected component (drops table, coils and noise specks). Uses SimpleITK's connected components (the
+    ``registration`` extra; MONAI's own needs scikit-image)."""
+    import SimpleITK as sitk
+
+    mask = torch.as_tensor(image[0] > threshold).cpu()
+    if not mask.any():
+        return mask
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.numpy().astype(np.uint8))), sortByObjectSize=True)
+    return torch.from_numpy(sitk.GetArrayViewFromImage(labels) == 1)
+
+
+def body_box_corners(image: MetaTensor, mask: torch.Tensor) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` (LPS mm) of the voxel bounding box of ``mask`` ``(D, H, W)`` in ``image``'s grid,
+    at the outer voxel faces."""
+    idx = torch.nonzero(torch.as_tensor(mask)).cpu().numpy()
+    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    affine, space = affine_and_space(image)
+    return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
+
+
+def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, margin_mm: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The voxel index range ``[start, stop)`` of a volume (``shape`` and 4x4 voxel -> LPS ``affine_lps``, in the
+    same axis order) that covers the world points ``corners_lps`` ``(N, 3)`` dilated by ``margin_mm`` along the
+    volume's axes, clipped to the volume; None when fewer than 2 voxels per axis remain (no overlap).
+
+    AdaReg's crop of the large-FOV scan: the small scan's body box mapped through the rigid transform, plus the
+    margin. Used for the bundle's output crop (original scan, SimpleITK index order) and for CrossSAM's training
+    pairs (preprocessed tensor, array order).
+    """
+    affine_lps = np.asarray(affine_lps, dtype=np.float64)
+    index = np.linalg.solve(affine_lps[:3, :3], (np.asarray(corners_lps, dtype=np.float64) - affine_lps[:3, 3]).T).T
+    voxel_mm = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    lo, hi = index.min(0) - margin_mm / voxel_mm, index.max(0) + margin_mm / voxel_mm
+    size = np.asarray(shape, dtype=int)
+    start = np.clip(np.floor(lo).astype(int), 0, size)
+    stop = np.clip(np.ceil(hi).astype(int) + 1, 0, size)  # voxel centres start..stop-1 cover [lo, hi] (if inside)
+    if np.any(stop - start < 2):
+        return None
+    return start, stop

@@ -62,6 +62,7 @@ if ROOT not in sys.path:
 from monai.bundle import ConfigParser  # noqa: E402
 
 from samv2_components.errors import SAMv2Error, SAMv2InputError  # noqa: E402
+from samv2_components.io.atomic import atomic_file  # noqa: E402
 from samv2_components.io.embeddings import case_name  # noqa: E402
 from samv2_components.registration import register_rigid_with_orientation_search  # noqa: E402
 from samv2_components.transforms import check_modality, registered_pair, save_registered_pair  # noqa: E402
@@ -76,10 +77,8 @@ logger = logging.getLogger("samv2_components.crosssam")
 
 def _write_json(path: str, record: Mapping[str, Any]) -> None:
     """Write JSON atomically (a half-written report must never look complete)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict | None:

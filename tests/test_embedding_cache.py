@@ -1,5 +1,5 @@
 """CachedEmbeddingInferer: a hit returns exactly what the inferer computed; any change of input, weights or
-numerics is a different entry."""
+numerics is a different entry, and the same weights in another network object are the same entry."""
 
 from __future__ import annotations
 
@@ -42,11 +42,37 @@ def test_hit_equals_computed_and_keys_change(tmp_path):
     moved = _image()
     moved.affine[0, 3] += 1.0
     assert cached.key(moved, net) != key  # same voxels elsewhere in space
+    assert CachedEmbeddingInferer(SAMv2Inferer(bf16=True), tmp_path / "cache").key(_image(), net) != key
+
+
+def test_key_follows_the_weights_not_the_network_object(tmp_path):
+    torch.manual_seed(0)
+    net = SAMv2Net(width=0.25).eval()
+    CountingInferer.calls = 0
+    cached = CachedEmbeddingInferer(CountingInferer(bf16=False, max_tile_voxels=None), tmp_path / "cache")
+    first = cached(_image(), net)
+    key = cached.key(_image(), net)
+    # the same weights in another network object: the same entry
+    twin = SAMv2Net(width=0.25).eval()
+    twin.load_state_dict(net.state_dict())
+    assert cached.key(_image(), twin) == key
+    again = cached(_image(), twin)
+    assert CountingInferer.calls == 1 and cached.hits == 1
+    for name in first:
+        torch.testing.assert_close(again[name].as_tensor(), first[name].as_tensor(), rtol=0, atol=0)
+    # weights changed in place, by an in-place op or through .data (no autograd version bump): a new entry
     with torch.no_grad():
         next(net.parameters()).add_(1e-3)
-    assert cached.key(_image(), net) == key  # fingerprint cached per network object ...
-    assert CachedEmbeddingInferer(inner, tmp_path / "cache").key(_image(), net) != key  # ... new weights, new key
-    assert CachedEmbeddingInferer(SAMv2Inferer(bf16=True), tmp_path / "cache").key(_image(), net) != key
+    changed = cached.key(_image(), net)
+    assert changed != key
+    next(net.parameters()).data.mul_(2.0)
+    assert cached.key(_image(), net) not in (key, changed)
+    cached(_image(), net)
+    assert CountingInferer.calls == 2 and cached.misses == 2
+    # a buffer (batch-norm statistics) is part of the weights too
+    buffer = next(b for b in twin.buffers() if b.is_floating_point())
+    buffer.add_(1.0)
+    assert cached.key(_image(), twin) != key
 
 
 def test_disabled_cache_passes_through(tmp_path):

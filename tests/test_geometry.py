@@ -12,6 +12,7 @@ from samv2_components.geometry import (
     label_centroids,
     convert_points,
     strided_grid_affine,
+    strided_grid_of,
     voxel_to_world,
     world_to_voxel,
 )
@@ -110,6 +111,20 @@ def test_strided_grid_affine_hand_computed():
     grid_affine = strided_grid_affine(affine, (2, 2, 2), (0.5, 0.5, 0.5))
     # grid voxel (1, 1, 1) is input voxel (2.5, 2.5, 2.5): 10 + 2 * 2.5, 20 + 3 * 2.5, 30 + 4 * 2.5
     np.testing.assert_allclose(voxel_to_world([1, 1, 1], grid_affine, "RAS", "RAS"), [[15.0, 27.5, 40.0]])
+
+
+@pytest.mark.parametrize("stride,offset", [((2, 2, 2), (0.5, 0.0, 0.0)), ((4, 16, 16), (0.5, 0.0, 0.0)), ((1, 3, 2), (0.25, 1.0, 0.0))])
+def test_strided_grid_of_inverts_strided_grid_affine(oblique_affine, stride, offset):
+    """How the embedding writer reads a head's grid off its affine: exact ints and offsets, no -0.0."""
+    got_stride, got_offset = strided_grid_of(oblique_affine, strided_grid_affine(oblique_affine, stride, offset))
+    assert got_stride == stride and all(isinstance(s, int) for s in got_stride)
+    assert got_offset == offset and "-" not in repr(got_offset)
+
+
+def test_strided_grid_of_refuses_a_rotated_grid(oblique_affine):
+    rotated = oblique_affine @ np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="axis-aligned"):
+        strided_grid_of(oblique_affine, rotated)
 
 
 @pytest.mark.parametrize("name", ["XYZ", "RAI", "", "lpsx"])

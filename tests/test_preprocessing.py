@@ -2,7 +2,7 @@
 
 The Compose is built from the bundle config itself, so these tests check what the bundle runs: geometry against
 a known transform (a ball at a known LPS world point in an oblique, flipped, anisotropic scan), the reference
-intensity mapping (DESIGN §2), and how the modality is chosen.
+intensity mapping (design notes §2, `docs/design.md`), and how the modality is chosen.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ ORIGIN = BALL_CENTRE_LPS - DIRECTION @ (SPACING * BALL_INDEX)
 
 
 def reference_ct(hu) -> np.ndarray:
-    """DESIGN §2: clip to [-1024, 3071] HU, map linearly to [0, 255], subtract 50."""
+    """design notes §2: clip to [-1024, 3071] HU, map linearly to [0, 255], subtract 50."""
     hu = np.asarray(hu, dtype=np.float64)
     return (np.clip(hu, -1024.0, 3071.0) + 1024.0) / 4095.0 * 255.0 - 50.0
 
 
 def reference_mr(x) -> np.ndarray:
-    """DESIGN §2: clip to the 0.2 / 99.8 percentiles, map to [0, 255], subtract 50."""
+    """design notes §2: clip to the 0.2 / 99.8 percentiles, map to [0, 255], subtract 50."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = np.percentile(x, [0.2, 99.8])
     return (np.clip(x, lo, hi) - lo) / (hi - lo) * 255.0 - 50.0
@@ -110,7 +110,7 @@ def test_ball_centre_lands_at_its_world_point(processed):
     _, out = processed
     image = out[0].numpy().astype(np.float64)
     air, bone = reference_ct(-1000.0), reference_ct(1000.0)
-    assert image.max() == pytest.approx(bone, abs=1e-3)  # ball interior, mapped as DESIGN §2
+    assert image.max() == pytest.approx(bone, abs=1e-3)  # ball interior, mapped as design notes §2
     weights = np.clip(image - air, 0.0, None)  # padding (-50) and air weigh nothing
     idx = np.stack(np.meshgrid(*(np.arange(n) for n in image.shape), indexing="ij"), axis=-1)
     centroid = (weights[..., None] * idx).reshape(-1, 3).sum(0) / weights.sum()
@@ -140,7 +140,7 @@ def test_divisible_padding_at_the_end_with_minus_50(processed):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# intensity parity with the reference (DESIGN §2), computed with numpy
+# intensity parity with the reference (design notes §2, `docs/design.md`), computed with numpy
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from samv2_components.errors import SAMv2InputError, find_samv2_error
+from samv2_components.engines import SAMv2Trainer
+from samv2_components.engines.trainer import isotropic_spacing
 from samv2_components.io.datalist import load_training_datalist
 from samv2_components.networks import SAMv2Net
 from samv2_components.networks.weights import load_weights
@@ -256,3 +258,37 @@ def test_num_steps_below_one_epoch_runs_that_many_steps(config, num_steps, epoch
     parser.parse(reset=True)
     assert parser.get_parsed_content("epoch_length") == epoch_length
     assert parser.get_parsed_content("num_epochs") == num_epochs
+
+
+@pytest.mark.parametrize("config", [TRAIN, "bundles/crosssam_registration/configs/train.json"])
+def test_non_isotropic_spacing_is_refused_by_name(config, monkeypatch):
+    """The trainer measures the losses' radii with one voxel size: ``spacing_mm`` [2, 2, 3] is refused, not cut to 2."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize installs the one-line error hook
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, config))
+    assert parser["trainer"]["volume_spacing"] == "@spacing_mm"  # the whole spacing, not its first value
+    parser["spacing_mm"] = [2.0, 2.0, 3.0]
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("initialize")  # before the datasets are loaded
+    error = find_samv2_error(info.value)
+    assert error is not None and error.source == "spacing_mm" and "must be isotropic" in str(error), info.value
+
+
+def test_trainer_takes_an_isotropic_spacing_only():
+    assert isotropic_spacing(2.0) == 2.0 and isotropic_spacing([1.5, 1.5, 1.5]) == 1.5
+    assert isotropic_spacing((2, 2.0, 2.0000000001)) == 2.0
+    for bad in ([2.0, 2.0], [0.0, 0.0, 0.0], "2", [2.0, "x", 2.0]):
+        with pytest.raises(SAMv2InputError, match="spacing_mm: must be a positive voxel size"):
+            isotropic_spacing(bad)
+    with pytest.raises(SAMv2InputError, match=r"spacing_mm: must be isotropic .*\[1\.0, 1\.0, 2\.5\]"):
+        SAMv2Trainer(device="cpu", max_epochs=1, train_data_loader=[], network=torch.nn.Linear(1, 1), optimizer=None,
+                     fine_loss=None, coarse_loss=None, volume_spacing=[1.0, 1.0, 2.5])
+
+
+def test_cli_non_isotropic_spacing_is_one_line(tmp_path):
+    result = run_train(tmp_path / "out", "--num_steps", "2", "--spacing_mm", "[2.0,2.0,3.0]")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR: spacing_mm: must be isotropic"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not os.path.exists(tmp_path / "out" / "model.pt")

@@ -2,7 +2,7 @@
 
 The published checkpoints (ModelScope ``viggin/Self-supervised_Anatomical_Embeddings``) cannot be downloaded
 here, so the tests build synthetic checkpoints with the exact upstream layout, written out below from the
-reference implementation's description (``shared/DESIGN.md`` section 2), *not* derived from our mapping. An
+reference implementation's description (``docs/design.md`` section 2), *not* derived from our mapping. An
 independent functional forward pass of the upstream architecture, reading the upstream-named tensors, checks
 that the converted :class:`SAMv2Net` computes the same embeddings.
 """

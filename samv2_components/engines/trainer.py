@@ -9,6 +9,7 @@ loader and the prototypical supervised contrastive loss (paper Eq. 2) on the sem
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -18,10 +19,36 @@ import torch
 from monai.engines import SupervisedTrainer
 from torch import nn
 
+from samv2_components.errors import SAMv2InputError
 from samv2_components.inference.embedder import bf16_supported
 from samv2_components.networks import HEAD_GRIDS
 
-__all__ = ["HeadsModel", "SAMv2Trainer"]
+__all__ = ["HeadsModel", "SAMv2Trainer", "isotropic_spacing"]
+
+
+def isotropic_spacing(spacing: float | Sequence[float], name: str = "spacing_mm") -> float:
+    """The one voxel size (mm) of an isotropic ``spacing``: a number, or a sequence of three equal numbers.
+
+    Training measures distances in the patches with a single voxel size (the losses' mm radii), so a
+    non-isotropic spacing is refused rather than silently reduced to its first value.
+
+    Raises:
+        SAMv2InputError (a ValueError) naming ``name``: not a positive number or three equal positive numbers.
+    """
+    values = [spacing] if isinstance(spacing, numbers.Real) else spacing
+    try:
+        values = [] if isinstance(values, str) else [float(v) for v in values]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) not in (1, 3) or not all(v > 0 for v in values):
+        raise SAMv2InputError(name, f"must be a positive voxel size in mm or three equal ones, got {spacing!r}")
+    if max(values) - min(values) > 1e-6 * max(values):
+        raise SAMv2InputError(
+            name,
+            f"must be isotropic for training (three equal voxel sizes), got {spacing!r}: the training losses use "
+            "one voxel size in mm",
+        )
+    return values[0]
 
 
 class HeadsModel(nn.Module):
@@ -71,7 +98,9 @@ class SAMv2Trainer(SupervisedTrainer):
         semantic_loader: loader of labelled crops (``image`` (B,1,D,H,W), ``label`` (B,1,D,H,W)), or None.
         semantic_prob: probability of a semantic step when ``semantic_loader`` is given (0.4 in the reference).
         bf16: autocast the forward pass in bf16 (``"auto"``: where the device supports it).
-        volume_spacing: voxel size (mm) of the preprocessed scans the pairs are cut from; with the pair affines
+        volume_spacing: voxel size (mm) of the preprocessed scans the pairs are cut from (a number, or three
+            equal ones: the bundles pass their ``spacing_mm``; a non-isotropic one raises
+            :class:`~samv2_components.errors.SAMv2InputError` naming ``spacing_mm``); with the pair affines
             (patch voxel -> volume voxel, ``affine_a`` / ``affine_b``) it gives each patch's own voxel size, which
             the losses' mm radii need.
         seed: seed of the step-type draw (kept in the trainer so that a resumed run continues the sequence
@@ -94,13 +123,14 @@ class SAMv2Trainer(SupervisedTrainer):
         semantic_loader: Iterable | None = None,
         semantic_prob: float = 0.4,
         bf16: bool | str = "auto",
-        volume_spacing: float = 2.0,
+        volume_spacing: float | Sequence[float] = 2.0,
         seed: int = 0,
         pair_keys: Sequence[str] = ("image_a", "image_b", "corr_ab", "valid_ab"),
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ):
+        volume_spacing = isotropic_spacing(volume_spacing)  # before the (slower) engine set-up
         super().__init__(
             device=device,
             max_epochs=max_epochs,

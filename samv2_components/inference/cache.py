@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+
+from samv2_components.io.atomic import atomic_file
 
 __all__ = ["CachedEmbeddingInferer", "network_fingerprint"]
 
@@ -47,18 +48,16 @@ class CachedEmbeddingInferer(Inferer):
         super().__init__()
         self.inferer = inferer
         self.cache_dir = None if cache_dir in (None, "") else Path(cache_dir)
-        self._fingerprints: dict[int, str] = {}
         self.hits = self.misses = 0
 
-    def _network_key(self, network: torch.nn.Module) -> str:
-        # weights do not change during inference: fingerprint each network object once
-        if id(network) not in self._fingerprints:
-            self._fingerprints[id(network)] = network_fingerprint(network)
-        return self._fingerprints[id(network)]
-
     def key(self, inputs: torch.Tensor, network: torch.nn.Module) -> str:
-        """The cache key (hex SHA-256) of embedding ``inputs`` ``(1, 1, D, H, W)`` with ``network``."""
-        digest = hashlib.sha256(self._network_key(network).encode())
+        """The cache key (hex SHA-256) of embedding ``inputs`` ``(1, 1, D, H, W)`` with ``network``.
+
+        The weights are hashed on every call (:func:`network_fingerprint`, about 9 ms for the light network of
+        2.3 M parameters on one CPU core): weights changed in place are a new key, and another network object
+        with the same weights is the same key.
+        """
+        digest = hashlib.sha256(network_fingerprint(network).encode())
         settings = {k: v for k, v in vars(self.inferer).items() if isinstance(v, (bool, int, float, str, tuple))}
         digest.update(repr(sorted(settings.items())).encode())
         data = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).detach().float().cpu().contiguous()
@@ -95,12 +94,6 @@ class CachedEmbeddingInferer(Inferer):
             }
             for name, h in heads.items()
         }
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_file(path) as tmp:
             torch.save(entry, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return heads

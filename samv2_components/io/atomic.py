@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 __all__ = ["atomic_directory", "atomic_file"]
@@ -17,10 +17,12 @@ def atomic_directory(output_dir: str | os.PathLike, name: str) -> Iterator[str]:
 
     Yields a temporary folder next to the final one; on normal exit it replaces ``<output_dir>/<name>`` (an
     existing folder is removed only then), on an exception it is deleted and any previous result stays untouched.
+    The folder gets the permissions of any new folder (``0o777`` less the umask), not the ``0700`` of
+    :func:`tempfile.mkdtemp`.
     """
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir)
+    tmp = _new_temporary(os.fspath(output_dir), name, folder=True)
     try:
         yield tmp
         if os.path.exists(final):
@@ -33,24 +35,55 @@ def atomic_directory(output_dir: str | os.PathLike, name: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[str]:
-    """Write the file ``path`` atomically.
+    """Write the file ``path`` atomically: readers see the previous file or the complete new one, never a part.
 
-    Yields a temporary path in the same folder that ends like ``path`` (writers that choose the format by the
-    extension, e.g. ITK's, still work); on normal exit it is renamed onto ``path``, on an exception it is removed
-    and an existing ``path`` stays untouched. Parent folders are created.
+    Yields the path of an empty temporary file in the same folder that ends like ``path`` (writers that choose the
+    format by the extension, e.g. ITK's or nibabel's, still work; open it with ``"w"``/``"wb"``, not ``"x"``). On
+    normal exit the temporary file is flushed to disk (:func:`os.fsync`: after a crash ``path`` holds the old or
+    the new content, never an empty file) and renamed onto ``path`` (:func:`os.replace`); on an exception it is
+    removed and an existing ``path`` stays untouched. Parent folders are created.
+
+    Every call gets its own temporary name (concurrent writers of one path never share a temporary file; the last
+    to finish wins), and the file gets the permissions of any new file (``0o666`` less the umask), not the
+    ``0600`` of :func:`tempfile.mkstemp`.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{_extension(name)}", dir=folder)
-    os.close(handle)
+    tmp = _new_temporary(folder, name)
     try:
         yield tmp
+        if not os.path.isfile(tmp):
+            raise FileNotFoundError(f"the writer left no file at {tmp}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _new_temporary(parent: str, name: str, folder: bool = False) -> str:
+    """Create an empty, uniquely named file ``<parent>/.<name>.<random>.tmp<extension of name, lower case>`` (or
+    folder ``<parent>/.<name>.<random>.tmp``) and return its path.
+
+    Created exclusively (never an existing one) and as :func:`open` / :func:`os.makedirs` create them: mode
+    ``0o666`` (folder ``0o777``) less the umask, applied by the system.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                tmp += _extension(name).lower()
+                os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name for {os.path.join(parent, name)}")
 
 
 def _extension(name: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.transforms.intensity import check_modality
+from samv2_components.modality import check_modality
 
 __all__ = ["LABEL_VOCABULARY", "load_training_datalist", "labels_share_vocabulary"]
 

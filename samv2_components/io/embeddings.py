@@ -1,6 +1,9 @@
 """Writing embedding maps: one NIfTI per head, each with the affine of its own grid, plus a preview and a
 JSON summary. A case's files are written into a temporary folder and moved into place at the end, so a failure
 never leaves a half-written result.
+
+The writer takes plain data: each head's grid (stride and offset in input voxels) is read off its affine relative
+to the input's (or given as ``head_grids``), so file writing needs neither the network nor the QC pictures.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform
 
-from samv2_components.geometry import affine_and_space, convert_affine
+from samv2_components.geometry import affine_and_space, convert_affine, strided_grid_of
 from samv2_components.io.atomic import atomic_directory
-from samv2_components.networks import HEAD_GRIDS
-from samv2_components.visualize import embedding_preview
+from samv2_components.io.embedding_preview import embedding_preview
 
 __all__ = ["write_embedding_case", "SaveEmbeddingsd", "case_name"]
 
@@ -36,6 +38,12 @@ def _lps_affine(image: MetaTensor) -> list[list[float]]:
     return convert_affine(affine, space, "LPS").tolist()
 
 
+def _head_grid(emb: MetaTensor, image: MetaTensor) -> tuple[tuple, tuple]:
+    """``(stride, offset)`` of a head's grid in input voxels, from the two affines."""
+    (emb_affine, emb_space), (image_affine, image_space) = affine_and_space(emb), affine_and_space(image)
+    return strided_grid_of(convert_affine(image_affine, image_space, "LPS"), convert_affine(emb_affine, emb_space, "LPS"))
+
+
 def write_embedding_case(
     heads: Mapping[str, MetaTensor],
     image: MetaTensor,
@@ -44,6 +52,7 @@ def write_embedding_case(
     output_ext: str = ".nii",
     preview: bool = True,
     info: Mapping[str, Any] | None = None,
+    head_grids: Mapping[str, tuple] | None = None,
 ) -> str:
     """Write ``<output_dir>/<name>/`` with ``<head>.nii[.gz]``, ``preview.png`` and ``embeddings.json``.
 
@@ -55,6 +64,8 @@ def write_embedding_case(
         output_ext: ``".nii"`` (fast, default) or ``".nii.gz"``.
         preview: also write the PCA-RGB ``preview.png``.
         info: extra entries for ``embeddings.json`` (model, modality, weights, ...).
+        head_grids: ``{head: (stride, offset)}`` in input voxels (like the network's ``HEAD_GRIDS``); by default
+            read off each head's affine relative to ``image``'s.
 
     Returns the case folder path. An existing case folder is replaced only once the new one is complete.
     """
@@ -68,6 +79,7 @@ def write_embedding_case(
             **(dict(info) if info else {}),
         }
         writer = NibabelWriter()
+        grids = {h: tuple(head_grids[h]) if head_grids is not None else _head_grid(e, image) for h, e in heads.items()}
         for head, emb in heads.items():
             affine, _ = affine_and_space(emb)
             file = f"{head}{output_ext}"
@@ -75,7 +87,7 @@ def write_embedding_case(
             # the array's own affine is written as is (no resampling to the input's)
             writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
             writer.write(os.path.join(tmp, file), verbose=False)
-            stride, offset = HEAD_GRIDS[head]
+            stride, offset = grids[head]
             summary["heads"][head] = {
                 "file": file,
                 "channels": int(emb.shape[0]),
@@ -85,7 +97,7 @@ def write_embedding_case(
                 "offset_in_input_voxels": list(offset),
             }
         if preview:
-            strides = {h: HEAD_GRIDS[h][0] for h in heads}
+            strides = {h: grids[h][0] for h in heads}
             embedding_preview(image[0].as_tensor(), {h: e.as_tensor() for h, e in heads.items()}, strides, os.path.join(tmp, "preview.png"))
         with open(os.path.join(tmp, "embeddings.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -102,6 +114,8 @@ class SaveEmbeddingsd(MapTransform):
         output_ext: ``".nii"`` or ``".nii.gz"``.
         preview: write ``preview.png``.
         info: extra entries for every ``embeddings.json``.
+        head_grids: ``{head: (stride, offset)}`` in input voxels; by default read off the affines (see
+            :func:`write_embedding_case`).
     """
 
     def __init__(
@@ -112,10 +126,12 @@ class SaveEmbeddingsd(MapTransform):
         output_ext: str = ".nii",
         preview: bool = True,
         info: Mapping[str, Any] | None = None,
+        head_grids: Mapping[str, tuple] | None = None,
     ):
         super().__init__(keys)
         self.output_dir, self.pred_key, self.output_ext = output_dir, pred_key, output_ext
         self.preview, self.info = preview, dict(info or {})
+        self.head_grids = None if head_grids is None else dict(head_grids)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -124,6 +140,7 @@ class SaveEmbeddingsd(MapTransform):
             source = image.meta.get("filename_or_obj", "scan")
             info = {**self.info, **({"modality": d["modality"]} if "modality" in d else {})}
             d["output_path"] = write_embedding_case(
-                d[self.pred_key], image, self.output_dir, case_name(source), self.output_ext, self.preview, info
+                d[self.pred_key], image, self.output_dir, case_name(source), self.output_ext, self.preview, info,
+                head_grids=self.head_grids,
             )
         return d

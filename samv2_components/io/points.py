@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import check_coordinate_system, convert_points
+from samv2_components.io.atomic import atomic_file
 
 __all__ = ["PointSet", "read_points", "write_points", "SLICER_MARKUPS_SCHEMA"]
 
@@ -215,22 +215,11 @@ def _load_json(path: _PathLike) -> Any:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then move it over ``path`` in one step.
-
-    The temporary file sits in the same directory so that ``os.replace`` is an atomic rename; on any error it
-    is removed, so readers only ever see the old file or the complete new one.
+    """Call ``write`` on a temporary text file (UTF-8) next to ``path``, then move it over ``path`` in one step
+    (:func:`~samv2_components.io.atomic.atomic_file`): readers only ever see the old file or the complete new one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        write(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.io.atomic import atomic_file
 from samv2_components.io.points import _atomic_write
 
 __all__ = [
@@ -147,25 +147,17 @@ def write_itk_transform(matrix, path: _PathLike, transform_type: str = "rigid") 
     path = Path(path)
     if transform_type not in _TRANSFORM_TYPES:
         raise SAMv2InputError("transform_type", f"must be one of {', '.join(_TRANSFORM_TYPES)}, got {transform_type!r}")
-    suffix = _itk_suffix(path)
+    _itk_suffix(path)
     m = _check_matrix(matrix)
     transform = _itk_transform(m, transform_type, "matrix")
 
     import itk
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # ITK picks the file format from the extension, so the temporary name keeps it.
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{suffix}")
-    try:
-        itk.transformwrite([transform], str(tmp))
-        if not tmp.is_file():
-            raise OSError(f"ITK wrote no file at {tmp}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # ITK picks the file format from the extension: the temporary name keeps it
+    with atomic_file(path) as tmp:
+        itk.transformwrite([transform], tmp)
+        if os.path.getsize(tmp) == 0:
+            raise OSError(f"ITK wrote nothing to {tmp}")
 
 
 def _transform_to_matrix(transform, path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ With fewer than ``min_fixed_points`` kept pairs the point falls back to plain ne
 the result says so (``method``). Every NN evaluation is memoised per voxel, and all starts of all points are
 iterated together, so neighbouring starts and neighbouring points share work.
 
-Differences from the reference code (DESIGN §2): it runs 4 half-iterations without a convergence test and keeps
+Differences from the reference code (design notes §2, `docs/design.md`): it runs 4 half-iterations without a convergence test and keeps
 pairs by a backward score threshold tuned for a summed score; here convergence is tested exactly, a start that
 has not converged after ``max_iterations`` is dropped (it is on a cycle, not a fixed point), and ``min_score``
 is on the mean-cosine score in [-1, 1] (its default is derived in ``bundles/samv2_matching/docs/README.md``).

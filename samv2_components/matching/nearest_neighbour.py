@@ -10,7 +10,7 @@ Conventions:
 * **Points** are world coordinates in millimetres, **LPS**, shape ``(N, 3)``; results are LPS too.
 * **Descriptor** of a point: each head present (canonical order ``fine, coarse, semantic``) sampled trilinearly
   at the point on that head's own grid, re-normalised, concatenated: ``(N, 128 * n_heads)``.
-* **Score** (DESIGN §2 "Score"): the mean of the per-head cosines, i.e. ``descriptor . map / n_heads``, in
+* **Score** (design notes §2 "Score", `docs/design.md`): the mean of the per-head cosines, i.e. ``descriptor . map / n_heads``, in
   ``[-1, 1]``. On the query side the coarse head is upsampled to the fine grid with
   :func:`~samv2_components.networks.upsample_to_fine_grid` and re-normalised, as in ``SAMv2Net.forward``.
 * NN searches the whole query **fine grid**; the answer is the world position of the best fine voxel, optionally

@@ -1,8 +1,9 @@
 """Sub-voxel refinement of matched points by local intensity registration at native resolution (beyond the paper).
 
 The embedding matches live on the 4 mm fine grid, so their accuracy stops near the grid even when the two scans
-are of the same subject. :class:`LocalIntensityRefiner` refines each match by a translation-only registration of
-a small patch around the template point:
+are of the same subject. :class:`LocalIntensityRefiner` refines each match by intensity registration of a small
+patch around the template point: an exhaustive translation search (steps 1-3), optionally followed by a local
+affine registration per point (step 4, ``affine_levels``):
 
 1. Sample the query scan on a cube of side ``patch_mm`` enlarged by ``trust_radius_mm`` around the embedding
    match, and the template scan on the corresponding cube around the template point: mapped through the local
@@ -154,7 +155,8 @@ def _parabola_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tens
 
 
 class LocalIntensityRefiner:
-    """Refine embedding matches by local translation-only intensity registration (module docstring).
+    """Refine embedding matches by local intensity registration (module docstring): a translation search in the
+    local frame, then, with ``affine_levels``, a local affine registration per point.
 
     Args:
         patch_mm: side of the template patch, mm.

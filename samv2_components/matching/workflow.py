@@ -41,7 +41,7 @@ from samv2_components.io.points import PointSet, read_points, write_points
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.matcher import SAMv2Matcher
 from samv2_components.matching.refinement import LocalIntensityRefiner
-from samv2_components.transforms import check_modality
+from samv2_components.modality import check_modality
 from samv2_components.visualize import save_match_qc
 
 __all__ = ["MatchingTemplate", "MatchPointsd", "points_outside_scan", "check_modality_pair"]

@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from samv2_components.errors import CheckpointError
+from samv2_components.io.atomic import atomic_file
 from samv2_components.networks.samv2_net import HEAD_NAMES, SAMv2Net
 from samv2_components.networks.weights import (
     _list_keys,
@@ -270,7 +270,8 @@ def convert_upstream_checkpoint(
 
     Reads ``checkpoint`` (see :func:`load_upstream_checkpoint`, trusted files only), renames its tensors, loads
     them into a fresh :class:`SAMv2Net` to verify them, and writes that network's plain state dict to ``output``
-    atomically (temporary file + :func:`os.replace`: an interrupted run leaves no partial ``model.pt``).
+    atomically (:func:`~samv2_components.io.atomic.atomic_file`: an interrupted run leaves no partial
+    ``model.pt``).
 
     Args:
         checkpoint: the upstream ``.pth`` file.
@@ -316,18 +317,6 @@ def convert_upstream_checkpoint(
     if bad:  # cannot happen after a strict load; guards against writing a shapes-only file
         raise CheckpointError(checkpoint, f"conversion left tensors without data: {_list_keys(bad)}")
 
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(output) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(to_save, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(output) as tmp:
+        torch.save(to_save, tmp)
     return kwargs

@@ -32,55 +32,17 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from samv2_components.geometry import affine_and_space, voxel_to_world
+from samv2_components.geometry import (  # the body box geometry lives in geometry; re-exported here
+    affine_and_space,
+    body_box_corners,
+    body_mask,
+    crop_index_range,
+    voxel_to_world,
+)
 from samv2_components.matching import SAMv2Matcher
 from samv2_components.registration.rigid import fit_rigid_robust
 
 __all__ = ["AdaReg", "RigidRegistration", "body_mask", "body_box_corners", "crop_index_range", "grid_points_in_mask"]
-
-
-def body_mask(image: torch.Tensor, threshold: float = -25.0) -> torch.Tensor:
-    """Body mask ``(D, H, W)`` bool of a preprocessed scan ``(1, D, H, W)``: intensity > ``threshold``, largest
-    face-connected component (drops table, coils and noise specks). Uses SimpleITK's connected components (the
-    ``registration`` extra; MONAI's own needs scikit-image)."""
-    import SimpleITK as sitk
-
-    mask = torch.as_tensor(image[0] > threshold).cpu()
-    if not mask.any():
-        return mask
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.numpy().astype(np.uint8))), sortByObjectSize=True)
-    return torch.from_numpy(sitk.GetArrayViewFromImage(labels) == 1)
-
-
-def body_box_corners(image: MetaTensor, mask: torch.Tensor) -> np.ndarray:
-    """The 8 corners ``(8, 3)`` (LPS mm) of the voxel bounding box of ``mask`` ``(D, H, W)`` in ``image``'s grid,
-    at the outer voxel faces."""
-    idx = torch.nonzero(torch.as_tensor(mask)).cpu().numpy()
-    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    affine, space = affine_and_space(image)
-    return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
-
-
-def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, margin_mm: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """The voxel index range ``[start, stop)`` of a volume (``shape`` and 4x4 voxel -> LPS ``affine_lps``, in the
-    same axis order) that covers the world points ``corners_lps`` ``(N, 3)`` dilated by ``margin_mm`` along the
-    volume's axes, clipped to the volume; None when fewer than 2 voxels per axis remain (no overlap).
-
-    AdaReg's crop of the large-FOV scan: the small scan's body box mapped through the rigid transform, plus the
-    margin. Used for the bundle's output crop (original scan, SimpleITK index order) and for CrossSAM's training
-    pairs (preprocessed tensor, array order).
-    """
-    affine_lps = np.asarray(affine_lps, dtype=np.float64)
-    index = np.linalg.solve(affine_lps[:3, :3], (np.asarray(corners_lps, dtype=np.float64) - affine_lps[:3, 3]).T).T
-    voxel_mm = np.linalg.norm(affine_lps[:3, :3], axis=0)
-    lo, hi = index.min(0) - margin_mm / voxel_mm, index.max(0) + margin_mm / voxel_mm
-    size = np.asarray(shape, dtype=int)
-    start = np.clip(np.floor(lo).astype(int), 0, size)
-    stop = np.clip(np.ceil(hi).astype(int) + 1, 0, size)  # voxel centres start..stop-1 cover [lo, hi] (if inside)
-    if np.any(stop - start < 2):
-        return None
-    return start, stop
 
 
 def transform_summary(fixed_to_moving: np.ndarray) -> dict[str, Any]:

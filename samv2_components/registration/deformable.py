@@ -49,6 +49,7 @@ import numpy as np
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import as_points
+from samv2_components.io.atomic import atomic_file
 from samv2_components.registration.intensity_baselines import _short, _sitk, read_sitk_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -393,28 +394,22 @@ def write_displacement_field(result: DeformableResult | "SimpleITK.Image", path:
     Any SimpleITK-writable format picked by the extension (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``); a vector
     image of 3 components in LPS mm on the fixed grid (NIfTI stores it as a 5D ``(x, y, z, 1, 3)`` vector intent
     image, which ITK tools read back as a displacement field; note that NIfTI readers outside ITK may expect RAS
-    vectors). Parent folders are created; the file appears only once complete (temp file + ``os.replace``).
+    vectors). Parent folders are created; the file appears only once complete
+    (:func:`~samv2_components.io.atomic.atomic_file`).
     """
     sitk = _sitk()
     field = result.displacement_field if isinstance(result, DeformableResult) else result
     if not isinstance(field, sitk.Image) or field.GetNumberOfComponentsPerPixel() != 3:
         raise SAMv2InputError("displacement_field", "must be a 3-component SimpleITK vector image")
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     name = os.path.basename(path)
     ext = next((e for e in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr") if name.lower().endswith(e)), "")
     if not ext:
         raise SAMv2InputError(path, "unsupported extension (use .nii.gz, .nii, .mha or .nrrd)")
     if ext in (".mhd", ".nhdr"):
         raise SAMv2InputError(path, "header/data file pairs cannot be written atomically; use .mha or .nrrd")
-    tmp = os.path.join(parent, f".{name[: -len(ext)]}.{os.getpid()}.{uuid.uuid4().hex}.tmp{ext}")
     try:
-        sitk.WriteImage(field, tmp, useCompression=ext in (".nii.gz", ".mha", ".nrrd"))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, RuntimeError):
-            raise SAMv2InputError(path, f"cannot be written ({_short(exc)})") from exc
-        raise
+        with atomic_file(path) as tmp:
+            sitk.WriteImage(field, tmp, useCompression=ext in (".nii.gz", ".mha", ".nrrd"))
+    except RuntimeError as exc:
+        raise SAMv2InputError(path, f"cannot be written ({_short(exc)})") from exc

@@ -29,21 +29,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samv2_components.errors import SAMv2Error, SAMv2InputError
+from samv2_components.errors import RegistrationFailed, SAMv2InputError
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
+from samv2_components.modality import check_modality
 from samv2_components.registration.adareg import AdaReg, crop_index_range
 from samv2_components.registration.intensity_baselines import read_sitk_image
-from samv2_components.transforms import check_modality
 
-__all__ = ["AdaRegWorkflow", "RegistrationFailed"]
+__all__ = ["AdaRegWorkflow", "RegistrationFailed"]  # RegistrationFailed lives in samv2_components.errors
 
 logger = logging.getLogger(__name__)
-
-
-class RegistrationFailed(SAMv2Error):
-    """The scans could not be registered with confidence (the message says why)."""
 
 
 def _affine_transform(matrix: np.ndarray):

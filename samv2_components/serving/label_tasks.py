@@ -32,7 +32,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import find_samv2_error
+from samv2_components.errors import RegistrationFailed, find_samv2_error
 from samv2_components.io.embeddings import case_name
 
 __all__ = ["MatchPointsTask", "RegisterTask"]
@@ -70,9 +70,7 @@ def _request_image(request: Mapping[str, Any], role: str) -> str:
 
 def _run(bundle: str, overrides: Mapping[str, Any], bundles_dir: str | None) -> None:
     """Run a bundle; our own input errors become a one-line bad-request error. A refused registration
-    (:class:`~samv2_components.registration.workflow.RegistrationFailed`) is re-raised as it is: it is an answer."""
-    from samv2_components.registration.workflow import RegistrationFailed
-
+    (:class:`~samv2_components.errors.RegistrationFailed`) is re-raised as it is: it is an answer."""
     try:
         run_bundle(bundle, ["inference.json"], overrides, bundles_dir)
     except Exception as exc:
@@ -164,8 +162,6 @@ class RegisterTask(InferTask):
         return True
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[None, dict]:
-        from samv2_components.registration.workflow import RegistrationFailed
-
         moving = _request_image(request, "moving")
         fixed = _resolve(self.resolve_image, request, "fixed_image")
         defaults = self.config()

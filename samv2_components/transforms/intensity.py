@@ -19,19 +19,11 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.modality import MODALITIES, check_modality  # re-exported: their old home
 
 __all__ = ["MODALITIES", "check_modality", "NormalizeIntensityByModalityd"]
 
-MODALITIES = ("ct", "mr")
 logger = logging.getLogger("samv2_components")
-
-
-def check_modality(modality: Any, source: str | None = None) -> str:
-    """Return ``"ct"`` or ``"mr"`` (case-insensitive input), else raise :class:`SAMv2InputError`."""
-    value = str(modality).strip().lower() if modality is not None else ""
-    if value not in MODALITIES:
-        raise SAMv2InputError(source, f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    return value
 
 
 class NormalizeIntensityByModalityd(MapTransform):

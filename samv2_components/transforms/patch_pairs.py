@@ -6,7 +6,7 @@ The patch is resampled from the volume through ``M_k`` (trilinear for images, ne
 voxel-wise correspondence between the patches is ``M_b^-1 M_a`` applied to patch ``a``'s voxel grid: exact by
 construction, whatever the scales and rotations (see :func:`patch_affine`).
 
-Sampling follows the reference implementation's ``ComputeAugParam_sample`` (DESIGN §2): patches of 96x96x32
+Sampling follows the reference implementation's ``ComputeAugParam_sample`` (design notes §2, `docs/design.md`): patches of 96x96x32
 (in-plane x depth) at 2 mm, each view with its own isotropic scale U(0.8, 1.2) of the voxel spacing; with
 probability 0.8 the two views are drawn around a shared seed point (else independently). Improvements over the
 reference: the geometry is one affine per view (no crop-resample-crop chain and no separate coordinate
@@ -261,7 +261,7 @@ class RandPatchPaird(MapTransform, Randomizable):
       When patch a is deformed, ``M_a`` (and its ``MetaTensor`` affine) is the grid *before* the displacement;
       ``corr_ab`` and ``valid_ab`` include it.
 
-    Sampling (defaults follow the reference's ``ComputeAugParam_sample``, DESIGN §2):
+    Sampling (defaults follow the reference's ``ComputeAugParam_sample``, design notes §2):
 
     * With probability ``overlap_prob`` a seed voxel is drawn, patch a is centred on it and patch b on
       ``seed + U(-1, 1) * overlap_max_offset * patch_size`` per axis (default: up to half a patch; with the

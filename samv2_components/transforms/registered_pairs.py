@@ -29,8 +29,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandGaussianNoise, RandGaussianSmooth, Randomizable
 from monai.utils import ensure_tuple
 
-from samv2_components.errors import SAMv2InputError
-from samv2_components.geometry import affine_and_space, convert_affine
+from samv2_components.errors import RegistrationFailed, SAMv2InputError
+from samv2_components.geometry import affine_and_space, body_box_corners, body_mask, convert_affine, crop_index_range
+from samv2_components.io.atomic import atomic_file
 from samv2_components.transforms.aggressive_intensity import share_random_state
 from samv2_components.transforms.patch_pairs import (
     _checked_offset,
@@ -122,10 +123,6 @@ def registered_pair(
         SAMv2InputError: no body in the small scan, or ``small_fov`` is not ``"fixed"`` / ``"moving"``.
         RegistrationFailed: the small scan's body box maps outside the large scan (no overlap).
     """
-    # imported here: the registration package imports samv2_components.transforms
-    from samv2_components.registration.adareg import body_box_corners, body_mask, crop_index_range
-    from samv2_components.registration.workflow import RegistrationFailed
-
     if small_fov not in ("fixed", "moving"):
         raise SAMv2InputError("small_fov", f"must be 'fixed' or 'moving', got {small_fov!r}")
     large = "fixed" if small_fov == "moving" else "moving"
@@ -203,9 +200,8 @@ def save_registered_pair(pair: Mapping[str, Any], folder: str | os.PathLike) -> 
         image = nib.Nifti1Image(array, convert_affine(affine, space, "RAS"))
         image.set_qform(image.affine, code=1)
         image.set_sform(image.affine, code=1)
-        tmp = path[: -len(".nii.gz")] + ".tmp.nii.gz"
-        nib.save(image, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:  # a temporary name of its own: two writers of one pair cannot collide
+            nib.save(image, tmp)
         paths[key] = path
     return paths
 

@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 
 from samv2_components.io.label_vocabulary import SOURCE_ID_BLOCK
-from samv2_components.transforms.intensity import check_modality
+from samv2_components.modality import check_modality
 
 __all__ = ["TissueClassesd", "RandSynthContrastd", "CT_TISSUE_BANDS_HU", "ORGAN_OFFSET"]
 
