@@ -107,8 +107,8 @@ def test_refiner_with_affine_levels_beats_the_translation_search(ct, affine_pair
     truth = points @ linear.T + offset
     rng = np.random.default_rng(4)
     embedding = truth + rng.uniform(-4.0, 4.0, truth.shape)
-    search = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=8, step_mm=2.0)
-    both = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=8, step_mm=2.0, affine_levels=LEVELS)
+    search = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=8, step_mm=2.0, min_improvement=0.0, affine_levels=())
+    both = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=8, step_mm=2.0, min_improvement=0.0, affine_levels=LEVELS)
     only_search, with_affine = search.refine(ct, points, query, embedding), both.refine(ct, points, query, embedding)
     error_search = np.linalg.norm(only_search.points_lps - truth, axis=1)
     error_affine = np.linalg.norm(with_affine.points_lps - truth, axis=1)
@@ -123,7 +123,7 @@ def test_a_far_match_is_kept_when_the_affine_optimum_leaves_the_trust_radius(ct,
     points = _inner_points(ct, 8, seed=5)
     truth = points @ linear.T + offset
     far = truth + np.array([0.0, 0.0, 9.0])
-    result = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=3.0, step_mm=2.0, affine_levels=LEVELS).refine(ct, points, query, far)
+    result = LocalIntensityRefiner(patch_mm=24, trust_radius_mm=3.0, step_mm=2.0, min_improvement=0.0, affine_levels=LEVELS).refine(ct, points, query, far)
     moved_far = result.shift_mm > 3.0
     assert moved_far.sum() >= 4  # the optimiser does find the truth 9 mm away ...
     assert not result.accepted[moved_far].any()  # ... but it is not accepted

@@ -24,6 +24,8 @@ from samv2_components.sample_data import sample_path
 from matching_fixtures import interior_points
 
 SHIFT_LPS = np.array([7.3, -4.1, 2.6])
+#: these tests check the translation search alone: the settings it had before the bundle's became the defaults
+SEARCH_ONLY = dict(patch_mm=16.0, trust_radius_mm=6.0, min_improvement=0.0, affine_levels=())
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_refinement_recovers_a_known_translation_below_a_millimetre(ct, similari
     truth = template_points + SHIFT_LPS
     rng = np.random.default_rng(1)
     embedding = truth + rng.uniform(-2.5, 2.5, truth.shape)  # a few mm off, within the trust radius
-    result = LocalIntensityRefiner(similarity=similarity, step_mm=1.0).refine(ct, template_points, query, embedding)
+    result = LocalIntensityRefiner(**{**SEARCH_ONLY, "similarity": similarity, "step_mm": 1.0}).refine(ct, template_points, query, embedding)
     before = np.linalg.norm(embedding - truth, axis=1)
     after = np.linalg.norm(result.points_lps - truth, axis=1)
     assert result.similarity == similarity
@@ -86,7 +88,7 @@ def test_local_frame_corrects_a_rotation(ct, tmp_path):
     truth = (template_points - offset) @ np.linalg.inv(matrix).T  # the inverse of query -> template
     rng = np.random.default_rng(5)
     embedding = truth + rng.uniform(-2.5, 2.5, truth.shape)
-    refiner = LocalIntensityRefiner(step_mm=1.0)
+    refiner = LocalIntensityRefiner(**{**SEARCH_ONLY, "step_mm": 1.0})
     frames = np.broadcast_to(np.linalg.inv(matrix), (len(truth), 3, 3))  # template -> query linear part
     with_frame = refiner.refine(ct, template_points, query, embedding, local_linear=frames)
     without = refiner.refine(ct, template_points, query, embedding)
@@ -103,7 +105,7 @@ def test_implausible_frames_fall_back_to_the_identity():
 
 
 def test_auto_similarity_follows_the_modality_pair(ct):
-    refiner = LocalIntensityRefiner(step_mm=3.0)
+    refiner = LocalIntensityRefiner(**{**SEARCH_ONLY, "step_mm": 3.0})
     points = interior_points(ct, 3, seed=2)
     assert refiner.refine(ct, points, ct, points, same_modality=True).similarity == "ncc"
     assert refiner.refine(ct, points, ct, points, same_modality=False).similarity == "mind"
@@ -114,7 +116,7 @@ def test_a_match_far_from_the_truth_is_kept_and_flagged(ct):
     query = _moved(ct, SHIFT_LPS)
     template_points = interior_points(ct, 10, seed=3)
     far = template_points + SHIFT_LPS + np.array([0.0, 0.0, 12.0])  # 12 mm off, trust radius 4 mm
-    result = LocalIntensityRefiner(step_mm=1.0, trust_radius_mm=4.0).refine(ct, template_points, query, far)
+    result = LocalIntensityRefiner(**{**SEARCH_ONLY, "step_mm": 1.0, "trust_radius_mm": 4.0}).refine(ct, template_points, query, far)
     assert not result.accepted.any()
     assert all(s.startswith("kept:") for s in result.status)
     np.testing.assert_allclose(result.points_lps, far)
@@ -129,7 +131,7 @@ def test_refinement_never_leaves_the_query_scan(ct):
     template_points = voxel_to_world(idx, np.asarray(ct.affine))
     embedding = template_points + SHIFT_LPS
     inside = lambda p: np.zeros(len(p), dtype=bool)  # noqa: E731 - a query that contains no refined point
-    result = LocalIntensityRefiner(step_mm=1.0).refine(ct, template_points, query, embedding, inside_query=inside)
+    result = LocalIntensityRefiner(**{**SEARCH_ONLY, "step_mm": 1.0}).refine(ct, template_points, query, embedding, inside_query=inside)
     assert not result.accepted.any()
     assert all(s in ("kept: refined point outside the query scan", "kept: no optimum inside the trust radius",
                      "kept: no similarity gain") for s in result.status)

@@ -95,7 +95,7 @@ class SAMv2Matcher:
         self,
         method: str = "fixed_point",
         cell_size: Sequence[int] = (4, 4, 4),
-        top_k: int = 5,
+        top_k: int = 8,
         margin: Sequence[int] = (1, 1, 1),
         cell_dtype: str = "bfloat16",
         subvoxel: bool = True,

@@ -31,6 +31,7 @@ from samv2_components.geometry import affine_and_space, as_points, world_to_voxe
 
 __all__ = [
     "AffineLevel",
+    "DEFAULT_AFFINE_LEVELS",
     "PatchAffineResult",
     "cube_offsets",
     "lps_to_sampling_grid",
@@ -171,13 +172,18 @@ def _similarity(measure: str, template: torch.Tensor, query: torch.Tensor, side:
     return _ncc(template, query) if measure == "ncc" else _mind_similarity(template, query, side)
 
 
+#: the samv2_matching bundle's local affine levels (the refiner's default): 32 mm patches on a 2 mm grid smoothed by
+#: 1 mm for 200 Adam steps, then 16 mm on 1 mm for 100 (chosen on the intra-subject benchmark, bundle docs)
+DEFAULT_AFFINE_LEVELS = (AffineLevel(32.0, 2.0, 200, 1.0), AffineLevel(16.0, 1.0, 100))
+
+
 def register_patches(
     template: MetaTensor,
     template_points_lps,
     query: MetaTensor,
     start_points_lps,
     start_linear=None,
-    levels=(AffineLevel(32.0, 2.0, 200, 1.0), AffineLevel(16.0, 1.0, 100)),
+    levels=DEFAULT_AFFINE_LEVELS,
     similarity: str = "ncc",
     max_points_per_batch: int = 64,
 ) -> PatchAffineResult:

@@ -41,6 +41,7 @@ from monai.data import MetaTensor
 
 from samv2_components.geometry import affine_and_space, as_points, points_outside_scan
 from samv2_components.matching.patch_affine import (
+    DEFAULT_AFFINE_LEVELS,
     AffineLevel,
     cube_offsets,
     lps_to_sampling_grid,
@@ -51,7 +52,7 @@ from samv2_components.matching.patch_affine import (
     smoothed_volume,
 )
 
-__all__ = ["LocalIntensityRefiner", "RefinementResult", "sample_lps_cubes", "SIMILARITIES"]
+__all__ = ["LocalIntensityRefiner", "RefinementResult", "sample_lps_cubes", "SIMILARITIES", "DEFAULT_AFFINE_LEVELS"]
 
 SIMILARITIES = ("auto", "ncc", "mind")
 
@@ -158,6 +159,10 @@ class LocalIntensityRefiner:
     """Refine embedding matches by local intensity registration (module docstring): a translation search in the
     local frame, then, with ``affine_levels``, a local affine registration per point.
 
+    The defaults are the ``samv2_matching`` bundle's ``refiner`` settings, chosen on the intra-subject benchmark
+    (bundle docs): a 24 mm patch searched on a 2 mm grid within 16 mm, then the two affine levels of
+    :data:`DEFAULT_AFFINE_LEVELS`; the similarity must rise by 0.005.
+
     Args:
         patch_mm: side of the template patch, mm.
         trust_radius_mm: the refined point may move at most this far from the embedding match.
@@ -171,28 +176,28 @@ class LocalIntensityRefiner:
         frame_spacing_mm, frame_steps, frame_inlier_mm: the local frame of :meth:`local_frames`: a grid of
             ``(2 * frame_steps + 1)^3`` template points ``frame_spacing_mm`` apart around each point, matched by
             nearest neighbour, and an affine fitted to them (trimming residuals above ``frame_inlier_mm``).
-        affine_levels: optional local affine registration after the search (:func:`~samv2_components.matching.
+        affine_levels: local affine registration after the search (:func:`~samv2_components.matching.
             patch_affine.register_patches`): a list of :class:`~samv2_components.matching.patch_affine.AffineLevel`
             or mappings of its fields (``patch_mm``, ``step_mm``, ``iterations``, ``smoothing_mm``, ...), coarse
-            to fine. Each point's map starts from the search's optimum (the embedding match where the search found
+            to fine; empty or None: the translation search only. Each point's map starts from the search's optimum (the embedding match where the search found
             none) and the local frame; the similarity test then compares the last level's patch at the final map
             with the same patch at the embedding match and the local frame.
     """
 
     def __init__(
         self,
-        patch_mm: float = 16.0,
-        trust_radius_mm: float = 6.0,
-        step_mm: float | None = 1.0,
+        patch_mm: float = 24.0,
+        trust_radius_mm: float = 16.0,
+        step_mm: float | None = 2.0,
         min_step_mm: float = 0.5,
         max_step_mm: float = 1.0,
         similarity: str = "auto",
-        min_improvement: float = 0.0,
+        min_improvement: float = 0.005,
         max_points_per_batch: int = 64,
         frame_spacing_mm: float = 10.0,
         frame_steps: int = 2,
         frame_inlier_mm: float = 4.0,
-        affine_levels=None,
+        affine_levels=DEFAULT_AFFINE_LEVELS,
     ):
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
