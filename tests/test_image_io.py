@@ -275,3 +275,47 @@ def test_check_intensities_false_lets_label_maps_through(tmp_path):
     flat = _nifti(tmp_path / "flat.nii.gz", np.zeros((8, 9, 1), np.uint8))
     with pytest.raises(SAMv2InputError, match="2D"):
         load_scan(flat, check_intensities=False)
+
+
+def _nifti_bytes(array, zooms=(1.0, 1.0, 1.0)) -> bytes:
+    import io as _io
+
+    image = nib.Nifti1Image(np.asarray(array, np.float32), np.diag([*zooms, 1.0]))
+    buffer = _io.BytesIO()
+    file_map = image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    return buffer.getvalue()
+
+
+def test_files_itk_would_read_silently_wrong_are_refused(tmp_path):
+    """ITK decodes a truncated gzip stream as far as it goes, replaces a zero voxel size by 1 and drops a singular
+    sform: each would be embedded with made-up voxels or geometry."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(5)
+    good = _nifti_bytes(rng.normal(size=(20, 20, 20)))
+    cases = {}
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(good)[: len(gzip.compress(good)) // 2])
+    cases["cut.nii.gz"] = "truncated or corrupt file"
+    (tmp_path / "short.nii").write_bytes(good[: len(good) // 2])
+    cases["short.nii"] = "truncated file"
+    zero = bytearray(good)
+    zero[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    (tmp_path / "zero_spacing.nii.gz").write_bytes(gzip.compress(bytes(zero)))
+    cases["zero_spacing.nii.gz"] = "invalid voxel spacing"
+    singular = bytearray(good)
+    singular[296:312] = singular[280:296]  # srow_y = srow_x: two axes along x, none along y
+    singular[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1
+    (tmp_path / "singular.nii.gz").write_bytes(gzip.compress(bytes(singular)))
+    cases["singular.nii.gz"] = "invalid orientation"
+    (tmp_path / "coarse.nii.gz").write_bytes(gzip.compress(_nifti_bytes(rng.normal(size=(4, 4, 4)), (50.0, 50.0, 50.0))))
+    cases["coarse.nii.gz"] = "too coarse to embed"
+    (tmp_path / "tiny.nii.gz").write_bytes(gzip.compress(_nifti_bytes(rng.normal(size=(3, 3, 3)))))
+    cases["tiny.nii.gz"] = "too small to embed"
+    for name, message in cases.items():
+        with pytest.raises(SAMv2InputError, match=message) as info:
+            load_scan(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "good.nii.gz").write_bytes(gzip.compress(good))
+    assert tuple(load_scan(tmp_path / "good.nii.gz").shape) == (1, 20, 20, 20)

@@ -19,7 +19,7 @@ from monai.transforms import LoadImage, MapTransform
 
 from samv2_components.errors import SAMv2InputError
 
-__all__ = ["load_scan", "validate_scan", "LoadScand"]
+__all__ = ["load_scan", "validate_scan", "LoadScand", "MIN_VOXELS_PER_AXIS", "MAX_SPACING_MM"]
 
 
 def _short(exc: BaseException) -> str:
@@ -51,8 +51,100 @@ def _nifti_nonfinite_count(path: str) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
+#: fewest voxels along any axis of a scan (3 x 3 x 3 carries no anatomy to embed)
+MIN_VOXELS_PER_AXIS = 4
+#: coarsest voxel (mm) a scan may have: the network works on 2 mm voxels and its coarse head on 8-32 mm cells
+MAX_SPACING_MM = 20.0
+
+
+def _file_problem(path: str) -> str | None:
+    """What is wrong with a file ITK would read without complaint, or None: a truncated or corrupt gzip stream
+    (ITK decodes what it can and fills the rest), a NIfTI file shorter than its header says, a NIfTI header with
+    a zero voxel size, or a singular sform orientation (ITK's NIfTI reader then silently falls back to
+    other geometry)."""
+    if not os.path.isfile(path):
+        return None
+    if path.lower().endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        except gzip.BadGzipFile as exc:
+            if "Not a gzipped file" not in str(exc):  # not gzip at all: ITK says what it is not
+                return f"truncated or corrupt file ({_short(exc)})"
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"truncated or corrupt file ({_short(exc)})"
+    if not path.lower().endswith(_NIFTI_SUFFIXES):
+        return None
+    try:
+        import nibabel as nib
+
+        img = nib.load(path)
+        header = img.header
+        zooms = _raw_nifti_pixdim(path)
+        zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64) if zooms is None else zooms
+        sform = np.asarray(header.get_sform(), dtype=np.float64)
+        sform_code = int(header["sform_code"])
+        expected = int(header["vox_offset"]) + int(np.prod(img.shape)) * np.dtype(header.get_data_dtype()).itemsize
+    except Exception:  # not readable by nibabel: leave the verdict to ITK
+        return None
+    if not path.lower().endswith(".gz") and os.path.getsize(path) < expected:
+        return f"truncated file ({os.path.getsize(path)} bytes, its header needs {expected})"
+    if not np.all(np.isfinite(zooms)) or np.any(zooms[: min(3, len(img.shape))] == 0):
+        return f"invalid voxel spacing {zooms.tolist()} mm in the NIfTI header (zero)"
+    if sform_code > 0:
+        det = np.linalg.det(sform[:3, :3]) if np.all(np.isfinite(sform)) else np.nan
+        if not np.isfinite(det) or abs(det) < 1e-6:
+            return "invalid orientation: the NIfTI sform matrix is singular (no direction for some axis)"
+    return None
+
+
+def _raw_nifti_pixdim(path: str) -> np.ndarray | None:
+    """``pixdim[1:4]`` exactly as stored in a NIfTI-1/2 header (nibabel and ITK both replace zeros by 1 on
+    reading, which hides the problem), or None if the header is not recognised."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            return np.asarray(struct.unpack(order + "8f", head[76:108])[1:4], dtype=np.float64)
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return np.asarray(struct.unpack(order + "8d", head[104:168])[1:4], dtype=np.float64)
+    return None
+
+
+def _check_geometry(image: torch.Tensor, source) -> None:
+    spatial = tuple(image.shape[1:4])
+    if min(spatial) < MIN_VOXELS_PER_AXIS:
+        raise SAMv2InputError(
+            source, f"image is too small to embed (size {spatial}; at least {MIN_VOXELS_PER_AXIS} voxels per axis)"
+        )
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+        raise SAMv2InputError(source, "invalid orientation: the image's direction matrix is singular")
+    if spacing.max() > MAX_SPACING_MM:
+        raise SAMv2InputError(
+            source,
+            f"voxels of {np.round(spacing, 2).tolist()} mm are too coarse to embed (at most {MAX_SPACING_MM:g} mm; "
+            "the network works on 2 mm voxels)",
+        )
+
+
 def validate_scan(image: torch.Tensor, source: str | os.PathLike | None, check_intensities: bool = True) -> None:
     """Raise :class:`SAMv2InputError` unless ``image`` is one finite, non-constant 3D volume.
+
+    Also refused: fewer than :data:`MIN_VOXELS_PER_AXIS` voxels along an axis, and (for images with an affine)
+    a singular direction matrix or voxels coarser than :data:`MAX_SPACING_MM`.
 
     Args:
         image: channel-first tensor ``(C, *spatial)`` as produced by :func:`load_scan`.
@@ -69,6 +161,7 @@ def validate_scan(image: torch.Tensor, source: str | os.PathLike | None, check_i
         )
     if image.numel() == 0:
         raise SAMv2InputError(source, "image is empty (no voxels)")
+    _check_geometry(image, source)
     if not check_intensities:
         return
     finite = torch.isfinite(image)
@@ -94,6 +187,9 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
         raise SAMv2InputError(path, "file not found")
     if os.path.isdir(path) and not any(os.scandir(path)):
         raise SAMv2InputError(path, "folder is empty (expected a DICOM series)")
+    problem = _file_problem(path)
+    if problem:
+        raise SAMv2InputError(path, problem)
     if check_intensities:
         n_bad = _nifti_nonfinite_count(path)
         if n_bad:
