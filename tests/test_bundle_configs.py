@@ -22,6 +22,8 @@ INTENDED_DIFFERENCES = {
     "rotate_degrees": "AggSAM views rotate by up to 15 degrees (Semantic-SAM: 5)",
     "isotropic_scale": "AggSAM keeps the reference's isotropic scales; Semantic-SAM draws one per axis",
     "deform_prob": "subject-variation deformation is part of the Semantic-SAM recipe only",
+    "synth_prob": "synthetic-contrast views are AggSAM's (cross-modal); Semantic-SAM is single-modality and uses synthetic "
+    "contrast only for its semantic crops (semantic_synth_prob)",
 }
 #: keys only the AggSAM config has
 AGGSAM_ONLY = {"scale_range", "blur_prob", "aggressive_intensity"}
