@@ -40,6 +40,11 @@ __all__ = [
     "body_mask",
     "body_box_corners",
     "crop_index_range",
+    "axis_angle_rotation",
+    "rotation_angle_deg",
+    "rigid_matrix",
+    "apply_matrix",
+    "linear_map_matrix",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -252,3 +257,57 @@ def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, mar
     if np.any(stop - start < 2):
         return None
     return start, stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotations and 4x4 matrices (world LPS mm, column vectors: y = M[:3, :3] @ x + M[:3, 3])
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def axis_angle_rotation(axis, angle_deg: float) -> np.ndarray:
+    """3x3 rotation by ``angle_deg`` degrees about ``axis`` ``(3,)`` (any length > 0), right-handed (Rodrigues:
+    ``R = I + sin(t) K + (1 - cos(t)) K^2`` with ``K`` the cross-product matrix of the unit axis).
+
+    The package's one Rodrigues rotation (the registration benchmark's random offsets, the rigid fit's minimal
+    rotation between two directions)."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = np.radians(angle_deg)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def rotation_angle_deg(matrix) -> float:
+    """Angle (degrees, ``[0, 180]``) of the rotation in the upper-left 3x3 block of ``matrix`` (3x3 or 4x4)."""
+    r = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def rigid_matrix(rotation=None, translation=(0.0, 0.0, 0.0), centre=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """4x4 matrix of ``p -> R (p - c) + c + t`` (``R`` 3x3, default identity; ``t``, ``c`` ``(3,)`` mm)."""
+    r = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
+    c = np.asarray(centre, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = r
+    m[:3, 3] = c - r @ c + np.asarray(translation, dtype=np.float64)
+    return m
+
+
+def apply_matrix(matrix, points) -> np.ndarray:
+    """Map points ``(N, 3)`` (or one ``(3,)``) with a 4x4 matrix: ``(N, 3)`` float64."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    return p @ np.asarray(matrix)[:3, :3].T + np.asarray(matrix)[:3, 3]
+
+
+def linear_map_matrix(map_point) -> np.ndarray:
+    """4x4 matrix of an affine map given as a function ``map_point((x, y, z)) -> (3,)`` (e.g. an ITK or SimpleITK
+    transform's ``TransformPoint``, composites included), from the images of the origin and the unit vectors
+    (exact for any affine map)."""
+    o = np.array([float(v) for v in map_point([0.0, 0.0, 0.0])])
+    m = np.eye(4)
+    m[:3, 3] = o
+    for i in range(3):
+        e = [0.0, 0.0, 0.0]
+        e[i] = 1.0
+        m[:3, i] = np.array([float(v) for v in map_point(e)]) - o
+    return m

@@ -21,6 +21,7 @@ __all__ = [
     "save_match_qc",
     "registration_overlay_image",
     "save_registration_overlay",
+    "write_boxplot",
 ]
 
 
@@ -433,3 +434,101 @@ def save_registration_overlay(path: str | os.PathLike, *args, **kwargs) -> None:
     """Write :func:`registration_overlay_image` ``(*args, **kwargs)`` to ``path`` as PNG, atomically, creating
     parent folders."""
     _save_png_atomic(registration_overlay_image(*args, **kwargs), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Box plot of per-case errors (the registration benchmark's figure, paper Fig. 7 style)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _default_font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def write_boxplot(path: str, data: dict[str, list[float]], threshold_mm: float | None = 10.0,
+                  title: str = "CT-MR rigid registration, TRE per case", y_min: float = 0.5, seed: int = 0,
+                  failed: dict[str, list[bool]] | None = None) -> str:
+    """Box plot PNG (Pillow only): one box per method (quartiles, median, whiskers to the furthest point within
+    1.5 IQR), every case as a jittered dot, log y axis in mm with 1-2-5 ticks, the success threshold dashed.
+    Values below ``y_min`` are drawn at ``y_min``; the axis ends at the first of 20, 50, 100, 200, ... mm above the
+    largest finite value (inf, e.g. a failure without a transform, is drawn at the top). ``failed`` (per method,
+    per value) marks reported failures, drawn as crosses."""
+    names = list(data)
+    values = [np.clip(np.asarray(v, dtype=np.float64), y_min, None) for v in data.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.array([10.0])])
+    nice = [t * 10.0**e for e in range(1, 6) for t in (2, 5, 10)]
+    y_max = next((t for t in nice if t >= finite.max() * 1.05), nice[-1])
+    values = [np.clip(v, None, y_max) for v in values]  # beyond the axis (and inf): drawn at the top
+    W, H = max(520, 150 * len(names) + 140), 520
+    left, right, top, bottom = 70, 30, 60, 90
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    f_small, f_mid = _default_font(13), _default_font(16)
+    lo_log, hi_log = np.log10(y_min), np.log10(y_max)
+
+    def y_of(v):
+        return top + (H - top - bottom) * (1.0 - (np.log10(v) - lo_log) / (hi_log - lo_log))
+
+    ticks = [t * 10.0**e for e in range(-2, 6) for t in (1, 2, 5) if y_min <= t * 10.0**e <= y_max]
+    for t in ticks:
+        y = y_of(t)
+        d.line([left + 1, y, W - right - 1, y], fill=(230, 230, 230))
+        d.line([left - 5, y, left, y], fill="black")
+        label = f"{t:g}"
+        d.text((left - 8 - d.textlength(label, font=f_small), y - 7), label, fill="black", font=f_small)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text((left - 50, top - 24), "TRE (mm, log scale)", fill="black", font=f_small)
+    d.text((left, 12), title, fill="black", font=f_mid)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+    rng = np.random.default_rng(seed)
+    step = (W - left - right) / max(len(names), 1)
+    if failed and any(any(f) for f in failed.values()):
+        note = "x: reported failure (scored with the identity)"
+        d.text((W - right - d.textlength(note, font=f_small), top - 24), note, fill="black", font=f_small)
+    for i, (name, v) in enumerate(zip(names, values)):
+        cx, colour = left + step * (i + 0.5), colours[i % len(colours)]
+        marks = np.asarray((failed or {}).get(name, [False] * len(v)), dtype=bool)
+        marks = marks[np.isfinite(v)] if len(marks) == len(v) else np.zeros(int(np.isfinite(v).sum()), bool)
+        v = v[np.isfinite(v)]
+        if len(v):
+            q1, med, q3 = np.percentile(v, [25, 50, 75])
+            iqr = q3 - q1
+            lo_w, hi_w = v[v >= q1 - 1.5 * iqr].min(), v[v <= q3 + 1.5 * iqr].max()
+            bw = min(60, step * 0.4)
+            d.line([cx, y_of(lo_w), cx, y_of(q1)], fill="black")
+            d.line([cx, y_of(q3), cx, y_of(hi_w)], fill="black")
+            for w in (lo_w, hi_w):
+                d.line([cx - bw / 3, y_of(w), cx + bw / 3, y_of(w)], fill="black")
+            d.rectangle([cx - bw / 2, y_of(q3), cx + bw / 2, y_of(q1)], outline=colour, fill=tuple(int(c * 0.35 + 255 * 0.65) for c in colour), width=2)
+            d.line([cx - bw / 2, y_of(med), cx + bw / 2, y_of(med)], fill="black", width=3)
+            for val, mark in zip(v, marks):
+                x, y = cx + rng.uniform(-bw / 2, bw / 2), y_of(val)
+                if mark:
+                    d.line([x - 4, y - 4, x + 4, y + 4], fill="black", width=2)
+                    d.line([x - 4, y + 4, x + 4, y - 4], fill="black", width=2)
+                else:
+                    d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour, outline="black")
+        # method label, wrapped
+        words, lines, line = name.split(), [], ""
+        for w in words:
+            if d.textlength((line + " " + w).strip(), font=f_small) > step - 8 and line:
+                lines.append(line)
+                line = w
+            else:
+                line = (line + " " + w).strip()
+        lines.append(line)
+        for k, text in enumerate(lines[:4]):
+            d.text((cx - d.textlength(text, font=f_small) / 2, H - bottom + 8 + 16 * k), text, fill="black", font=f_small)
+    if threshold_mm:
+        y = y_of(threshold_mm)
+        for x in range(left, W - right, 12):
+            d.line([x, y, min(x + 6, W - right), y], fill=(200, 0, 0), width=2)
+        label = f"success < {threshold_mm:g} mm"
+        d.rectangle([left + 4, y - 19, left + 8 + d.textlength(label, font=f_small), y - 4], fill="white")
+        d.text((left + 6, y - 18), label, fill=(200, 0, 0), font=f_small)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path, format="PNG")
+    return path

@@ -6,7 +6,8 @@ Sections (each uses the ``samv2_matching`` bundle's preprocessing, network, weig
 
 1. **Intra-subject** (``--image``, default the held-out chest CT ``lung2``): the scan against a known random
    rotation/scale/translation + smooth elastic deformation of itself (the generator of
-   ``scripts/evaluate_known_transform.py``); ``--num_points`` template points inside the body; exact ground truth.
+   ``scripts/evaluate_known_transform.py``: :mod:`samv2_components.transforms.known_transform`); ``--num_points``
+   template points inside the body; exact ground truth.
    Rows: exhaustive NN (reference), coarse-to-fine NN, fixed-point, fixed-point + refine (the bundle's
    ``refiner``: local intensity registration at native resolution, :mod:`samv2_components.matching.refinement`);
    plus how often the coarse-to-fine NN finds the exhaustive maximum.
@@ -14,8 +15,8 @@ Sections (each uses the ``samv2_matching`` bundle's preprocessing, network, weig
    (``--absent_image``, default the abdominal sample CT of another subject: chest points have no match there);
    reports how many matches are flagged ``confident=false``, next to the flag rate on the intra-subject query.
 3. **Inter-subject** (``--template_image/--template_labels`` vs ``--query_image/--query_labels``, default the two
-   abdominal CTs of different subjects in ``/work/shared/data/body_ct``): every organ labelled in both; the
-   template organ's centroid is matched and compared with the query organ's centroid
+   abdominal CTs of different subjects in ``../shared/data/body_ct`` next to the checkout): every organ labelled in
+   both; the template organ's centroid is matched and compared with the query organ's centroid
    (``scripts/make_organ_pairs.py``; CPM@radius uses the query organ's equivalent-sphere radius). Baselines: the
    scanners' world coordinates (identity) and an affine Mattes-MI registration with SimpleITK
    (:func:`samv2_components.registration.register_intensity`) mapping the same centroids.
@@ -43,53 +44,29 @@ try:
     import samv2_components  # noqa: F401
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fire
 import monai
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
-import evaluate_known_transform as known
+from samv2_components.inference import BundlePipeline
 from samv2_components.io.image import load_scan
 from samv2_components.io.organ_pairs import organ_centroid_pairs
 from samv2_components.matching import SAMv2Matcher, match_nearest_neighbour
 from samv2_components.metrics import summarize_errors
-from samv2_components.networks.weights import load_weights
+from samv2_components.transforms import known_transform as known
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundles", "samv2_matching")
-DATA = "/work/shared/data/body_ct"
+DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))  # the shared data next to the checkout
+BODY_CT = os.path.join(DATA, "body_ct")
+DEFAULT_IMAGE = os.path.join(BODY_CT, "lung2_image.nrrd")
 
 
-class BundlePipeline:
-    """The matching bundle's preprocessing, network (with weights), embedding inferer and matcher settings."""
-
-    def __init__(self, bundle_root: str = BUNDLE, ckpt: str | None = None, device: str = "cpu", overrides: dict | None = None):
-        parser = ConfigParser()
-        parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
-        parser["bundle_root"] = bundle_root
-        for key, value in (overrides or {}).items():
-            parser[key] = value
-        self.device = torch.device(device)
-        self.preprocessing = parser.get_parsed_content("preprocessing")
-        self.inferer = parser.get_parsed_content("embedding_inferer")
-        self.network = parser.get_parsed_content("network_def").to(self.device).eval()
-        self.ckpt = ckpt or parser.get_parsed_content("ckpt_path")
-        load_weights(self.network, self.ckpt)
-        self.matcher_kwargs = {k: v for k, v in parser["matcher"].items() if k != "_target_"}
-        self.refiner = parser.get_parsed_content("refiner")  # the bundle's settings, used whether or not "refine" is on
-
-    def matcher(self, **overrides) -> SAMv2Matcher:
-        return SAMv2Matcher(**{**self.matcher_kwargs, **overrides})
-
-    def embed(self, path: str, modality: str = "ct") -> dict:
-        """``{head: MetaTensor (C, d, h, w)}`` of a scan through the bundle preprocessing and inferer."""
-        image = self.preprocessing({"image": path, "modality": modality})["image"]
-        with torch.no_grad():
-            heads = self.inferer(image[None].to(self.device), self.network)
-        return {k: v[0] for k, v in heads.items()}
+def matcher_of(pipe: BundlePipeline, **overrides) -> SAMv2Matcher:
+    """The bundle's matcher (its ``matcher`` settings, ``overrides`` replacing some)."""
+    return SAMv2Matcher(**{**pipe.settings("matcher"), **overrides})
 
 
 def _timed(fn, *args, **kwargs):
@@ -125,6 +102,7 @@ def _accuracy_table(rows: list[dict], radius_column: bool = False) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ sections
 def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, absent_image: str | None):
+    refiner = pipe.parsed("refiner")  # the bundle's settings, used whether or not "refine" is on
     template = load_scan(image)
     tf = known.random_transform(seed, known.grid_centre_lps(template))
     query, disp = known.resample_query(template, tf)
@@ -135,14 +113,14 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         del query
         template_heads, query_heads = pipe.embed(image), pipe.embed(query_path)
         query_native = load_scan(query_path)  # as the bundle reads it, for the intensity refinement
-    matcher = pipe.matcher()
+    matcher = matcher_of(pipe)
     (tp, qp), prep_s = _timed(lambda: (matcher.prepare(template_heads), matcher.prepare(query_heads)))
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
     nn, nn_s = _timed(matcher.match, tp, qp, points, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, points, method="fixed_point")
     refined, refine_s = _timed(
-        lambda: pipe.refiner.refine(template, points, query_native, fp.points_lps,
-                                    local_linear=pipe.refiner.local_frames(matcher, tp, qp, points))
+        lambda: refiner.refine(template, points, query_native, fp.points_lps,
+                               local_linear=refiner.local_frames(matcher, tp, qp, points))
     )
     agree = float(100.0 * np.mean(np.linalg.norm(nn.nn_points_lps - exhaustive, axis=1) < 1e-3))
     rows = [
@@ -158,9 +136,9 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         f"coarse-to-fine NN found the exhaustive maximum for {agree:.1f} % of the points; fixed-point answered "
         f"{100 * fixed.mean():.1f} % of the points (the rest fell back to NN); median fixed points per point "
         f"{np.median(fp.n_fixed_points):.0f}; preparing both scans took {prep_s:.2f} s",
-        f"refinement ({refined.similarity}; search: step {pipe.refiner.step_for(template, query_native):.2f} mm, patch "
-        f"{pipe.refiner.patch_mm:g} mm, trust radius {pipe.refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
-        f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in pipe.refiner.affine_levels) or 'none'}) accepted "
+        f"refinement ({refined.similarity}; search: step {refiner.step_for(template, query_native):.2f} mm, patch "
+        f"{refiner.patch_mm:g} mm, trust radius {refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
+        f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in refiner.affine_levels) or 'none'}) accepted "
         f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
         + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"),
         f"transform: {tf.describe()['rotation_deg_xyz']} deg, scale {tf.describe()['scale']}, translation "
@@ -196,15 +174,16 @@ def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> li
 
 
 def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_image, query_labels, register: bool):
+    refiner = pipe.parsed("refiner")
     pairs = organ_centroid_pairs(template_labels, query_labels)
-    matcher = pipe.matcher()
+    matcher = matcher_of(pipe)
     tp, qp = matcher.prepare(pipe.embed(template_image)), matcher.prepare(pipe.embed(query_image))
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
     nn, nn_s = _timed(matcher.match, tp, qp, src, method="nearest_neighbour")
     fp, fp_s = _timed(matcher.match, tp, qp, src, method="fixed_point")
     refined, refine_s = _timed(
-        lambda: pipe.refiner.refine(load_scan(template_image), src, load_scan(query_image), fp.points_lps,
-                                    local_linear=pipe.refiner.local_frames(matcher, tp, qp, src))
+        lambda: refiner.refine(load_scan(template_image), src, load_scan(query_image), fp.points_lps,
+                               local_linear=refiner.local_frames(matcher, tp, qp, src))
     )
     rows = [
         {"method": "identity (scanner coordinates)", **summarize_errors(src, truth, radii_mm=radii)},
@@ -245,14 +224,14 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(
-    image: str = known.DEFAULT_IMAGE,
+    image: str = DEFAULT_IMAGE,
     num_points: int = 300,
     seed: int = 0,
     absent_image: str | None = None,
-    template_image: str = f"{DATA}/example_ct_sm.nii.gz",
-    template_labels: str = f"{DATA}/example_seg.nii.gz",
-    query_image: str = f"{DATA}/example_ct_dicom",
-    query_labels: str = f"{DATA}/example_seg_dicom.nii.gz",
+    template_image: str = f"{BODY_CT}/example_ct_sm.nii.gz",
+    template_labels: str = f"{BODY_CT}/example_seg.nii.gz",
+    query_image: str = f"{BODY_CT}/example_ct_dicom",
+    query_labels: str = f"{BODY_CT}/example_seg_dicom.nii.gz",
     register: bool = True,
     ckpt: str | None = None,
     output: str | None = None,
@@ -274,12 +253,12 @@ def main(
     from samv2_components.sample_data import sample_path
 
     command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv else "scripts/benchmark_matching.py", *sys.argv[1:]])
-    pipe = BundlePipeline(ckpt=ckpt, device=device)
+    pipe = BundlePipeline(BUNDLE, ckpt=ckpt, device=device)
     absent_image = absent_image or sample_path("ct_abdomen_2")
     rows, notes, fp, absent, scores, speed = intra_subject(pipe, image, num_points, seed, absent_image)
     inter_rows, organ_lines = inter_subject(pipe, template_image, template_labels, query_image, query_labels, register)
 
-    settings = ", ".join(f"{k}={v}" for k, v in pipe.matcher_kwargs.items())
+    settings = ", ".join(f"{k}={v}" for k, v in pipe.settings("matcher").items())
     lines = [
         "# SAMv2 point matching benchmark",
         "",

@@ -9,7 +9,8 @@ Every number comes from scans the shipped training list holds out (``scripts/pre
 with the ``samv2_matching`` bundle's preprocessing, inferer and matcher settings and the given weights:
 
 1. **Known transform** (``lung2``, chest CT): the scan against a known random rotation/scale/translation + smooth
-   elastic warp of itself (the generator of ``scripts/evaluate_known_transform.py``, seed 0), 300 body points;
+   elastic warp of itself (:mod:`samv2_components.transforms.known_transform`, as
+   ``scripts/evaluate_known_transform.py``, seed 0), 300 body points;
    NN (coarse-to-fine) and fixed-point: MED, CPM@10 mm.
 2. **Inter-subject organ centroids**: the labelled sample CT (``example_ct_sm``, TotalSegmentator labels) into the
    AMOS abdomen-pelvis CT (paired by common structure name) and into the DICOM abdominal CT (paired by
@@ -37,21 +38,23 @@ try:
     import samv2_components  # noqa: F401
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fire
 import numpy as np
 
-import benchmark_registration as registration_bench
-import evaluate_known_transform as known
-from benchmark_matching import BundlePipeline
 from samv2_components.errors import install_cli_error_handler
+from samv2_components.geometry import apply_matrix
+from samv2_components.inference import BundlePipeline
 from samv2_components.io.image import load_scan
 from samv2_components.io.label_vocabulary import AMOS, TOTALSEGMENTATOR_CT
 from samv2_components.io.organ_pairs import organ_centroid_pairs
+from samv2_components.matching import SAMv2Matcher
 from samv2_components.metrics import summarize_errors
+from samv2_components.registration.benchmark_cases import make_cases, undo_axis_aligned_rotation
+from samv2_components.transforms import known_transform as known
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(REPO, "bundles", "samv2_matching")
 REFERENCE = os.path.join(REPO, "bundles", "crosssam_registration", "docs", "benchmark_registration_reference.json")
 COLUMNS = [
     ("lung2 NN MED", "known_nn_med", ".2f"), ("lung2 NN CPM@10", "known_nn_cpm", ".1f"),
@@ -72,7 +75,7 @@ def known_transform(pipe: BundlePipeline, image: str, num_points: int = 300, see
     truth = tf.template_to_query(points)
     with tempfile.TemporaryDirectory(prefix="samv2_eval_") as tmp:
         query_path = known.save_nifti(query, os.path.join(tmp, "query.nii"))
-        matcher = pipe.matcher()
+        matcher = SAMv2Matcher(**pipe.settings("matcher"))
         tp, qp = matcher.prepare(pipe.embed(image)), matcher.prepare(pipe.embed(query_path))
     nn = summarize_errors(matcher.match(tp, qp, points, method="nearest_neighbour").points_lps, truth)
     fp = summarize_errors(matcher.match(tp, qp, points, method="fixed_point").points_lps, truth)
@@ -96,7 +99,7 @@ def _sitk_baseline(template_image: str, query_image: str, points: np.ndarray, ca
 
 
 def inter_subject(pipe, template_image, template_labels, query_image, pairs, prefix: str, cache_dir: str) -> dict:
-    matcher = pipe.matcher()
+    matcher = SAMv2Matcher(**pipe.settings("matcher"))
     tp, qp = matcher.prepare(pipe.embed(template_image)), matcher.prepare(pipe.embed(query_image))
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
     nn = summarize_errors(matcher.match(tp, qp, src, method="nearest_neighbour").points_lps, truth, radii_mm=radii)
@@ -119,16 +122,16 @@ def phantom(pipe: BundlePipeline, data_root: str, cache_dir: str, grid_mm: float
     work = os.path.join(cache_dir, "phantom_aligned")
     ct_path = os.path.join(data_root, "ct_mr_phantom", "ct_2mm.nii.gz")
     mr_path = os.path.join(data_root, "ct_mr_phantom", "mr_t2_2mm.nii.gz")
-    flip = np.round(reference[:3, :3].T)  # the axis-aligned rotation that undoes the MR's reversal
-    (case,) = registration_bench.make_cases(
+    flip = undo_axis_aligned_rotation(reference)  # the axis-aligned rotation that undoes the MR's reversal
+    (case,) = make_cases(
         1, 0, reference, work, ct_path=ct_path, mr_path=mr_path, max_rotation_deg=0.0, max_translation_mm=0.0,
         crop=False, pre_rotation=flip, tre_spacing_mm=grid_mm, prefix="aligned_",
     )
-    matcher = pipe.matcher()
+    matcher = SAMv2Matcher(**pipe.settings("matcher"))
     ct = matcher.prepare(pipe.embed(case.fixed_path, "ct"))
     mr = matcher.prepare(pipe.embed(case.moving_path, "mr"))
     found = matcher.match(ct, mr, case.points, method="nearest_neighbour").points_lps
-    truth = registration_bench.apply_matrix(case.truth, case.points)
+    truth = apply_matrix(case.truth, case.points)
     error = np.linalg.norm(found - truth, axis=1)
     return {"phantom_within10": float(100.0 * np.mean(error <= 10.0)), "phantom_points": int(len(error)),
             "phantom_median_mm": float(np.median(error))}
@@ -152,7 +155,7 @@ def main(
     """Score ``ckpt`` (a ``model.pt`` or a training checkpoint) and print one table row; see the module docstring."""
     t0 = time.perf_counter()
     body = os.path.join(data_root, "body_ct")
-    pipe = BundlePipeline(ckpt=ckpt, device=device, overrides={"network_def#width": width})
+    pipe = BundlePipeline(BUNDLE, ckpt=ckpt, device=device, overrides={"network_def#width": width})
     result = {"ckpt": ckpt, "command": "python " + shlex.join(sys.argv)}
     result.update(known_transform(pipe, os.path.join(body, "lung2_image.nrrd")))
     template_image, template_labels = os.path.join(body, "example_ct_sm.nii.gz"), os.path.join(body, "example_seg.nii.gz")

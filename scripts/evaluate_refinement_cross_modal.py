@@ -13,7 +13,8 @@ agree within 0.9 mm). Template points: ``--num_points`` CT body voxels (HU > -30
 
 Each with the translation search alone and with the bundle's local affine levels (the ``refiner`` section of
 ``bundles/samv2_matching/configs/inference.json``; the trust radius is ``2 * error_mm``). The local frame given to
-the refiner is the reference transform's rotation. Errors are world LPS mm.
+the refiner is the reference transform's rotation. Errors are world LPS mm. The control query and the points come
+from :mod:`samv2_components.transforms.known_transform` (``moved_scan``, ``mapped_body_points``).
 
 Example::
 
@@ -34,35 +35,15 @@ except ImportError:  # run from a checkout without installing the package
 
 import fire
 import numpy as np
-import torch
-from monai.bundle import ConfigParser
-from monai.data import MetaTensor
 
-from samv2_components.geometry import convert_affine, points_outside_scan, voxel_to_world
+from samv2_components.inference import read_bundle_config, section_settings
 from samv2_components.io.image import load_scan
 from samv2_components.matching import LocalIntensityRefiner
+from samv2_components.transforms.known_transform import mapped_body_points, moved_scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = "/work/shared/data/ct_mr_phantom"
+DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "ct_mr_phantom"))  # next to the checkout
 REFERENCE = os.path.join(REPO, "bundles", "crosssam_registration", "docs", "benchmark_registration_reference.json")
-
-
-def moved_scan(image: MetaTensor, fixed_to_moving_lps: np.ndarray) -> MetaTensor:
-    """The same voxels with the grid moved by a rigid LPS transform: anatomical point ``p`` goes to ``T p`` exactly."""
-    affine_lps = convert_affine(np.asarray(image.affine, np.float64), "RAS", "LPS")
-    moved = convert_affine(fixed_to_moving_lps @ affine_lps, "LPS", "RAS")
-    return MetaTensor(image.as_tensor().clone(), affine=torch.as_tensor(moved))
-
-
-def body_points(ct: MetaTensor, query: MetaTensor, transform: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` CT body voxel centres (LPS) whose mapped points lie 8 voxels inside ``query``, and those mapped points."""
-    rng = np.random.default_rng(seed)
-    candidates = np.argwhere(ct[0].numpy() > -300.0)
-    candidates = candidates[rng.permutation(len(candidates))[: 50 * n]].astype(np.float64)
-    points = voxel_to_world(candidates, np.asarray(ct.affine))
-    truth = points @ transform[:3, :3].T + transform[:3, 3]
-    keep = ~points_outside_scan(query, truth, tolerance_voxels=-8.0)
-    return points[keep][:n], truth[keep][:n]
 
 
 def main(
@@ -75,9 +56,7 @@ def main(
     output: str | None = None,
 ):
     """Print (and with ``--output`` write) the Markdown table (module docstring)."""
-    parser = ConfigParser()
-    parser.read_config(os.path.join(REPO, "bundles", "samv2_matching", "configs", "inference.json"))
-    settings = {k: v for k, v in parser["refiner"].items() if k != "_target_"}
+    settings = section_settings(read_bundle_config(os.path.join(REPO, "bundles", "samv2_matching")), "refiner")
     settings["trust_radius_mm"] = 2.0 * float(error_mm)
     transform = np.asarray(json.load(open(reference))["fixed_to_moving"], np.float64)
     ct_scan, mr_scan = load_scan(ct), load_scan(mr)
@@ -93,7 +72,7 @@ def main(
         "|:---|:---|---:|---:|---:|---:|---:|",
     ]
     for name, (query, same, similarity) in queries.items():
-        points, truth = body_points(ct_scan, query, transform, num_points, seed)
+        points, truth = mapped_body_points(ct_scan, query, transform, num_points, seed)
         start = truth + rng.uniform(-error_mm, error_mm, truth.shape)
         frames = np.broadcast_to(transform[:3, :3], (len(points), 3, 3))
         for label, extra in (("search", {"affine_levels": None}), ("search + local affine", {})):

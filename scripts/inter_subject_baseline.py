@@ -33,35 +33,18 @@ except ImportError:  # run from a checkout without installing the package
 import fire
 import numpy as np
 
-from samv2_components.geometry import label_centroids
-from samv2_components.io.image import load_scan
+from samv2_components.io.organ_pairs import common_label_centroids
 from samv2_components.registration import read_sitk_image, register_intensity
 from samv2_components.registration.intensity_baselines import _initial_rigid
 
-DATA = "/work/shared/data/body_ct"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "body_ct"))  # the shared data next to the checkout
 DEFAULTS = dict(
     fixed_image=f"{DATA}/example_ct_sm.nii.gz",
     fixed_labels=f"{DATA}/example_seg.nii.gz",
     moving_image=f"{DATA}/example_ct_dicom",
     moving_labels=f"{DATA}/example_seg_dicom.nii.gz",
 )
-
-
-def _cut_labels(label_map) -> set[int]:
-    """Labels touching a face of the volume (cut off by the field of view, so their centroid is biased)."""
-    a = label_map.detach().cpu().numpy()[0]
-    faces = [a[0], a[-1], a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1]]
-    return {int(v) for f in faces for v in np.unique(f)} - {0}
-
-
-def common_centroids(fixed_labels, moving_labels, min_voxels: int = 50) -> tuple[dict, dict, set[int]]:
-    """Centroids (LPS mm) of the labels present in both maps with >= ``min_voxels`` voxels in each, and the ids
-    of those cut by either field of view."""
-    fl = load_scan(fixed_labels, check_intensities=False)
-    ml = load_scan(moving_labels, check_intensities=False)
-    f, m = label_centroids(fl, min_voxels=min_voxels), label_centroids(ml, min_voxels=min_voxels)
-    common = sorted(set(f) & set(m))
-    return {k: f[k] for k in common}, {k: m[k] for k in common}, (_cut_labels(fl) | _cut_labels(ml)) & set(common)
 
 
 def centroid_errors(mapped: dict, target: dict) -> dict[int, np.ndarray]:
@@ -87,7 +70,7 @@ def main(
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     if isinstance(initializations, str):
         initializations = [s for s in initializations.split(",") if s]
-    fixed_c, moving_c, cut = common_centroids(fixed_labels, moving_labels, min_voxels)
+    fixed_c, moving_c, cut = common_label_centroids(fixed_labels, moving_labels, min_voxels)
     if not fixed_c:
         raise SystemExit("no label is present in both label maps with enough voxels")
     labels = list(fixed_c)

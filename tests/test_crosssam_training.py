@@ -244,6 +244,41 @@ def test_crosssam_trainer_needs_cross_losses_with_a_loader():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the rounds' set-up (samv2_components.registration.crosssam_rounds), without registering or training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_crosssam_rounds_settings_and_registration_tools(tmp_path):
+    from samv2_components.networks.weights import load_weights
+    from samv2_components.registration.crosssam_rounds import CrossSAMRounds, training_parser
+    from samv2_components.sample_data import sample_path
+
+    bundle = os.path.join(ROOT, "bundles", "crosssam_registration")
+    init = os.path.join(bundle, "models", "model.pt")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({
+        "pairs": [{"fixed": sample_path("phantom_ct"), "moving": sample_path("phantom_mr"), "fixed_modality": "ct", "moving_modality": "mr"}],
+        "training": [{"image": sample_path("phantom_ct"), "modality": "ct"}],
+    }))  # fmt: skip
+    rounds = CrossSAMRounds(str(datalist), init, str(tmp_path / "run"), rounds=4, margins_mm=[40, 20],
+                            adareg_overrides={"min_inliers": 5}, bundle_root=bundle)
+    assert rounds.margins == [40.0, 20.0, 20.0, 20.0]  # the last margin repeats
+    assert rounds.train_config == os.path.join(bundle, "configs", "train.json")
+    assert len(rounds.pairs) == 1 and rounds.pairs[0]["fixed_modality"] == "ct"
+    parser = training_parser(str(datalist), str(tmp_path / "r"), {"batch_size": 1}, rounds.train_config,
+                             rounds.round_config, rounds.bundle_root)
+    assert parser["bundle_root"] == bundle and parser["datalist_file"] == str(datalist) and parser["batch_size"] == 1
+    pipeline, adareg, orientation = rounds._registration_tools(init, 25.0)
+    assert adareg.crop_margin_mm == 25.0 and adareg.min_inliers == 5 and orientation in ("auto", "off", "always")
+    assert not any("DivisiblePadd" in str(t.get("_target_")) for t in pipeline.parser["preprocessing"]["transforms"])
+    shipped = SAMv2Net(width=0.25)
+    load_weights(shipped, init)
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in pipeline.network.state_dict().items())
+    with pytest.raises(ValueError, match="bundle_root"):
+        CrossSAMRounds(str(datalist), init, str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # one full round of the iterative script (slow)
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -275,3 +275,27 @@ def test_points_outside_scan_against_a_known_grid_and_its_original_geometry():
     resampled = MetaTensor(torch.zeros(1, 3, 3, 3), affine=torch.eye(4, dtype=torch.float64),
                            meta={"original_affine": affine, "spatial_shape": np.array([10, 20, 5])})
     np.testing.assert_array_equal(points_outside_scan(resampled, points), [False, False, False, True, True])
+
+
+def test_rotations_and_rigid_matrices_by_hand():
+    from samv2_components.geometry import (
+        apply_matrix,
+        axis_angle_rotation,
+        linear_map_matrix,
+        rigid_matrix,
+        rotation_angle_deg,
+    )
+
+    # 90 deg about z: x -> y (right-handed); any axis length
+    np.testing.assert_allclose(axis_angle_rotation([0, 0, 5.0], 90.0) @ [1.0, 0, 0], [0, 1.0, 0], atol=1e-12)
+    r = axis_angle_rotation([1.0, 2.0, 3.0], 40.0)
+    np.testing.assert_allclose(r, _rotation(np.array([1.0, 2.0, 3.0]), np.radians(40.0)), atol=1e-12)
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+    assert rotation_angle_deg(r) == pytest.approx(40.0) and rotation_angle_deg(np.eye(4)) == 0.0
+    # p -> R (p - c) + c + t: the centre moves by t only
+    m = rigid_matrix(r, translation=(1.0, -2.0, 3.0), centre=(10.0, 20.0, 30.0))
+    np.testing.assert_allclose(apply_matrix(m, [10.0, 20.0, 30.0]), [[11.0, 18.0, 33.0]], atol=1e-12)
+    p = np.array([[1.0, 2.0, 3.0], [-4.0, 0.5, 9.0]])
+    np.testing.assert_allclose(apply_matrix(m, p), p @ m[:3, :3].T + m[:3, 3])
+    # the matrix of an affine map from its images of the origin and the unit vectors
+    np.testing.assert_allclose(linear_map_matrix(lambda q: apply_matrix(m, q)[0]), m, atol=1e-12)

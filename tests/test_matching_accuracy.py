@@ -8,23 +8,23 @@ comparison on a held-out chest CT for the documented numbers.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-MODEL = os.path.join(ROOT, "bundles", "samv2_matching", "models", "model.pt")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+BUNDLE = os.path.join(ROOT, "bundles", "samv2_matching")
+MODEL = os.path.join(BUNDLE, "models", "model.pt")
 
 
 @pytest.mark.skipif(not os.path.isfile(MODEL), reason="needs the shipped model")
 def test_fixed_point_at_least_as_accurate_as_nn(tmp_path):
-    import benchmark_matching as bench
-    import evaluate_known_transform as known
+    from samv2_components.inference import BundlePipeline
     from samv2_components.io.image import load_scan
+    from samv2_components.matching import SAMv2Matcher
     from samv2_components.metrics import summarize_errors
     from samv2_components.sample_data import sample_path
+    from samv2_components.transforms import known_transform as known
 
     image = sample_path("ct_abdomen")
     template = load_scan(image)
@@ -32,8 +32,8 @@ def test_fixed_point_at_least_as_accurate_as_nn(tmp_path):
     query, _ = known.resample_query(template, transform)
     points = known.sample_template_points(template, 120, 0, border_mm=12.0)
     truth = transform.template_to_query(points)
-    pipe = bench.BundlePipeline()
-    matcher = pipe.matcher()
+    pipe = BundlePipeline(BUNDLE)
+    matcher = SAMv2Matcher(**pipe.settings("matcher"))
     template_scan = matcher.prepare(pipe.embed(image))
     query_scan = matcher.prepare(pipe.embed(known.save_nifti(query, str(tmp_path / "query.nii"))))
     nn = summarize_errors(matcher.match(template_scan, query_scan, points, method="nearest_neighbour").points_lps, truth)

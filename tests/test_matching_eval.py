@@ -1,5 +1,6 @@
 """NN matching (:mod:`samv2_components.matching`), the known-transform benchmark's transform generator
-(``scripts/evaluate_known_transform.py``) and the point metrics (:mod:`samv2_components.metrics`).
+(:mod:`samv2_components.transforms.known_transform`, used by ``scripts/evaluate_known_transform.py``) and the point
+metrics (:mod:`samv2_components.metrics`).
 
 Matching identities hold for any weights, so a small random network (width 0.25) on a small real crop of the
 sample CT is enough: a scan matched against itself, or against an exact translated copy, must find every point.
@@ -7,11 +8,8 @@ sample CT is enough: a scan matched against itself, or against an exact translat
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -38,21 +36,9 @@ from samv2_components.metrics import (
 )
 from samv2_components.networks import SAMv2Net
 from samv2_components.sample_data import sample_path
+from samv2_components.transforms import known_transform as ekt
 
-from matching_fixtures import ROOT, SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
-
-
-def _load_script():
-    name = "evaluate_known_transform"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses need the module registered
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ekt = _load_script()
+from matching_fixtures import SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
 
 
 def _fine_spacing(dmap):
@@ -185,7 +171,7 @@ def _smooth_volume(points_lps):
 
 def test_ground_truth_lands_on_the_same_intensity(tmp_path):
     # an oblique, anisotropic template grid with flipped axes (RAS affine), filled with the smooth field
-    rot = ekt._rotation(np.deg2rad([5.0, -8.0, 12.0]))
+    rot = ekt.rotation_zyx(np.deg2rad([5.0, -8.0, 12.0]))
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = rot @ np.diag([2.5, 3.0, 3.5])
     affine_lps[:3, 3] = [-60.0, 40.0, -30.0]
@@ -212,14 +198,14 @@ def test_ground_truth_lands_on_the_same_intensity(tmp_path):
 
     points = ekt.sample_template_points(template, 200, seed=0, min_value=-1e9, border_mm=10.0)
     truth = tf.template_to_query(points)
-    at_template = ekt._sample_volume(template[0].as_tensor(), world_to_voxel(points, template.affine), fill=0.0)
-    at_query = ekt._sample_volume(query[0].as_tensor(), world_to_voxel(truth, query.affine), fill=0.0)
+    at_template = ekt.sample_volume(template[0].as_tensor(), world_to_voxel(points, template.affine), fill=0.0)
+    at_query = ekt.sample_volume(query[0].as_tensor(), world_to_voxel(truth, query.affine), fill=0.0)
     span = values.max() - values.min()
     # two trilinear interpolations of a field smooth on the voxel scale: a fraction of a percent of its range
     assert np.abs(at_query - at_template).max() < 0.01 * span
     # and a wrong correspondence (ignoring the elastic part) would not be
     wrong = tf.affine_forward(points)
-    at_wrong = ekt._sample_volume(query[0].as_tensor(), world_to_voxel(wrong, query.affine), fill=0.0)
+    at_wrong = ekt.sample_volume(query[0].as_tensor(), world_to_voxel(wrong, query.affine), fill=0.0)
     assert np.abs(at_wrong - at_template).max() > 3 * np.abs(at_query - at_template).max()
 
 

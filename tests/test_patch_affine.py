@@ -144,12 +144,9 @@ def test_bad_levels_are_refused(ct):
 
 
 def test_cross_modal_evaluation_moves_a_grid_by_exactly_the_reference_transform(ct):
-    """scripts/evaluate_refinement_cross_modal.py's control query: every voxel centre lands at T p (LPS)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from evaluate_refinement_cross_modal import moved_scan
+    """scripts/evaluate_refinement_cross_modal.py's control query (``moved_scan``): every voxel centre lands at
+    T p (LPS)."""
+    from samv2_components.transforms.known_transform import moved_scan
 
     angle = np.deg2rad(170.0)
     transform = np.eye(4)

@@ -28,7 +28,7 @@ from samv2_components.io.label_vocabulary import TOTALSEGMENTATOR_CT, LabelSourc
 from samv2_components.io.point_pairs import PointPairs
 from samv2_components.io.points import PointSet
 
-__all__ = ["organ_centroid_pairs"]
+__all__ = ["organ_centroid_pairs", "common_label_centroids", "labels_cut_by_field_of_view"]
 
 
 def _label_map(value):
@@ -82,3 +82,22 @@ def organ_centroid_pairs(
         PointSet(names, [centroids[1][k] for k in shared], "LPS"),
         np.asarray(radii),
     )
+
+
+def labels_cut_by_field_of_view(label_map) -> set[int]:
+    """Label ids of a channel-first label map ``(1, X, Y, Z)`` that touch a face of the volume (cut off by the
+    field of view, so their centroid is biased toward the covered part)."""
+    a = label_map.detach().cpu().numpy()[0]
+    faces = [a[0], a[-1], a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1]]
+    return {int(v) for f in faces for v in np.unique(f)} - {0}
+
+
+def common_label_centroids(fixed_labels, moving_labels, min_voxels: int = 50) -> tuple[dict, dict, set[int]]:
+    """Centroids (world LPS mm, ``{id: (3,)}``) of the label ids present in both maps (paths or loaded
+    ``MetaTensor`` s) with >= ``min_voxels`` voxels in each, paired by id (one vocabulary), for the fixed and the
+    moving map, and the ids of those cut by either field of view (:func:`labels_cut_by_field_of_view`)."""
+    fl, ml = _label_map(fixed_labels), _label_map(moving_labels)
+    f, m = label_centroids(fl, min_voxels=min_voxels), label_centroids(ml, min_voxels=min_voxels)
+    common = sorted(set(f) & set(m))
+    cut = (labels_cut_by_field_of_view(fl) | labels_cut_by_field_of_view(ml)) & set(common)
+    return {k: f[k] for k in common}, {k: m[k] for k in common}, cut

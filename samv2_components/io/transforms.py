@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.geometry import linear_map_matrix
 from samv2_components.io.atomic import atomic_file
 from samv2_components.io.points import _atomic_write
 
@@ -173,10 +174,7 @@ def _transform_to_matrix(transform, path: Path) -> np.ndarray:
         m[:3, :3] = itk.array_from_matrix(transform.GetMatrix())
         m[:3, 3] = [float(v) for v in transform.GetOffset()]
     else:  # e.g. a composite of linear transforms: probe it
-        origin = np.array([float(v) for v in transform.TransformPoint([0.0, 0.0, 0.0])])
-        for i in range(3):
-            m[:3, i] = np.array([float(v) for v in transform.TransformPoint(list(np.eye(3)[i]))]) - origin
-        m[:3, 3] = origin
+        m = linear_map_matrix(transform.TransformPoint)
     return _check_matrix(m, os.fspath(path))
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import as_points
 from samv2_components.io.atomic import atomic_file
-from samv2_components.registration.intensity_baselines import _short, _sitk, read_sitk_image
+from samv2_components.registration.intensity_baselines import _short, _sitk, matrix_to_sitk_transform, read_sitk_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
@@ -136,10 +136,7 @@ def _initial_transform(sitk, initial, name: str = "initial_fixed_to_moving"):
         raise SAMv2InputError(name, f"last row must be (0, 0, 0, 1), got {matrix[3].tolist()}")
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-9:
         raise SAMv2InputError(name, "matrix is singular")
-    out = sitk.AffineTransform(3)
-    out.SetMatrix(matrix[:3, :3].flatten().tolist())
-    out.SetTranslation(matrix[:3, 3].tolist())
-    return out
+    return matrix_to_sitk_transform(matrix)
 
 
 def _to_itk(itk, sitk, image, pixel):

@@ -36,12 +36,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.geometry import affine_and_space, as_points, convert_affine
+from samv2_components.geometry import affine_and_space, as_points, convert_affine, linear_map_matrix
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
 
-__all__ = ["IntensityRegistrationResult", "register_intensity", "read_sitk_image"]
+__all__ = [
+    "IntensityRegistrationResult",
+    "register_intensity",
+    "read_sitk_image",
+    "matrix_to_sitk_transform",
+    "sitk_transform_to_matrix",
+]
 
 TRANSFORMS = ("rigid", "similarity", "affine")
 METRICS = ("mattes", "correlation")
@@ -56,6 +62,25 @@ def _sitk():
             "intensity registration needs SimpleITK: pip install samv2-components[registration]"
         ) from exc
     return sitk
+
+
+def matrix_to_sitk_transform(matrix) -> "SimpleITK.AffineTransform":
+    """A SimpleITK ``AffineTransform`` (centre 0) that maps points exactly as the 4x4 ``matrix`` (world LPS mm,
+    column vectors; in this package a fixed -> moving matrix, ITK's resampling direction). The package's one
+    matrix -> SimpleITK conversion."""
+    sitk = _sitk()
+    m = np.asarray(matrix, dtype=np.float64)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(m[:3, :3].ravel().tolist())
+    transform.SetTranslation(m[:3, 3].tolist())
+    return transform
+
+
+def sitk_transform_to_matrix(transform) -> np.ndarray:
+    """The 4x4 matrix (world LPS mm) of an affine-like SimpleITK transform (composites included): maps points
+    exactly as its ``TransformPoint`` (:func:`samv2_components.geometry.linear_map_matrix`). The inverse of
+    :func:`matrix_to_sitk_transform`."""
+    return linear_map_matrix(transform.TransformPoint)
 
 
 def _short(exc: BaseException) -> str:

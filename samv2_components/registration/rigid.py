@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from samv2_components.geometry import as_points
+from samv2_components.geometry import apply_matrix, as_points, axis_angle_rotation, rotation_angle_deg
 
 __all__ = ["RigidTransform", "RobustRigidFit", "fit_rigid", "fit_rigid_robust"]
 
@@ -64,13 +64,11 @@ class RigidTransform:
     @property
     def rotation_angle_deg(self) -> float:
         """Angle of the rotation about its axis, degrees in ``[0, 180]``."""
-        cos = (float(np.trace(self.matrix[:3, :3])) - 1.0) / 2.0
-        return math.degrees(math.acos(min(1.0, max(-1.0, cos))))
+        return rotation_angle_deg(self.matrix)
 
     def __call__(self, points) -> np.ndarray:
         """Map points ``(N, 3)`` (mm, source space) -> ``(N, 3)`` (mm, target space)."""
-        pts = as_points(points)
-        return pts @ self.matrix[:3, :3].T + self.matrix[:3, 3]
+        return apply_matrix(self.matrix, as_points(points))
 
     def inverse(self) -> RigidTransform:
         """The target -> source transform ``x = R^T (y - t)``."""
@@ -133,8 +131,10 @@ def _minimal_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         axis = np.cross(a, np.eye(3)[int(np.argmin(np.abs(a)))])
         axis /= np.linalg.norm(axis)
         return 2.0 * np.outer(axis, axis) - np.eye(3)
-    vx = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
-    return np.eye(3) + vx + vx @ vx / (1.0 + c)
+    sin = float(np.linalg.norm(v))
+    if sin == 0.0:  # already aligned
+        return np.eye(3)
+    return axis_angle_rotation(v / sin, math.degrees(math.atan2(sin, c)))
 
 
 def _kabsch(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -35,20 +35,11 @@ from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
 from samv2_components.modality import check_modality
 from samv2_components.registration.adareg import AdaReg, crop_index_range
-from samv2_components.registration.intensity_baselines import read_sitk_image
+from samv2_components.registration.intensity_baselines import matrix_to_sitk_transform, read_sitk_image
 
 __all__ = ["AdaRegWorkflow", "RegistrationFailed"]  # RegistrationFailed lives in samv2_components.errors
 
 logger = logging.getLogger(__name__)
-
-
-def _affine_transform(matrix: np.ndarray):
-    import SimpleITK as sitk
-
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(np.asarray(matrix[:3, :3], dtype=np.float64).ravel().tolist())
-    transform.SetTranslation(np.asarray(matrix[:3, 3], dtype=np.float64).tolist())
-    return transform
 
 
 def _resample(moving, reference, matrix: np.ndarray):
@@ -56,7 +47,7 @@ def _resample(moving, reference, matrix: np.ndarray):
 
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(moving)
-    return sitk.Resample(moving, reference, _affine_transform(matrix), sitk.sitkLinear, stats.GetMinimum(), sitk.sitkFloat32)
+    return sitk.Resample(moving, reference, matrix_to_sitk_transform(matrix), sitk.sitkLinear, stats.GetMinimum(), sitk.sitkFloat32)
 
 
 def _crop_to_box(image, corners_lps: np.ndarray, margin_mm: float):
