@@ -12,9 +12,13 @@ Exit status, for shell scripts:
 * ``0``: done; the output folder(s) are printed on stdout, one per line;
 * ``1``: bad input (a missing or unreadable file, a wrong modality, a checkpoint that does not fit...): one line
   ``ERROR: <file>: <problem>`` on stderr, nothing written;
-* ``2``: the command line itself is wrong (unknown command, missing argument), as ``fire`` reports it;
+* ``2``: the command line itself is wrong (unknown command, missing argument, an option no command or bundle
+  setting has: ``unknown option --tempalte (did you mean --template?)``);
 * ``3``: the registration ran but could not be made confident: ``ERROR: ...`` names the reason and the
   ``summary.json`` that holds the confidence figures; no transform is written.
+
+``--debug`` (or ``SAMV2_DEBUG=1``) shows the full traceback instead of the one ``ERROR:`` line. The output folder
+is checked for writing before any work starts.
 
 Bundles are found in ``$SAMV2_BUNDLES_DIR``, else the ``bundles/`` folder of the checkout the package is installed
 from (``pip install -e .``), else ``./bundles``. Progress bars go to stderr when it is a terminal
@@ -24,6 +28,7 @@ from (``pip install -e .``), else ``./bundles``. Progress bars go to stderr when
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -31,7 +36,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import RegistrationFailed, find_samv2_error
+from samv2_components.errors import RegistrationFailed, SAMv2InputError, find_samv2_error, parse_bool
+from samv2_components.io.atomic import check_output_dir
 
 __all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT"]
 
@@ -40,6 +46,7 @@ EXIT_USAGE = 2
 EXIT_NOT_CONFIDENT = 3
 
 PROGRESS_ENV = "SAMV2_PROGRESS"
+DEBUG_ENV = "SAMV2_DEBUG"
 
 
 def _log_to_stderr() -> None:
@@ -70,6 +77,32 @@ def _progress_wanted() -> bool:
     return sys.stderr.isatty() if forced is None else forced.strip().lower() not in ("0", "false", "no", "")
 
 
+class UsageError(SAMv2InputError):
+    """The command line names an option no command or bundle setting has (exit status 2)."""
+
+
+def _check_options(bundle: str, configs: Sequence[str], overrides: Mapping[str, Any], bundles_dir) -> None:
+    """Refuse an override whose first key is neither a command argument nor a setting of the bundle's configs
+    (a misspelt ``--tempalte`` would otherwise be taken as a setting nothing reads), suggesting the closest one."""
+    import difflib
+    import json
+
+    from samv2_components.bundle_support import find_bundles_dir
+
+    known: set[str] = set()
+    for name in configs:
+        with open(find_bundles_dir(bundles_dir) / bundle / "configs" / name, encoding="utf-8") as f:
+            known |= set(json.load(f))
+    command_args = {p for method in ("embed", "match", "register", "evaluate")
+                    for p in inspect.signature(getattr(SAMv2Command, method)).parameters if p not in ("self", "overrides")}
+    for key in overrides:
+        root = str(key).split("#")[0]
+        if root not in known:
+            close = difflib.get_close_matches(root, sorted(known | command_args), n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UsageError(f"--{key}", f"unknown option{hint}; 'samv2 COMMAND --help' lists the arguments")
+
+
 class SAMv2Command:
     """SAMv2 anatomical embeddings: embed scans, match points between scans, register CT and MR.
 
@@ -89,6 +122,9 @@ class SAMv2Command:
     def _run(self, bundle: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> Any:
         import monai.bundle  # noqa: F401 - creates MONAI's loggers, whose stdout handlers are moved next
 
+        _check_options(bundle, configs, overrides, self._bundles_dir)
+        if overrides.get("output_dir") is not None:
+            check_output_dir(overrides["output_dir"])
         _move_stdout_handlers_to_stderr()
         with contextlib.redirect_stdout(sys.stderr):  # printed tables too: stdout is for the result paths
             return run_bundle(bundle, configs, overrides, self._bundles_dir, self._progress)
@@ -151,7 +187,7 @@ class SAMv2Command:
         queries = self._paths(query, "ct_abdomen_2")
         values = {"template_path": template, "template_points": points, "query_path": queries, "modality": modality,
                   "query_modality": query_modality, "output_dir": output_dir, "matcher#method": method, "cache_dir": cache_dir,
-                  "refine": bool(refine)}
+                  "refine": parse_bool(refine, "--refine")}
         self._run("samv2_matching", ["inference.json"], {**values, **overrides})
         return "\n".join(_output_folders(output_dir, queries))
 
@@ -190,7 +226,7 @@ class SAMv2Command:
         fixed = fixed or sample_path("phantom_ct")
         moving = moving or sample_path("phantom_mr")
         values = {"fixed_path": fixed, "moving_path": moving, "fixed_modality": fixed_modality,
-                  "moving_modality": moving_modality, "output_dir": output_dir, "deformable": bool(deformable),
+                  "moving_modality": moving_modality, "output_dir": output_dir, "deformable": parse_bool(deformable, "--deformable"),
                   "orientation_search": orientation_search, "workflow#progress": self._progress}
         self._run("crosssam_registration", ["inference.json"], {**values, **overrides})
         return os.path.join(output_dir, f"{case_name(fixed)}__{case_name(moving)}")
@@ -251,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _log_to_stderr()
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    args = [a for a in args if a != "--debug"]
     if any(a in ("--help", "-h") for a in args) and "--" not in args:
         # the commands take **overrides, so fire would read a plain --help as an override named "help"
         args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
@@ -260,9 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     except Exception as exc:  # noqa: BLE001 - only our own errors become one line; anything else keeps its traceback
         error = find_samv2_error(exc)  # MONAI and ignite wrap the errors raised inside a workflow
-        if error is None:
+        if error is None or debug:
             raise
         sys.stderr.write(f"ERROR: {error}\n")
+        if isinstance(error, UsageError):
+            return EXIT_USAGE
         return EXIT_NOT_CONFIDENT if isinstance(error, RegistrationFailed) else EXIT_ERROR
     finally:
         logging.shutdown()

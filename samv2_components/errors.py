@@ -53,6 +53,24 @@ class RegistrationFailed(SAMv2Error):
     """
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(value: object, name: str) -> bool:
+    """A yes/no setting as given in a config or on a command line: ``True``/``False``, 1/0, or the strings
+    true/false, 1/0, yes/no, on/off in any case. Anything else raises :class:`SAMv2InputError` naming ``name``.
+
+    Needed because ``--deformable false`` arrives as the string "false", which plain ``bool()`` makes True.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SAMv2InputError(name, f"must be true or false (or 1/0, yes/no), got {value!r}")
+
+
 def find_samv2_error(exc: BaseException | None) -> SAMv2Error | None:
     """Return the first :class:`SAMv2Error` in ``exc``'s cause/context chain (MONAI wraps transform errors)."""
     seen = set()

@@ -86,6 +86,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         SAMv2Inferer(halo=(3, 16, 16))
     with pytest.raises(ValueError):
-        SAMv2Inferer(bf16="yes")
+        SAMv2Inferer(bf16="sometimes")  # true/false/1/0/yes/no and "auto" are accepted
     with pytest.raises(ValueError):
         SAMv2Inferer()(torch.zeros(1, 2, 8, 16, 16), SAMv2Net(width=0.25))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from samv2_components.errors import parse_bool
 from samv2_components.geometry import strided_grid_affine
 from samv2_components.networks import HEAD_GRIDS, INPUT_DIVISOR, SAMv2Net, fuse_conv_norm
 
@@ -61,8 +62,10 @@ class SAMv2Inferer(Inferer):
         pad_value: float = -50.0,
     ):
         super().__init__()
-        if bf16 not in (True, False, "auto"):
-            raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
+        if not (isinstance(bf16, str) and bf16.strip().lower() == "auto"):
+            bf16 = parse_bool(bf16, "inferer#bf16 (true, false or auto)")
+        else:
+            bf16 = "auto"
         if any(h % d for h, d in zip(halo, INPUT_DIVISOR)):
             raise ValueError(f"halo {tuple(halo)} must be a multiple of {INPUT_DIVISOR}")
         self.bf16 = bf16

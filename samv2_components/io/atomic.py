@@ -8,7 +8,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 
-__all__ = ["atomic_directory", "atomic_file"]
+__all__ = ["atomic_directory", "atomic_file", "check_output_dir"]
 
 
 @contextlib.contextmanager
@@ -62,6 +62,28 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def check_output_dir(path: str | os.PathLike) -> str:
+    """Make sure results can be written under ``path`` before any work starts; return it.
+
+    ``path`` need not exist: its nearest existing ancestor must be a folder this process can write into. Nothing is
+    created. Raises :class:`~samv2_components.errors.SAMv2InputError` "cannot write to <path>: <reason>".
+    """
+    from samv2_components.errors import SAMv2InputError
+
+    target = os.path.abspath(os.fspath(path))
+    probe = target
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise SAMv2InputError(f"cannot write to {target}", f"{probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SAMv2InputError(f"cannot write to {target}", f"no permission to write in {probe}")
+    return os.fspath(path)
 
 
 def _new_temporary(parent: str, name: str, folder: bool = False) -> str:

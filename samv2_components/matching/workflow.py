@@ -31,7 +31,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import SAMv2InputError, parse_bool
 from samv2_components.geometry import convert_affine, convert_points, points_outside_scan
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
@@ -199,7 +199,7 @@ class MatchPointsd(MapTransform):
         self.template, self.matcher, self.output_dir = template, matcher, output_dir
         self.pred_key, self.modality_key = pred_key, modality_key
         self.model_modalities, self.allow_cross_modality = tuple(model_modalities), bool(allow_cross_modality)
-        self.write_qc, self.qc_field_of_view_mm = bool(write_qc), float(qc_field_of_view_mm)
+        self.write_qc, self.qc_field_of_view_mm = parse_bool(write_qc, "write_qc"), float(qc_field_of_view_mm)
         self.info = dict(info or {})
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

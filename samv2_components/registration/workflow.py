@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samv2_components.errors import RegistrationFailed, SAMv2InputError
+from samv2_components.errors import RegistrationFailed, SAMv2InputError, parse_bool
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
@@ -118,8 +118,8 @@ class AdaRegWorkflow:
         }
         self.preprocessing, self.network, self.inferer = preprocessing, network, inferer
         self.adareg, self.output_dir, self.device = adareg, os.fspath(output_dir), torch.device(device)
-        self.deformable, self.deformable_kwargs = bool(deformable), dict(deformable_kwargs or {})
-        self.write_qc, self.info = bool(write_qc), dict(info or {})
+        self.deformable, self.deformable_kwargs = parse_bool(deformable, "deformable"), dict(deformable_kwargs or {})
+        self.write_qc, self.info = parse_bool(write_qc, "write_qc"), dict(info or {})
         self.progress = bool(progress)
 
     def _embed(self, which: str):

@@ -1,0 +1,82 @@
+"""Bad input on the command line and through ``python -m monai.bundle run``: each is answered by one
+``ERROR: <file or option>: <problem>`` line with the documented exit status, before any work, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from samv2_components.errors import SAMv2InputError, parse_bool
+from samv2_components.io.atomic import check_output_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd, module="samv2_components.cli"):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=str(cwd), capture_output=True, text=True,
+                          encoding="utf-8", timeout=900, env=env)
+
+
+def errors(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("FALSE", False), ("0", False), ("no", False),
+                                         ("True", True), ("1", True), ("yes", True), (True, True), (0, False)])
+def test_booleans_as_users_write_them(text, value):
+    assert parse_bool(text, "deformable") is value
+
+
+@pytest.mark.parametrize("text", ["maybe", "", "2", 0.5, None])
+def test_other_booleans_are_refused_by_name(text):
+    with pytest.raises(SAMv2InputError, match="^deformable: must be true or false"):
+        parse_bool(text, "deformable")
+
+
+def test_output_folder_is_checked_before_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SAMv2InputError, match="is a file, not a folder"):
+        check_output_dir(tmp_path / "file" / "out")
+    assert check_output_dir(tmp_path / "new" / "deeper") == str(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # nothing created by the check
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (["match", "--tempalte", "x.nii.gz"], 2, "ERROR: --tempalte: unknown option (did you mean --template?)"),
+        (["register", "--orientation_serch", "off"], 2, "unknown option (did you mean --orientation_search?)"),
+        (["match", "--refine", "maybe"], 1, "ERROR: --refine: must be true or false"),
+        (["register", "--deformable", "sometimes"], 1, "ERROR: --deformable: must be true or false"),
+        (["embed", "--output_dir", "FILE/out"], 1, "is a file, not a folder"),
+    ],
+)
+def test_command_line_refusals_come_before_any_work(tmp_path, args, status, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == status, result.stderr[-2000:]
+    lines = errors(result)
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and result.stdout == ""
+
+
+def test_bundle_run_reads_false_as_false_and_refuses_nonsense(tmp_path):
+    """``python -m monai.bundle run`` passes ``--write_qc false`` as the string "false": no QC pictures then."""
+    config = os.path.join(ROOT, "bundles", "samv2_matching", "configs", "inference.json")
+    out = tmp_path / "out"
+    done = run("run", "--config_file", config, "--output_dir", str(out), "--write_qc", "false", "--refine", "FALSE",
+               cwd=tmp_path, module="monai.bundle")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (case,) = os.listdir(out)
+    assert not (out / case / "qc").exists() and (out / case / "matches.json").is_file()
+    refused = run("run", "--config_file", config, "--output_dir", str(tmp_path / "out2"), "--write_qc", "perhaps",
+                  cwd=tmp_path, module="monai.bundle")
+    assert refused.returncode != 0
+    assert "write_qc: must be true or false" in refused.stderr and not (tmp_path / "out2").exists()
