@@ -45,6 +45,8 @@ __all__ = [
     "rigid_matrix",
     "apply_matrix",
     "linear_map_matrix",
+    "voxel_to_grid_sample",
+    "voxel_to_grid_sample_matrix",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -311,3 +313,62 @@ def linear_map_matrix(map_point) -> np.ndarray:
         e[i] = 1.0
         m[:3, i] = np.array([float(v) for v in map_point(e)]) - o
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.nn.functional.grid_sample's normalised coordinates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _grid_sample_scale_offset(shape, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis ``(scale, offset)`` (array axis order, float64) of ``normalised = scale * voxel + offset``."""
+    n = np.asarray([float(s) for s in shape], dtype=np.float64)
+    if align_corners:
+        return 2.0 / np.maximum(n - 1.0, 1.0), np.full(n.shape, -1.0)
+    return 2.0 / n, 1.0 / n - 1.0
+
+
+def voxel_to_grid_sample(voxels, shape, align_corners: bool = False):
+    """Continuous voxel coordinates of a volume to the normalised coordinates ``torch.nn.functional.grid_sample``
+    reads: the package's one such conversion (the network's coarse-to-fine upsampling keeps its own, see
+    ``upsample_to_fine_grid``).
+
+    Args:
+        voxels: ``(..., 3)`` voxel coordinates in **array axis order** ``(D, H, W)`` (the volume's last three axes;
+            fractional allowed, voxel index ``i`` is the centre of voxel ``i``), a float ``torch.Tensor`` or
+            anything numpy reads.
+        shape: the volume's spatial size ``(D, H, W)``.
+        align_corners: the ``align_corners`` the caller passes to ``grid_sample``. ``False`` (default): the
+            normalised range ``[-1, 1]`` spans the outer voxel faces, voxel ``i`` of ``n`` sits at
+            ``(2 i + 1) / n - 1`` (valid for ``n == 1`` too). ``True``: ``[-1, 1]`` spans the first and last voxel
+            centres, voxel ``i`` sits at ``2 i / (n - 1) - 1`` (for ``n == 1`` every value reads voxel 0).
+            Either way ``grid_sample`` maps the result back to voxel ``i``; padding starts beyond the outer voxel
+            centres (``padding_mode="zeros"``: a point one voxel outside, e.g. ``-1``, reads only padding).
+
+    Returns:
+        ``(..., 3)`` in **grid_sample's order** ``(x, y, z) = (W, H, D)``, i.e. the last axis reversed, as float64
+        (numpy input: ``np.ndarray``; tensor input: a tensor on its device). Cast to the volume's dtype and
+        reshape to ``(N, d_out, h_out, w_out, 3)`` for a 5-D ``grid_sample``.
+    """
+    if isinstance(voxels, torch.Tensor):
+        v = voxels.to(torch.float64)
+        n = torch.as_tensor([float(s) for s in shape], dtype=torch.float64, device=v.device)
+        if align_corners:
+            norm = v * 2.0 / torch.clamp(n - 1.0, min=1.0) - 1.0
+        else:
+            norm = (v * 2.0 + 1.0) / n - 1.0
+        return norm[..., [2, 1, 0]]
+    v = np.asarray(voxels, dtype=np.float64)
+    n = np.asarray([float(s) for s in shape], dtype=np.float64)
+    norm = v * 2.0 / np.maximum(n - 1.0, 1.0) - 1.0 if align_corners else (v * 2.0 + 1.0) / n - 1.0
+    return norm[..., ::-1].copy()
+
+
+def voxel_to_grid_sample_matrix(shape, align_corners: bool = False) -> np.ndarray:
+    """:func:`voxel_to_grid_sample` as a 4x4 float64 matrix: voxel ``(i, j, k, 1)`` (array axis order) to
+    ``(x, y, z, 1)`` in ``grid_sample``'s order (rows reversed), to compose with a world -> voxel matrix (batched,
+    differentiable sampling at world points)."""
+    scale, offset = _grid_sample_scale_offset(shape, align_corners)
+    matrix = np.diag([*scale, 1.0])
+    matrix[:3, 3] = offset
+    return matrix[[2, 1, 0, 3]]

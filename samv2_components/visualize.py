@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample, voxel_to_world, world_to_voxel
 from samv2_components.io.atomic import atomic_file
 from samv2_components.io.embedding_preview import embedding_preview, pca_rgb  # re-exported: written with the embeddings
 
@@ -125,9 +125,9 @@ def _sample_world(volume: torch.Tensor, affine: np.ndarray, space: str, world: n
     idx = world_to_voxel(world.reshape(-1, 3), affine, affine_space=space, world_space="LPS").reshape(*shape, 3)
     sizes = np.asarray(volume.shape[-3:], dtype=np.float64)
     inside = np.all((idx >= -0.5) & (idx <= sizes - 0.5), axis=-1)
-    norm = 2.0 * idx / np.maximum(sizes - 1.0, 1.0) - 1.0
+    norm = voxel_to_grid_sample(idx, volume.shape[-3:], align_corners=True)  # (x=W, y=H, z=D)
     norm = np.clip(np.nan_to_num(norm, nan=-3.0), -3.0, 3.0)  # far-away points: clamped, masked out anyway
-    grid = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy()).reshape(1, 1, -1, 1, 3)  # (x=W, y=H, z=D)
+    grid = torch.from_numpy(norm.astype(np.float32)).reshape(1, 1, -1, 1, 3)
     vals = F.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)
     return vals.reshape(shape).numpy().astype(np.float64), inside
 

@@ -1,13 +1,16 @@
 """AdaReg (``samv2_components.registration``) and the crosssam_registration bundle: body masks, grid points,
 a known rigid transform recovered end to end through ``python -m monai.bundle run`` (transform files, crop,
-resampled scan), and failures that are reported instead of written as transforms."""
+resampled scan), and failures that are reported instead of written as transforms.
+
+The known rigid transform (``test_known_rigid_transform_is_recovered``) is the default suite's one run of the
+registration bundle (its smoke test); the failure runs here and the runs of ``test_orientation_search.py`` are
+``slow`` (``pytest -m slow``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,42 +24,7 @@ from samv2_components.io.transforms import read_itk_transform, read_transform_js
 from samv2_components.registration import body_mask, grid_points_in_mask  # noqa: E402
 from samv2_components.sample_data import sample_path  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-INFERENCE = os.path.join(ROOT, "bundles", "crosssam_registration", "configs", "inference.json")
-
-
-def run_bundle(*overrides):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
-
-
-def _rigid(angle_deg: float, axis, translation) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.radians(angle_deg)
-    matrix = np.eye(4)
-    matrix[:3, :3] = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-    matrix[:3, 3] = translation
-    return matrix
-
-
-def _sitk_affine(matrix):
-    t = sitk.AffineTransform(3)
-    t.SetMatrix(matrix[:3, :3].ravel().tolist())
-    t.SetTranslation(matrix[:3, 3].tolist())
-    return t
-
-
-def sample_ct_tre(estimate: np.ndarray, truth: np.ndarray, n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """TRE (mm) of a fixed -> moving matrix against the truth on ``n`` random points of the sample CT's central
-    region; returns the points (LPS) and their errors."""
-    fixed = sitk.ReadImage(sample_path("ct_abdomen"))
-    rng = np.random.default_rng(seed)
-    size = np.array(fixed.GetSize())
-    points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((rng.uniform(0.25, 0.75, 3) * (size - 1)).tolist()) for _ in range(n)])
-    tre = np.linalg.norm(points @ estimate[:3, :3].T + estimate[:3, 3] - (points @ truth[:3, :3].T + truth[:3, 3]), axis=1)
-    return points, tre
+from helpers import rigid, run_registration_bundle, sample_ct_tre, sitk_affine  # noqa: E402
 
 
 def test_body_mask_keeps_the_largest_component_and_grid_points_lie_in_it():
@@ -80,8 +48,8 @@ def test_body_mask_keeps_the_largest_component_and_grid_points_lie_in_it():
 def moved_ct(tmp_path_factory):
     """The sample CT resampled so that fixed point x sits at moving point T @ x (T known, fixed -> moving)."""
     fixed = sitk.ReadImage(sample_path("ct_abdomen"), sitk.sitkFloat32)
-    truth = _rigid(8.0, (0.2, 0.1, 1.0), (9.0, -14.0, 3.0))
-    moving = sitk.Resample(fixed, fixed, _sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    truth = rigid(8.0, (0.2, 0.1, 1.0), (9.0, -14.0, 3.0))
+    moving = sitk.Resample(fixed, fixed, sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
     path = str(tmp_path_factory.mktemp("moved") / "ct_moved.nii.gz")
     sitk.WriteImage(moving, path)
     return path, truth
@@ -90,7 +58,7 @@ def moved_ct(tmp_path_factory):
 def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
     path, truth = moved_ct
     out = tmp_path / "out"
-    result = run_bundle("--fixed_path", sample_path("ct_abdomen"), "--moving_path", path, "--moving_modality", "ct",
+    result = run_registration_bundle("--fixed_path", sample_path("ct_abdomen"), "--moving_path", path, "--moving_modality", "ct",
                         "--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "ct_abdomen__ct_moved"
@@ -109,6 +77,7 @@ def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
     np.testing.assert_allclose(read_itk_transform(folder / "rigid.tfm"), estimate, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_noise_moving_scan_fails_with_reason_and_no_transform(tmp_path):
     rng = np.random.default_rng(0)
     noise = sitk.GetImageFromArray(rng.uniform(0, 100, (40, 60, 60)).astype(np.float32))
@@ -116,7 +85,7 @@ def test_noise_moving_scan_fails_with_reason_and_no_transform(tmp_path):
     path = str(tmp_path / "noise_mr.nii.gz")
     sitk.WriteImage(noise, path)
     out = tmp_path / "out"
-    result = run_bundle("--moving_path", path, "--output_dir", str(out), "--deformable", "false")
+    result = run_registration_bundle("--moving_path", path, "--output_dir", str(out), "--deformable", "false")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and "registration failed" in errors[0], result.stderr[-2000:]
@@ -126,9 +95,10 @@ def test_noise_moving_scan_fails_with_reason_and_no_transform(tmp_path):
     assert summary["confidence"]["success"] is False and summary["confidence"]["reason"]
 
 
+@pytest.mark.slow
 def test_ct_given_as_mr_is_refused(tmp_path):
     out = tmp_path / "out"
-    result = run_bundle("--moving_path", sample_path("ct_abdomen"), "--moving_modality", "mr", "--output_dir", str(out))
+    result = run_registration_bundle("--moving_path", sample_path("ct_abdomen"), "--moving_modality", "mr", "--output_dir", str(out))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and "is this a CT" in errors[0], result.stderr[-2000:]

@@ -1,5 +1,10 @@
 """Bad input on the command line and through ``python -m monai.bundle run``: each is answered by one
-``ERROR: <file or option>: <problem>`` line with the documented exit status, before any work, nothing written."""
+``ERROR: <file or option>: <problem>`` line with the documented exit status, before any work, nothing written.
+
+The command-line refusals stop before any work (a few seconds each) and stay in the default suite; the full
+``python -m monai.bundle run`` is ``slow`` (``pytest -m slow``; the default suite's smoke test of that path is in
+``test_matching_bundle.py``).
+"""
 
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ def test_command_line_refusals_come_before_any_work(tmp_path, args, status, mess
     assert not (tmp_path / "out").exists() and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_bundle_run_reads_false_as_false_and_refuses_nonsense(tmp_path):
     """``python -m monai.bundle run`` passes ``--write_qc false`` as the string "false": no QC pictures then."""
     config = os.path.join(ROOT, "bundles", "samv2_matching", "configs", "inference.json")

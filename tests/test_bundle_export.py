@@ -9,7 +9,8 @@
   the declared inferer runs the TorchScript network to the eager network's embeddings.
 * ``large_files.yml`` lists each bundle's weights with a hash that matches the file, so MONAI's
   ``download_large_files`` accepts the bundle offline.
-* A bundle folder copied elsewhere on its own still runs (``samv2_components`` installed).
+* A bundle folder copied elsewhere on its own still runs (``samv2_components`` installed; ``slow``: the bundle
+  runs of the default suite are in ``test_bundle_inference.py``, ``test_matching_bundle.py``, ``test_adareg.py``).
 """
 
 from __future__ import annotations
@@ -180,9 +181,8 @@ def test_large_files_yml_lists_the_weights_with_their_hash(bundle, tmp_path):
         download_large_files(bundle_path=str(copy))
 
 
-@pytest.mark.parametrize(
-    "bundle", ["semantic_sam", "samv2_matching", pytest.param("crosssam_registration", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_bundle_folder_copied_elsewhere_runs(bundle, tmp_path):
     copy = tmp_path / "somewhere" / bundle
     shutil.copytree(_bundle(bundle), copy, ignore=shutil.ignore_patterns("outputs", "eval", "runs"))

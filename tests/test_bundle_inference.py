@@ -1,4 +1,9 @@
-"""The semantic_sam inference bundle, run as users run it: ``python -m monai.bundle run``."""
+"""The semantic_sam inference bundle, run as users run it: ``python -m monai.bundle run``.
+
+The default suite makes one bundle run, the smoke test of this path (``sample_ct_run``, checked by
+``test_writes_every_head_preview_and_summary`` and ``test_embedding_grids_sit_on_the_input_scan``); every other
+run (random weights, bad inputs) is ``slow`` (``pytest -m slow``).
+"""
 
 import json
 import os
@@ -48,6 +53,7 @@ def test_writes_every_head_preview_and_summary(sample_ct_run):
     np.testing.assert_allclose(np.linalg.norm(data, axis=-1), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_random_weights_are_announced(tmp_path):
     """Without a trained model.pt the bundle still runs, and says on every run that its weights are random."""
     out = tmp_path / "out"
@@ -112,12 +118,14 @@ def _assert_clean_failure(result, out_dir, *phrases):
     assert not os.path.exists(out_dir) or not os.listdir(out_dir)  # nothing half-written
 
 
+@pytest.mark.slow
 def test_missing_input_file(tmp_path):
     out = tmp_path / "out"
     missing = str(tmp_path / "nope.nii.gz")
     _assert_clean_failure(run_bundle("--input_path", missing, "--output_dir", str(out), *LIGHT), out, missing, "not found")
 
 
+@pytest.mark.slow
 def test_2d_input(tmp_path):
     path = tmp_path / "slice.nii.gz"
     nib.save(nib.Nifti1Image(np.random.rand(64, 64).astype(np.float32) * 1000 - 1000, np.eye(4)), path)
@@ -125,11 +133,13 @@ def test_2d_input(tmp_path):
     _assert_clean_failure(run_bundle("--input_path", str(path), "--output_dir", str(out), *LIGHT), out, str(path), "2D")
 
 
+@pytest.mark.slow
 def test_unknown_modality(tmp_path):
     out = tmp_path / "out"
     _assert_clean_failure(run_bundle("--modality", "pet", "--output_dir", str(out), *LIGHT), out, "modality")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_wrong_architecture(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save(SAMv2Net(width=0.5, heads=("fine", "coarse")).state_dict(), ckpt)

@@ -1,5 +1,9 @@
 """The ``samv2`` command line as a shell script uses it: commands, result paths on stdout, exit codes, one-line
-errors with nothing written, overrides passed through to the bundle, progress bars on request."""
+errors with nothing written, overrides passed through to the bundle, progress bars on request.
+
+The default suite runs the command once, the smoke test of this path
+(``test_match_prints_the_result_folder_and_passes_overrides``); every other run is ``slow`` (``pytest -m slow``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 
 from samv2_components.sample_data import sample_path
 
-from test_upstream_conversion import random_upstream_state_dict, save_mmcv_checkpoint
+from helpers import random_upstream_state_dict, save_mmcv_checkpoint
 
 COMMANDS = ("embed", "match", "register", "evaluate", "convert_upstream")
 
@@ -35,6 +39,7 @@ def test_console_script_is_installed():
     assert script, "the samv2 console script is not installed next to this Python (pip install -e .)"
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_and_the_exit_codes(tmp_path):
     result = samv2("--help", cwd=tmp_path)
     assert result.returncode == 0
@@ -44,6 +49,7 @@ def test_help_lists_every_command_and_the_exit_codes(tmp_path):
     assert "Exit status: 0 done" in text and "3 registration not confident" in text
 
 
+@pytest.mark.slow
 def test_unknown_command_is_a_usage_error(tmp_path):
     assert samv2("segment", cwd=tmp_path).returncode == 2
 
@@ -58,6 +64,7 @@ def test_match_prints_the_result_folder_and_passes_overrides(tmp_path):
         assert json.load(f)["method"] == "nearest_neighbour"
 
 
+@pytest.mark.slow
 def test_embed_takes_a_glob_and_shows_progress_when_asked(tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -72,6 +79,7 @@ def test_embed_takes_a_glob_and_shows_progress_when_asked(tmp_path):
     assert "scans" in result.stderr and "2/2" in result.stderr  # the per-scan progress bar
 
 
+@pytest.mark.slow
 def test_missing_input_is_one_error_line_and_writes_nothing(tmp_path):
     result = samv2("match", "--query", "no_such_scan.nii.gz", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 1
@@ -80,6 +88,7 @@ def test_missing_input_is_one_error_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_wrong_modality_is_one_error_line(tmp_path):
     result = samv2("embed", "--modality", "pet", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 1
@@ -88,6 +97,7 @@ def test_wrong_modality_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_registration_not_confident_exits_3_with_summary_and_no_transform(tmp_path):
     # an inlier count no fit can reach: AdaReg must refuse rather than write a transform
     result = samv2("register", "--output_dir", "reg", "--deformable", "false", "--orientation_search", "off",
@@ -102,6 +112,7 @@ def test_registration_not_confident_exits_3_with_summary_and_no_transform(tmp_pa
         assert json.load(f)["confidence"]["success"] is False
 
 
+@pytest.mark.slow
 def test_convert_upstream_writes_weights_the_bundle_loads(tmp_path):
     from samv2_components.networks import SAMv2Net
     from samv2_components.networks.upstream import convert_upstream_checkpoint
@@ -118,6 +129,7 @@ def test_convert_upstream_writes_weights_the_bundle_loads(tmp_path):
     assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)
 
 
+@pytest.mark.slow
 def test_convert_upstream_of_a_bad_file_is_one_error_line(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     result = samv2("convert-upstream", "bad.pth", "out.pt", cwd=tmp_path)
@@ -127,6 +139,7 @@ def test_convert_upstream_of_a_bad_file_is_one_error_line(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, tmp_path):
     result = samv2(command.replace("_", "-"), "--help", cwd=tmp_path)

@@ -32,18 +32,10 @@ from samv2_components.transforms import (  # noqa: E402
 )
 from samv2_components.transforms.patch_pairs import apply_affine, patch_voxel_grid, sample_at_voxels  # noqa: E402
 
+from helpers import rigid  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPT = os.path.join(ROOT, "scripts", "train_crosssam.py")
-
-
-def _rigid(angle_deg: float, axis, translation) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.radians(angle_deg)
-    m = np.eye(4)
-    m[:3, :3] = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-    m[:3, 3] = translation
-    return m
 
 
 def _spl_affine_ras(origin_lps, spacing=2.0) -> torch.Tensor:
@@ -64,7 +56,7 @@ def _world(affine_ras, index) -> np.ndarray:
 def scans():
     """A large 'CT' (body everywhere) and a small 'MR' (body box, bright ball at T(p)); T: fixed -> moving."""
     fixed = MetaTensor(torch.full((1, 60, 64, 64), 50.0), affine=_spl_affine_ras((-60.0, -70.0, -50.0)))
-    truth = _rigid(12.0, (0.3, -0.2, 1.0), (6.0, -9.0, 4.0))
+    truth = rigid(12.0, (0.3, -0.2, 1.0), (6.0, -9.0, 4.0))
     moving_affine = _spl_affine_ras((-30.0, -35.0, -20.0))
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 36, 34)], indexing="ij"), -1).reshape(-1, 3)
     world = _world(moving_affine, grid)

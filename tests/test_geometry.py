@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import (
@@ -13,6 +14,8 @@ from samv2_components.geometry import (
     convert_points,
     strided_grid_affine,
     strided_grid_of,
+    voxel_to_grid_sample,
+    voxel_to_grid_sample_matrix,
     voxel_to_world,
     world_to_voxel,
 )
@@ -299,3 +302,62 @@ def test_rotations_and_rigid_matrices_by_hand():
     np.testing.assert_allclose(apply_matrix(m, p), p @ m[:3, :3].T + m[:3, 3])
     # the matrix of an affine map from its images of the origin and the unit vectors
     np.testing.assert_allclose(linear_map_matrix(lambda q: apply_matrix(m, q)[0]), m, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- grid_sample coordinates
+def _grid_sample_at(volume: torch.Tensor, voxels, align_corners: bool, mode="bilinear", padding_mode="zeros"):
+    """``volume`` ``(D, H, W)`` sampled at voxel coordinates ``(N, 3)`` (D, H, W) through the helper: ``(N,)``."""
+    grid = torch.as_tensor(voxel_to_grid_sample(voxels, volume.shape, align_corners=align_corners), dtype=torch.float32)
+    out = F.grid_sample(
+        volume[None, None], grid.reshape(1, 1, 1, -1, 3), mode=mode, padding_mode=padding_mode, align_corners=align_corners
+    )
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape", [(5, 7, 9), (1, 4, 6), (3, 1, 1)])
+def test_voxel_centres_read_their_own_voxels_through_grid_sample(shape, align_corners):
+    """Every voxel centre, given in (D, H, W) order, reads that voxel (the (x, y, z) = (W, H, D) reversal and the
+    normalisation of both conventions), with numpy and torch coordinates alike, for any axis size: exactly with
+    nearest sampling, trilinearly up to the rounding of the float32 normalised coordinate (a weight ~1e-7 on a
+    neighbour)."""
+    volume = torch.arange(float(np.prod(shape))).reshape(shape) * 1.5 - 20.0  # every voxel a different value
+    centres = np.indices(shape).reshape(3, -1).T.astype(np.float64)
+    expected = volume.reshape(-1)
+    for voxels in (centres, torch.as_tensor(centres)):
+        torch.testing.assert_close(_grid_sample_at(volume, voxels, align_corners, "nearest"), expected, rtol=0, atol=0)
+        torch.testing.assert_close(_grid_sample_at(volume, voxels, align_corners), expected, rtol=0, atol=1e-6 * 500)
+    # halfway between two voxel centres along W reads their mean (trilinear weights in array order)
+    if shape[2] > 1:
+        mid = _grid_sample_at(volume, np.array([[0.0, 0.0, 0.5]]), align_corners)
+        torch.testing.assert_close(mid, (volume[0, 0, :1] + volume[0, 0, 1:2]) / 2)
+
+
+def test_grid_sample_coordinates_by_hand_and_outside_the_volume():
+    """align_corners=False: voxel i of n at (2 i + 1) / n - 1, so [-1, 1] spans the outer faces; a point half a
+    voxel beyond the outer face (index -1 or n) reads only padding, one on the face half its voxel."""
+    shape = (4, 2, 8)
+    np.testing.assert_array_equal(voxel_to_grid_sample([[0.0, 0.0, 0.0]], shape), [[1 / 8 - 1, 1 / 2 - 1, 1 / 4 - 1]])
+    faces = voxel_to_grid_sample([[-0.5, -0.5, -0.5], [3.5, 1.5, 7.5]], shape)
+    np.testing.assert_array_equal(faces, [[-1.0] * 3, [1.0] * 3])
+    centres = voxel_to_grid_sample([[0.0, 0.0, 0.0], [3.0, 1.0, 7.0]], shape, align_corners=True)
+    np.testing.assert_array_equal(centres, [[-1.0] * 3, [1.0] * 3])
+    volume = torch.full(shape, 10.0)
+    outside = np.array([[-1.0, 0.0, 0.0], [4.0, 1.0, 7.0], [0.0, -1.0, 3.0], [2.0, 1.0, 8.0]])
+    torch.testing.assert_close(_grid_sample_at(volume, outside, False), torch.zeros(4), rtol=0, atol=0)
+    face = np.array([[-0.5, 0.0, 0.0], [2.0, 1.0, 7.5]])
+    torch.testing.assert_close(_grid_sample_at(volume, face, False), torch.full((2,), 5.0))
+    # border padding (the matching code's convention): beyond the outer voxel centres the border value
+    torch.testing.assert_close(_grid_sample_at(volume, outside, True, padding_mode="border"), torch.full((4,), 10.0))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_sample_matrix_is_the_point_helper(align_corners):
+    """The 4x4 form maps homogeneous voxel coordinates to the point helper's (x, y, z)."""
+    rng = np.random.default_rng(0)
+    shape = (6, 1, 11)
+    voxels = rng.uniform(-2.0, 12.0, size=(50, 3))
+    matrix = voxel_to_grid_sample_matrix(shape, align_corners)
+    by_matrix = voxels @ matrix[:3, :3].T + matrix[:3, 3]
+    np.testing.assert_allclose(by_matrix, voxel_to_grid_sample(voxels, shape, align_corners), atol=1e-12)
+    np.testing.assert_array_equal(matrix[3], [0.0, 0.0, 0.0, 1.0])

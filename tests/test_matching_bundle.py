@@ -1,5 +1,9 @@
 """The samv2_matching bundle run as users run it (``python -m monai.bundle run``) on the shipped sample data:
-outputs and their coordinate systems, QC pictures, the embedding cache, the evaluation config and bad inputs."""
+outputs and their coordinate systems, QC pictures, the embedding cache, the evaluation config and bad inputs.
+
+The default suite makes one bundle run, the smoke test of this path (``default_run``, checked by the first two
+tests); every other run is ``slow`` (``pytest -m slow``).
+"""
 
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ def test_summary_and_qc_pictures(default_run):
         assert im.mode == "RGB" and im.size[0] > 300
 
 
+@pytest.mark.slow
 def test_ras_markups_in_ras_markups_out(default_run, tmp_path):
     """A Slicer .mrk.json in RAS gives a .mrk.json in RAS with the same anatomy as the LPS CSV run."""
     lps = read_points(sample_path("ct_abdomen_points"))
@@ -87,6 +92,7 @@ def test_ras_markups_in_ras_markups_out(default_run, tmp_path):
     np.testing.assert_allclose(convert_points(matched_ras.coords, "RAS", "LPS"), matched_lps.coords, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_query_without_the_anatomy_is_flagged(tmp_path):
     """Human abdominal points matched into the porcine phantom CT: every answer is reported but flagged."""
     out = tmp_path / "out"
@@ -97,6 +103,7 @@ def test_query_without_the_anatomy_is_flagged(tmp_path):
     assert "below the confidence score" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_embedding_cache_is_reused(tmp_path):
     cache = tmp_path / "cache"
     first = run_bundle("--output_dir", str(tmp_path / "a"), "--cache_dir", str(cache), "--write_qc", "false")
@@ -110,6 +117,7 @@ def test_embedding_cache_is_reused(tmp_path):
     assert a == (tmp_path / "b" / "ct_abdomen_2" / "ct_abdomen_points.csv").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_config_reports_paper_metrics(tmp_path):
     out = tmp_path / "eval"
     result = run_bundle("--output_dir", str(out), config=f"['{INFERENCE}','{EVALUATE}']")
@@ -132,6 +140,7 @@ def _assert_clean_failure(result, out, *fragments):
     assert not out.exists() or not any(p for p in out.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_empty_points_file(tmp_path):
     empty = tmp_path / "none.csv"
     empty.write_text("# coordinate_system: LPS, units: mm\nname,x,y,z\n")
@@ -139,6 +148,7 @@ def test_empty_points_file(tmp_path):
     _assert_clean_failure(run_bundle("--template_points", str(empty), "--output_dir", str(out)), out, str(empty), "no points")
 
 
+@pytest.mark.slow
 def test_point_outside_the_template(tmp_path):
     points = read_points(sample_path("ct_abdomen_points"))
     coords = points.coords.copy()
@@ -151,18 +161,21 @@ def test_point_outside_the_template(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_missing_query(tmp_path):
     out = tmp_path / "out"
     missing = str(tmp_path / "nothing.nii.gz")
     _assert_clean_failure(run_bundle("--query_path", missing, "--output_dir", str(out)), out, missing, "not found")
 
 
+@pytest.mark.slow
 def test_cross_modality_pair_is_refused(tmp_path):
     out = tmp_path / "out"
     result = run_bundle("--query_path", sample_path("mr_abdomen"), "--query_modality", "mr", "--output_dir", str(out))
     _assert_clean_failure(result, out, "mr_abdomen", "single-modality")
 
 
+@pytest.mark.slow
 def test_modality_the_model_was_not_trained_on(tmp_path):
     out = tmp_path / "out"
     result = run_bundle("--model_modalities", "['ct']", "--query_path", sample_path("mr_abdomen"),
@@ -170,6 +183,7 @@ def test_modality_the_model_was_not_trained_on(tmp_path):
     _assert_clean_failure(result, out, "not one the model was trained on")
 
 
+@pytest.mark.slow
 def test_several_queries_and_the_template_itself(tmp_path):
     """Two queries in one run; the template matched against itself returns its own points (the whole path:
     points file -> LPS -> embedding grids -> matching -> file, within a fraction of the 4 mm fine voxel)."""

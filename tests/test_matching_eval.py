@@ -38,7 +38,7 @@ from samv2_components.networks import SAMv2Net
 from samv2_components.sample_data import sample_path
 from samv2_components.transforms import known_transform as ekt
 
-from matching_fixtures import SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
+from helpers import SHIFT_LPS, body_fine_voxels
 
 
 def _fine_spacing(dmap):

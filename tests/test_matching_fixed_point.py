@@ -1,7 +1,7 @@
 """Coarse-to-fine NN, fixed-point matching, the robust affine fit and SAMv2Matcher's flags.
 
 Identities that hold for any weights (a scan against itself or an exact translation of itself) use the shared
-random-network fixture of ``matching_fixtures``; the affine fit uses points the test makes.
+random-network fixture ``embedded`` (``conftest.py``); the affine fit uses points the test makes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from matching_fixtures import SHIFT_LPS, body_fine_voxels, embedded  # noqa: F401 (fixture)
+from helpers import SHIFT_LPS, body_fine_voxels
 from samv2_components.matching import (
     CoarseToFineSearch,
     DescriptorMap,

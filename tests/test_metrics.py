@@ -1,4 +1,5 @@
-"""Tests of the landmark / lesion-tracking metrics, the point-pairs CSV and ``scripts/evaluate_matches.py``."""
+"""Tests of the landmark / lesion-tracking metrics, the point-pairs CSV and ``scripts/evaluate_matches.py`` (run
+as a script once in the default suite, ``test_cli_pairs_truth``; its other runs are ``slow``)."""
 
 from __future__ import annotations
 
@@ -344,6 +345,7 @@ def test_cli_pairs_truth(cli_files):
                              "predicted": str(cli_files / "matched.csv"), "truth": str(cli_files / "pairs.csv")})
 
 
+@pytest.mark.slow
 def test_cli_points_truth_and_radius(cli_files):
     result = run_cli("--predicted", str(cli_files / "matched.csv"), "--truth", str(cli_files / "truth.mrk.json"),
                      "--cpm_radius_mm", "13")
@@ -358,6 +360,7 @@ def test_cli_points_truth_and_radius(cli_files):
 @pytest.mark.parametrize(
     "case", ["missing predicted", "bad pairs", "bad points truth", "missing names", "bad radius option"]
 )
+@pytest.mark.slow
 def test_cli_reports_bad_input(cli_files, case):
     predicted, truth, extra = cli_files / "matched.csv", cli_files / "pairs.csv", []
     if case == "missing predicted":

@@ -3,7 +3,9 @@ the app and a datastore of shipped sample scans, and answers real HTTP requests.
 
 Matching answers are checked against the same bundle run in this process (the server must add nothing and lose
 nothing), the coordinate system of the template points is honoured (RAS in, RAS out), and bad requests get a
-400 with one line naming the problem. The registration request (CT-MR phantom, minutes on a CPU) is slow.
+400 with one line naming the problem. The server is started once (module fixture): the matching request is this
+path's smoke test, the info and bad requests ask the same server; the registration request (CT-MR phantom,
+minutes on a CPU) is slow.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Orientation search for AdaReg (``samv2_components.registration.orientation``): the 24 cube rotations, the exact
 voxel rotation and its world-space map, and the sample CT registered back from 90° and 180° turns that its header
-does not know about (through the bundle, known truth)."""
+does not know about (through the bundle, known truth; those bundle runs are ``slow``, the registration bundle's
+smoke test is in ``test_adareg.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from samv2_components.geometry import convert_affine, voxel_to_world  # noqa: E4
 from samv2_components.io.transforms import read_transform_json  # noqa: E402
 from samv2_components.registration import axis_aligned_rotations, rotate_volume  # noqa: E402
 from samv2_components.sample_data import sample_path  # noqa: E402
-from test_adareg import _rigid, _sitk_affine, run_bundle, sample_ct_tre  # noqa: E402
+from helpers import rigid, run_registration_bundle, sample_ct_tre, sitk_affine  # noqa: E402
 
 
 def test_the_24_rotations_form_the_cube_group():
@@ -72,24 +73,25 @@ def _turned_ct(tmp_path, rotation: np.ndarray) -> tuple[str, np.ndarray]:
     centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2.0).tolist()))
     turn = np.eye(4)
     turn[:3, :3] = rotation
-    truth = _rigid(7.0, (0.3, 1.0, 0.2), (6.0, -9.0, 4.0)) @ _rigid(0.0, (0, 0, 1), centre) @ turn @ _rigid(0.0, (0, 0, 1), -centre)
+    truth = rigid(7.0, (0.3, 1.0, 0.2), (6.0, -9.0, 4.0)) @ rigid(0.0, (0, 0, 1), centre) @ turn @ rigid(0.0, (0, 0, 1), -centre)
     corners = np.array([fixed.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)])
     moved = corners @ truth[:3, :3].T + truth[:3, 3]
     lo, hi = moved.min(0) - 3.0, moved.max(0) + 3.0
     grid = sitk.Image([int(v) for v in np.ceil((hi - lo) / 3.0) + 1], sitk.sitkFloat32)
     grid.SetSpacing((3.0, 3.0, 3.0))
     grid.SetOrigin(lo.tolist())
-    moving = sitk.Resample(fixed, grid, _sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    moving = sitk.Resample(fixed, grid, sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
     path = str(tmp_path / "ct_turned.nii.gz")
     sitk.WriteImage(moving, path)
     return path, truth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rotation",
     [
         np.diag([-1.0, 1.0, -1.0]),  # head-to-foot reversal, as the phantom pair as acquired
-        pytest.param(np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]), marks=pytest.mark.slow),
+        np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]),
     ],
     ids=["180deg_about_y", "90deg_about_x"],
 )
@@ -98,9 +100,9 @@ def test_header_disagreeing_by_a_large_rotation_is_found(tmp_path, rotation):
     out = tmp_path / "out"
     common = ("--fixed_path", sample_path("ct_abdomen"), "--moving_path", path, "--moving_modality", "ct",
               "--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
-    trusted = run_bundle(*common, "--orientation_search", "off")
+    trusted = run_registration_bundle(*common, "--orientation_search", "off")
     assert trusted.returncode != 0  # the headers alone do not register it: the search is what finds it
-    result = run_bundle(*common)
+    result = run_registration_bundle(*common)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "ct_abdomen__ct_turned"
     summary = json.loads((folder / "summary.json").read_text())
@@ -195,11 +197,12 @@ def test_auto_confirms_a_marginal_header_fit_by_searching():
     np.testing.assert_allclose(trusted.fixed_to_moving, np.eye(4))
 
 
+@pytest.mark.slow
 def test_the_phantom_pair_as_it_comes_registers_to_the_reference(tmp_path):
     """The shipped CT-MR phantom pair, MR head-to-foot reversed (~178 deg): the bundle's default run (orientation
     search auto) finds it; compared with the benchmark's reference transform (mutual information, many starts)."""
     out = tmp_path / "out"
-    result = run_bundle("--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
+    result = run_registration_bundle("--output_dir", str(out), "--deformable", "false", "--write_qc", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "phantom_ct_3mm__phantom_mr_t2_3mm"
     summary = json.loads((folder / "summary.json").read_text())

@@ -26,7 +26,7 @@ from samv2_components.matching.patch_affine import (
 from samv2_components.matching.refinement import LocalIntensityRefiner, sample_lps_cubes
 from samv2_components.sample_data import sample_path
 
-from matching_fixtures import interior_points
+from helpers import interior_points
 
 LEVELS = [AffineLevel(32.0, 2.0, 100, 1.0), AffineLevel(16.0, 1.0, 40)]
 

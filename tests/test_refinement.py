@@ -21,7 +21,7 @@ from samv2_components.io.image import load_scan
 from samv2_components.matching.refinement import LocalIntensityRefiner, sample_lps_cubes
 from samv2_components.sample_data import sample_path
 
-from matching_fixtures import interior_points
+from helpers import interior_points
 
 SHIFT_LPS = np.array([7.3, -4.1, 2.6])
 #: these tests check the translation search alone: the settings it had before the bundle's became the defaults

@@ -1,7 +1,10 @@
 """The semantic_sam training bundle, run as users run it: ``python -m monai.bundle run`` (and ``torchrun``).
 
 Every run is tiny (16x32x32 patches, width 0.25, two iterations per epoch): the tests check the workflow
-(checkpoints, resuming, DDP, input errors), not what the network learns.
+(checkpoints, resuming, DDP, input errors), not what the network learns. The default suite makes one
+single-process run (``first_run``, checked by ``test_training_writes_checkpoints_and_model``) and one torchrun
+run continuing it, the DDP smoke test (``test_ddp_two_processes_resume_and_save_once``); every other run (fine
+tuning, resuming, input errors on the command line) is ``slow`` (``pytest -m slow``).
 """
 
 import json
@@ -83,6 +86,7 @@ def first_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_given_weights(first_run, tmp_path):
     """``--init_ckpt`` starts a new run from a model.pt (fine-tuning); a fresh folder, so nothing is resumed."""
     init = first_run[0] / "model.pt"
@@ -113,6 +117,7 @@ def test_training_writes_checkpoints_and_model(first_run):
         torch.testing.assert_close(value, checkpoint["model"][key])
 
 
+@pytest.mark.slow
 def test_resume_continues_iterations_optimizer_and_schedule(first_run, tmp_path):
     out = tmp_path / "train"
     shutil.copytree(first_run[0], out)
@@ -224,6 +229,7 @@ def test_scan_without_foreground_warns_with_its_name(tmp_path, caplog):
     assert all(p["image_a"].shape == (1, 16, 32, 32) for p in pairs)
 
 
+@pytest.mark.slow
 def test_cli_training_continues_on_a_scan_without_foreground(tmp_path):
     air = save_nifti(tmp_path / "air.nii.gz", np.random.default_rng(0).normal(-1000, 10, (40, 40, 20)))
     datalist = write_datalist(tmp_path / "list.json", [{"image": air, "modality": "ct"}])
@@ -234,6 +240,7 @@ def test_cli_training_continues_on_a_scan_without_foreground(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "too_small"])
+@pytest.mark.slow
 def test_cli_input_error_is_one_line(tmp_path, case):
     if case == "missing":
         culprit, problem = str(tmp_path / "missing.nii.gz"), "file not found"
@@ -261,13 +268,14 @@ def test_num_steps_below_one_epoch_runs_that_many_steps(config, num_steps, epoch
 
 
 @pytest.mark.parametrize("config", [TRAIN, "bundles/crosssam_registration/configs/train.json"])
-def test_non_isotropic_spacing_is_refused_by_name(config, monkeypatch):
+def test_non_isotropic_spacing_is_refused_by_name(config, monkeypatch, tmp_path):
     """The trainer measures the losses' radii with one voxel size: ``spacing_mm`` [2, 2, 3] is refused, not cut to 2."""
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize installs the one-line error hook
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, config))
     assert parser["trainer"]["volume_spacing"] == "@spacing_mm"  # the whole spacing, not its first value
     parser["spacing_mm"] = [2.0, 2.0, 3.0]
+    parser["output_dir"] = str(tmp_path)  # (the output folder is checked first; run from the repository it resolves)
     with pytest.raises(Exception) as info:
         parser.get_parsed_content("initialize")  # before the datasets are loaded
     error = find_samv2_error(info.value)
@@ -285,6 +293,7 @@ def test_trainer_takes_an_isotropic_spacing_only():
                      fine_loss=None, coarse_loss=None, volume_spacing=[1.0, 1.0, 2.5])
 
 
+@pytest.mark.slow
 def test_cli_non_isotropic_spacing_is_one_line(tmp_path):
     result = run_train(tmp_path / "out", "--num_steps", "2", "--spacing_mm", "[2.0,2.0,3.0]")
     assert result.returncode != 0

@@ -1,8 +1,8 @@
 """Tests of the upstream (mmcv) checkpoint conversion and of :func:`load_weights`.
 
 The published checkpoints (ModelScope ``viggin/Self-supervised_Anatomical_Embeddings``) cannot be downloaded
-here, so the tests build synthetic checkpoints with the exact upstream layout, written out below from the
-reference implementation's description (``docs/design.md`` section 2), *not* derived from our mapping. An
+here, so the tests build synthetic checkpoints with the exact upstream layout, written out in ``helpers.py`` from
+the reference implementation's description (``docs/design.md`` section 2), *not* derived from our mapping. An
 independent functional forward pass of the upstream architecture, reading the upstream-named tensors, checks
 that the converted :class:`SAMv2Net` computes the same embeddings.
 """
@@ -10,13 +10,11 @@ that the converted :class:`SAMv2Net` computes the same embeddings.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,86 +31,10 @@ from samv2_components.networks.upstream import (
 )
 from samv2_components.networks.weights import check_state_dict, infer_network_kwargs, load_weights
 
+from helpers import UPSTREAM_LAYERS, random_upstream_state_dict, save_mmcv_checkpoint, upstream_shapes
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_upstream.py"
-
-# ---------------------------------------------------------------------------------------------------------------
-# The upstream layout (mmaction ResNet3d-18 with mmcv ConvModules + mmdet-style FPN necks), written out explicitly.
-# ---------------------------------------------------------------------------------------------------------------
-
-#: (layer, in channels, out channels, block kernel, first block stride) of ``backbone.layer1..4``
-UPSTREAM_LAYERS = (
-    (1, 64, 64, (1, 3, 3), (1, 2, 2)),
-    (2, 64, 128, (1, 3, 3), (1, 2, 2)),
-    (3, 128, 256, (3, 3, 3), (1, 2, 2)),
-    (4, 256, 512, (3, 3, 3), (2, 2, 2)),
-)
-#: FPN necks: name -> lateral input channels (stages 1-3 for ``neck``/``semantic_head``, stage 4 for the read-out)
-UPSTREAM_NECKS = {"neck": (64, 128, 256), "read_out_head": (512,), "semantic_head": (64, 128, 256)}
-FPN_CHANNELS = 128
-EMBEDDING_DIM = 128
-BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def upstream_shapes(semantic: bool = True) -> dict[str, tuple]:
-    """Every tensor of an upstream SAMv2 (``semantic=True``) or SAM v1 checkpoint with its shape."""
-    shapes: dict[str, tuple] = {}
-
-    def conv_module(prefix: str, cout: int, weight_shape: tuple) -> None:
-        shapes[f"{prefix}.conv.weight"] = weight_shape  # bias=False in every backbone ConvModule
-        for suffix in BN_SUFFIXES:
-            shapes[f"{prefix}.bn.{suffix}"] = () if suffix == "num_batches_tracked" else (cout,)
-
-    conv_module("backbone.conv1", 64, (64, 1, 3, 7, 7))
-    for layer, cin, cout, kernel, _ in UPSTREAM_LAYERS:
-        for block in (0, 1):
-            block_in = cin if block == 0 else cout
-            conv_module(f"backbone.layer{layer}.{block}.conv1", cout, (cout, block_in, *kernel))
-            conv_module(f"backbone.layer{layer}.{block}.conv2", cout, (cout, cout, *kernel))
-        conv_module(f"backbone.layer{layer}.0.downsample", cout, (cout, cin, 1, 1, 1))
-    for neck, in_channels in UPSTREAM_NECKS.items():
-        if neck == "semantic_head" and not semantic:
-            continue
-        for i, cin in enumerate(in_channels):
-            shapes[f"{neck}.lateral_convs.{i}.conv.weight"] = (FPN_CHANNELS, cin, 1, 1, 1)
-            shapes[f"{neck}.lateral_convs.{i}.conv.bias"] = (FPN_CHANNELS,)
-        shapes[f"{neck}.fpn_convs.0.conv.weight"] = (EMBEDDING_DIM, FPN_CHANNELS, 3, 3, 3)
-        shapes[f"{neck}.fpn_convs.0.conv.bias"] = (EMBEDDING_DIM,)
-    return shapes
-
-
-def random_upstream_state_dict(semantic: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random but well-scaled values: He-initialised convs, BN with random affine and positive running var."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in upstream_shapes(semantic).items():
-        if key.endswith("num_batches_tracked"):
-            value = torch.randint(1, 20000, (), generator=g, dtype=torch.int64)
-        elif key.endswith("running_var"):
-            value = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith("running_mean"):
-            value = 0.1 * torch.randn(shape, generator=g)
-        elif ".bn.weight" in key:
-            value = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith("bias"):
-            value = 0.1 * torch.randn(shape, generator=g)
-        else:  # conv weight
-            fan_in = math.prod(shape[1:])
-            value = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
-        state[key] = value
-    return state
-
-
-def save_mmcv_checkpoint(state_dict: dict, path: Path) -> Path:
-    meta = {
-        "mmcv_version": "1.4.0",
-        "time": "Mon Jan  2 03:04:05 2023",
-        "config": "model = dict(type='Sam', backbone=dict(type='ResNet3d', depth=18))",
-        "iter": 20000,
-        "hook_msgs": {"best_score": np.float64(0.5)},  # numpy scalars are why weights_only=False is needed
-    }
-    torch.save({"meta": meta, "state_dict": state_dict}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +337,7 @@ def test_cli_converts(upstream, tmp_path):
 
 
 @pytest.mark.parametrize("content", ["garbage", "not_sam"])
+@pytest.mark.slow
 def test_cli_reports_bad_checkpoint(tmp_path, content):
     bad = tmp_path / "bad.pth"
     if content == "garbage":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample, voxel_to_world, world_to_voxel
 from samv2_components.networks import HEAD_NAMES, upsample_to_fine_grid
 
 __all__ = [
@@ -116,9 +116,8 @@ def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
     Voxel ``i`` is the centre of voxel ``i`` (``grid_sample`` with ``align_corners=True``); coordinates beyond
     the first/last voxel centre take the border value.
     """
-    sizes = np.asarray(volume.shape[1:], dtype=np.float64)
-    norm = np.where(sizes > 1, voxels * 2.0 / np.maximum(sizes - 1.0, 1.0) - 1.0, 0.0)
-    grid = torch.as_tensor(norm[:, ::-1].copy(), dtype=volume.dtype, device=volume.device)  # (x, y, z) = (w, h, d)
+    norm = voxel_to_grid_sample(voxels, volume.shape[1:], align_corners=True)  # (x, y, z) = (w, h, d)
+    grid = torch.as_tensor(norm, dtype=volume.dtype, device=volume.device)
     out = F.grid_sample(
         volume[None], grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=True
     )

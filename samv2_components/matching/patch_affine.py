@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.layers import GaussianFilter
 
-from samv2_components.geometry import affine_and_space, as_points, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample_matrix, world_to_voxel
 
 __all__ = [
     "AffineLevel",
@@ -96,17 +96,15 @@ def lps_to_sampling_grid(image: MetaTensor) -> torch.Tensor:
     """``(4, 4)`` float64 matrix from world LPS mm to ``grid_sample`` coordinates of ``image`` ``(1, X, Y, Z)``.
 
     ``grid_sample`` (``align_corners=True``) reads a location as ``(x, y, z)`` in ``[-1, 1]`` along the **last,
-    middle, first** array axes; the rows are ordered that way.
+    middle, first** array axes; the rows are ordered that way
+    (:func:`~samv2_components.geometry.voxel_to_grid_sample_matrix` after world -> voxel).
     """
     affine, space = affine_and_space(image)
     basis = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     voxels = world_to_voxel(basis, affine, affine_space=space, world_space="LPS")
     to_voxel = np.eye(4)
     to_voxel[:3, :3], to_voxel[:3, 3] = (voxels[1:] - voxels[0]).T, voxels[0]
-    size = np.asarray(image.shape[1:], dtype=np.float64)
-    to_grid = np.diag([*(2.0 / np.maximum(size - 1, 1)), 1.0])
-    to_grid[:3, 3] = -1.0
-    return torch.as_tensor((to_grid @ to_voxel)[[2, 1, 0, 3]])
+    return torch.as_tensor(voxel_to_grid_sample_matrix(image.shape[1:], align_corners=True) @ to_voxel)
 
 
 def smoothed_volume(image: MetaTensor, sigma_mm: float = 0.0) -> torch.Tensor:

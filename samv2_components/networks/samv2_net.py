@@ -156,6 +156,12 @@ def upsample_to_fine_grid(coarse: torch.Tensor, fine_size: List[int], ratios: Li
     ``interpolate(align_corners=False)`` would shift the coarse map by up to 7/16 of a coarse voxel (14 mm
     in-plane). Beyond the last coarse voxel the border value is used.
     """
+    # The package's one grid_sample conversion that does not call samv2_components.geometry.voxel_to_grid_sample, on
+    # purpose: it runs inside SAMv2Net.forward, which torch.jit.script compiles (the bundles' ckpt_export -> model.ts
+    # for MONAI Deploy; tests/test_network.py, tests/test_bundle_export.py), so everything it calls must be
+    # TorchScript (tensors on the features' device, List[int]/List[float] arguments). The geometry helper takes numpy
+    # arrays or tensors (isinstance, np.asarray, float64) and is not scriptable. The map is the same as the helper's
+    # with align_corners=True, evaluated on the fine grid's voxel centres in coarse voxels (f * ratio).
     coords: List[torch.Tensor] = []
     for axis in range(3):
         ratio = ratios[axis]

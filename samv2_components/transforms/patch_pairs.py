@@ -35,6 +35,7 @@ from monai.transforms import MapTransform, RandGaussianNoise, RandGaussianSmooth
 from monai.utils import ensure_tuple
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.geometry import voxel_to_grid_sample
 from samv2_components.transforms.aggressive_intensity import share_random_state
 
 __all__ = [
@@ -146,10 +147,8 @@ def sample_at_voxels(
     crop = volume[:, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1].to(torch.float32)
     if pad_value != 0.0:
         crop = crop - pad_value  # zero padding in grid_sample == pad_value after the shift back
-    size = torch.tensor(crop.shape[1:], dtype=torch.float64)
-    # align_corners=False: voxel i of n sits at normalised (2 i + 1) / n - 1 (also valid for n == 1)
-    norm = ((flat - lo.to(torch.float64)) * 2.0 + 1.0) / size - 1.0
-    grid = norm[:, [2, 1, 0]].to(torch.float32).reshape(1, 1, 1, -1, 3)  # grid_sample wants (x, y, z) = (W, H, D)
+    norm = voxel_to_grid_sample(flat - lo.to(torch.float64), crop.shape[1:], align_corners=False)
+    grid = norm.to(torch.float32).reshape(1, 1, 1, -1, 3)
     out = F.grid_sample(crop[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0, :, 0, 0]
     if pad_value != 0.0:
         out = out + pad_value
