@@ -86,3 +86,26 @@ def test_bundle_run_reads_false_as_false_and_refuses_nonsense(tmp_path):
                   cwd=tmp_path, module="monai.bundle")
     assert refused.returncode != 0
     assert "write_qc: must be true or false" in refused.stderr and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["match", "--matcher#method", "bogus"], "ERROR: matcher#method: must be one of fixed_point, nearest_neighbour"),
+        (["register", "--orientation_search", "sometimes"], "ERROR: orientation_search: must be one of auto, always, off"),
+        (["evaluate", "--cpm_radius_mm", "-5"], "ERROR: cpm_radius_mm: must be a positive radius"),
+        (["evaluate", "--pairs", "POINTS"], "POINTS"),
+        (["embed", "--ckpt_path", "NOWHERE.pt"], "NOWHERE.pt"),
+    ],
+)
+def test_bad_settings_are_one_line_before_the_work(tmp_path, args, message):
+    from samv2_components.sample_data import sample_path
+
+    points = sample_path("ct_abdomen_points")  # a plain points file, not a pairs file
+    args = [a.replace("POINTS", points).replace("NOWHERE.pt", str(tmp_path / "missing.pt")) for a in args]
+    message = message.replace("POINTS", points).replace("NOWHERE.pt", str(tmp_path / "missing.pt"))
+    result = run(*args, "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = errors(result)
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -33,11 +33,19 @@ class MatchingEvaluation:
     def __init__(self, pairs_path: str, query_path: str, output_dir: str, cpm_radius_mm: float = 10.0):
         self.pairs_path, self.query_path = os.fspath(pairs_path), os.fspath(query_path)
         self.output_dir, self.cpm_radius_mm = os.fspath(output_dir), float(cpm_radius_mm)
+        if not self.cpm_radius_mm > 0:
+            raise SAMv2InputError("cpm_radius_mm", f"must be a positive radius in mm, got {cpm_radius_mm!r}")
+
+    def check(self) -> "MatchingEvaluation":
+        """Refuse a missing query or an unusable pairs file before any matching is done (cheap: reads the CSV)."""
+        if not isinstance(self.query_path, str) or not os.path.exists(self.query_path):
+            raise SAMv2InputError(self.query_path, "evaluation needs exactly one existing query scan")
+        read_point_pairs(self.pairs_path)
+        return self
 
     def run(self) -> dict:
         """Compute, print and write the metrics; returns ``{row name: metrics dict}``."""
-        if not isinstance(self.query_path, str) or not os.path.exists(self.query_path):
-            raise SAMv2InputError(self.query_path, "evaluation needs exactly one existing query scan")
+        self.check()
         pairs = read_point_pairs(self.pairs_path)
         folder = os.path.join(self.output_dir, case_name(self.query_path))
         summary_path = os.path.join(folder, "matches.json")

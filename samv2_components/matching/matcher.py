@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import as_points
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.fixed_point import fixed_point_match
@@ -110,7 +111,7 @@ class SAMv2Matcher:
         max_confident_residual_mm: float = 5.0,
     ):
         if method not in ("fixed_point", "nearest_neighbour"):
-            raise ValueError(f"method must be 'fixed_point' or 'nearest_neighbour', got {method!r}")
+            raise SAMv2InputError("matcher#method", f"must be one of fixed_point, nearest_neighbour; got {method!r}")
         self.method = method
         self.search_kwargs = {
             "cell_size": tuple(cell_size),

@@ -109,7 +109,7 @@ class AdaRegWorkflow:
         from samv2_components.registration.orientation import ORIENTATION_SEARCH_MODES
 
         if orientation_search not in ORIENTATION_SEARCH_MODES:
-            raise ValueError(f"orientation_search must be 'auto', 'always' or 'off', got {orientation_search!r}")
+            raise SAMv2InputError("orientation_search", f"must be one of auto, always, off; got {orientation_search!r}")
         self.orientation_search, self.orientation_kwargs = orientation_search, dict(orientation_kwargs or {})
         self.paths = {"fixed": os.fspath(fixed_path), "moving": os.fspath(moving_path)}
         self.modalities = {
