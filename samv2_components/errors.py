@@ -40,6 +40,13 @@ class SAMv2InputError(SAMv2Error, ValueError):
         super().__init__(problem if self.source is None else f"{self.source}: {problem}")
 
 
+class MissingExtraError(SAMv2InputError):
+    """An optional dependency is not installed; the message names the package and the extra that installs it."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(package, f"not installed ({purpose} needs it): pip install -e \".[{extra}]\"")
+
+
 class CheckpointError(SAMv2InputError):
     """A checkpoint does not fit the network: missing, unexpected or wrongly shaped tensors."""
 

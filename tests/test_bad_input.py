@@ -109,3 +109,18 @@ def test_bad_settings_are_one_line_before_the_work(tmp_path, args, message):
     lines = errors(result)
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_missing_extra_is_named_before_the_work(tmp_path):
+    """Without SimpleITK (the registration extra) ``samv2 register`` names it and the pip command, exit 1."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "SimpleITK.py").write_text("raise ImportError('blocked by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "samv2_components.cli", "register", "--output_dir", str(tmp_path / "out")],
+                            cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", timeout=600, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = errors(result)
+    assert lines == ['ERROR: SimpleITK: not installed (intensity registration needs it): pip install -e ".[registration]"']
+    assert not (tmp_path / "out").exists()

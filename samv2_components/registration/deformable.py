@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import MissingExtraError, SAMv2InputError
 from samv2_components.geometry import as_points
 from samv2_components.io.atomic import atomic_file
 from samv2_components.registration.intensity_baselines import _short, _sitk, matrix_to_sitk_transform, read_sitk_image
@@ -73,9 +73,7 @@ def _itk():
         itk.ElastixRegistrationMethod  # noqa: B018 - itk loads its modules lazily; fail here, not mid-run
         itk.TransformixFilter  # noqa: B018
     except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "deformable registration needs itk-elastix: pip install samv2-components[registration]"
-        ) from exc
+        raise MissingExtraError("itk-elastix", "registration", "the deformable stage") from exc
     return itk
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import MissingExtraError, SAMv2InputError
 from samv2_components.geometry import affine_and_space, as_points, convert_affine, linear_map_matrix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,9 +58,7 @@ def _sitk():
     try:
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "intensity registration needs SimpleITK: pip install samv2-components[registration]"
-        ) from exc
+        raise MissingExtraError("SimpleITK", "registration", "intensity registration") from exc
     return sitk
 
 

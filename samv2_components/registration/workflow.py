@@ -35,7 +35,7 @@ from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
 from samv2_components.modality import check_modality
 from samv2_components.registration.adareg import AdaReg, crop_index_range
-from samv2_components.registration.intensity_baselines import matrix_to_sitk_transform, read_sitk_image
+from samv2_components.registration.intensity_baselines import _sitk, matrix_to_sitk_transform, read_sitk_image
 
 __all__ = ["AdaRegWorkflow", "RegistrationFailed"]  # RegistrationFailed lives in samv2_components.errors
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def _resample(moving, reference, matrix: np.ndarray):
-    import SimpleITK as sitk
+    sitk = _sitk()
 
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(moving)
@@ -52,7 +52,7 @@ def _resample(moving, reference, matrix: np.ndarray):
 
 def _crop_to_box(image, corners_lps: np.ndarray, margin_mm: float):
     """Crop a SimpleITK image to the world points ``corners_lps`` dilated by ``margin_mm``; None if they miss."""
-    import SimpleITK as sitk
+    sitk = _sitk()
 
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
@@ -121,6 +121,12 @@ class AdaRegWorkflow:
         self.deformable, self.deformable_kwargs = parse_bool(deformable, "deformable"), dict(deformable_kwargs or {})
         self.write_qc, self.info = parse_bool(write_qc, "write_qc"), dict(info or {})
         self.progress = bool(progress)
+        # the optional packages are checked now, not after minutes of embedding and fitting
+        _sitk()
+        if self.deformable:
+            from samv2_components.registration.deformable import _itk
+
+            _itk()
 
     def _embed(self, which: str):
         path = self.paths[which]
@@ -197,7 +203,7 @@ class AdaRegWorkflow:
                 self._write_json(os.path.join(tmp, "summary.json"), summary)
             raise RegistrationFailed(f"{self.paths['moving']}: registration failed: the scans do not overlap")
 
-        import SimpleITK as sitk
+        sitk = _sitk()
 
         moving_rigid = _resample(moving, fixed, matrix)
         deformable = None
