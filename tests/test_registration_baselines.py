@@ -186,7 +186,9 @@ def test_same_seed_same_result(ct, centre):
 
 def test_missing_simpleitk_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "SimpleITK", None)
-    with pytest.raises(ImportError, match=r"pip install samv2-components\[registration\]"):
+    from samv2_components.errors import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match=r'SimpleITK: not installed .*pip install -e "\.\[registration\]"'):
         intensity_baselines._sitk()
 
 
