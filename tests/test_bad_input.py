@@ -124,3 +124,19 @@ def test_a_missing_extra_is_named_before_the_work(tmp_path):
     lines = errors(result)
     assert lines == ['ERROR: SimpleITK: not installed (intensity registration needs it): pip install -e ".[registration]"']
     assert not (tmp_path / "out").exists()
+
+
+def test_an_mr_given_as_ct_is_refused_unless_the_user_says_so(tmp_path):
+    """The shipped abdominal MR (no voxel below -200) as --modality ct: refused like register refuses it; the
+    user who knows better overrides the check explicitly and gets the embedding."""
+    from samv2_components.sample_data import sample_path
+
+    mr = sample_path("mr_abdomen")
+    refused = run("embed", "--input_path", mr, "--modality", "ct", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    (line,) = errors(refused)
+    assert mr in line and "is this really a CT" in line and not (tmp_path / "out").exists()
+    forced = run("embed", "--input_path", mr, "--modality", "ct", "--strict_modality_check", "false",
+                 "--output_dir", str(tmp_path / "forced"), cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "is this really a CT" in forced.stderr  # still said, as a warning

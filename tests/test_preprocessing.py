@@ -170,8 +170,10 @@ def test_mr_intensity_parity(normalize):
     lo, hi = np.percentile(mr, [0.2, 99.8])
     assert np.all(out[mr >= hi] == pytest.approx(205.0, abs=1e-4))  # clipped at the 99.8th percentile
     assert np.all(out[mr <= lo] == pytest.approx(-50.0, abs=1e-4))  # and at the 0.2nd
-    # not the CT window: the same values as CT would all be clipped near the top
-    as_ct = normalize({"image": _volume(mr), "modality": "ct"})["image"].as_tensor().numpy()
+    # not the CT window: the same values as CT would all be clipped near the top (the bundle refuses an "MR as
+    # CT" by default, strict_modality_check; a lenient normaliser shows the window)
+    lenient = NormalizeIntensityByModalityd(keys="image", strict_modality_check=False)
+    as_ct = lenient({"image": _volume(mr), "modality": "ct"})["image"].as_tensor().numpy()
     assert not np.allclose(as_ct, out, atol=1.0)
 
 
@@ -212,8 +214,9 @@ def test_missing_modality_is_an_error(normalize, preprocessing, ball_scan):
 def test_per_sample_modality_from_the_data_dict(normalize):
     rng = np.random.default_rng(5)
     values = rng.uniform(-1000.0, 1500.0, size=(1, 10, 10, 10))
+    lenient = NormalizeIntensityByModalityd(keys="image", strict_modality_check=False)  # one volume read both ways
     ct = normalize({"image": _volume(values), "modality": "CT"})["image"].as_tensor().numpy()
-    mr = normalize({"image": _volume(values), "modality": "mr"})["image"].as_tensor().numpy()
+    mr = lenient({"image": _volume(values), "modality": "mr"})["image"].as_tensor().numpy()
     np.testing.assert_allclose(ct, reference_ct(values), atol=1e-4)
     np.testing.assert_allclose(mr, reference_mr(values), atol=2e-3)
     # a fixed modality overrides nothing per sample: the bundle's transform has none fixed
@@ -221,7 +224,12 @@ def test_per_sample_modality_from_the_data_dict(normalize):
 
 
 def test_ct_without_air_logs_a_warning(normalize, caplog):
+    """The bundles refuse a "CT" without air (strict_modality_check, default true); with the check off it is a
+    warning."""
     no_air = _volume(np.linspace(0.0, 900.0, 27), (1, 3, 3, 3))  # looks like an MR, not HU
+    with pytest.raises(SAMv2InputError, match="is this really a CT"):
+        normalize({"image": no_air, "modality": "ct"})
+    normalize = NormalizeIntensityByModalityd(keys="image", strict_modality_check=False)
     with caplog.at_level(logging.WARNING, logger="samv2_components"):
         normalize({"image": no_air, "modality": "ct"})
     warnings = [r for r in caplog.records if r.name == "samv2_components" and r.levelno == logging.WARNING]

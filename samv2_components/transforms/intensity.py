@@ -18,7 +18,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import SAMv2InputError, parse_bool
 from samv2_components.modality import MODALITIES, check_modality  # re-exported: their old home
 
 __all__ = ["MODALITIES", "check_modality", "NormalizeIntensityByModalityd"]
@@ -53,7 +53,7 @@ class NormalizeIntensityByModalityd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.strict_modality_check = bool(strict_modality_check)
+        self.strict_modality_check = parse_bool(strict_modality_check, "strict_modality_check")
         self.modality = None if modality is None else check_modality(modality, "modality")
         self.modality_key = modality_key
         lo, hi = output_range
