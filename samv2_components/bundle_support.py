@@ -12,7 +12,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from samv2_components.errors import SAMv2InputError, install_cli_error_handler
+from samv2_components.errors import (
+    SAMv2InputError,
+    hide_reported_tracebacks,
+    install_cli_error_handler,
+    interrupt_on_signals,
+)
 from samv2_components.modality import check_modality
 
 __all__ = [
@@ -20,8 +25,12 @@ __all__ = [
     "expand_input_paths",
     "inference_datalist",
     "install_cli_error_handler",
+    "setup_run_output",
+    "move_stdout_logs_to_stderr",
     "find_bundles_dir",
     "run_bundle",
+    "result_folders",
+    "print_result_folders",
     "BUNDLE_NAMES",
     "BUNDLES_DIR_ENV",
 ]
@@ -95,6 +104,44 @@ def inference_datalist(input_path: str | Sequence[str], modality: str) -> list[d
     return [{"image": path, "modality": modality} for path in expand_input_paths(input_path)]
 
 
+def move_stdout_logs_to_stderr() -> None:
+    """Point every logging handler that writes to stdout at stderr (MONAI's loggers hold their own stdout handler,
+    created at import), so that stdout carries only the results."""
+    import logging
+
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+                handler.setStream(sys.stderr)
+
+
+def setup_run_output() -> None:
+    """What a bundle run shows, set at its ``initialize``: results (the result folders) on stdout, logs on
+    stderr, our errors as one ``ERROR:`` line without the tracebacks MONAI and ignite log for them
+    (``SAMV2_DEBUG=1`` shows them), and SIGTERM or Ctrl-C ending the run without a half-written result."""
+    interrupt_on_signals()
+    move_stdout_logs_to_stderr()
+    hide_reported_tracebacks()
+    install_cli_error_handler()
+
+
+def result_folders(output_dir: str, inputs: Sequence[str | Mapping[str, Any]]) -> list[str]:
+    """The per-scan result folders ``<output_dir>/<case>`` of a run over ``inputs`` (paths, or datalist entries
+    ``{"image": path, ...}``)."""
+    from samv2_components.io.embeddings import case_name
+
+    paths = [item["image"] if isinstance(item, Mapping) else item for item in inputs]
+    return [os.path.join(output_dir, case_name(p)) for p in paths]
+
+
+def print_result_folders(folders: str | Sequence[str]) -> None:
+    """Print a bundle run's result folder(s) on stdout, one per line, for a shell script to read (the logs go to
+    stderr). The ``samv2`` command line runs bundles with stdout sent to stderr and prints these itself."""
+    for folder in [folders] if isinstance(folders, str) else folders:
+        sys.stdout.write(f"{folder}\n")
+    sys.stdout.flush()
+
+
 def find_bundles_dir(bundles_dir: str | os.PathLike | None = None) -> Path:
     """The folder that holds the three bundles.
 
@@ -124,17 +171,26 @@ def run_bundle(
 
     Returns what the config's ``run`` section returned (a list, one entry per expression).
     """
+    import logging
+
     from monai.bundle import ConfigWorkflow
 
     root = find_bundles_dir(bundles_dir) / bundle
-    workflow = ConfigWorkflow(
-        config_file=[str(root / "configs" / name) for name in configs],
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type=None,
-        bundle_root=str(root),
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
+    # MONAI says on every run that no workflow type and no logging file were given: both on purpose here
+    workflows_logger = logging.getLogger("monai.bundle.workflows")
+    level = workflows_logger.level
+    workflows_logger.setLevel(logging.ERROR)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=[str(root / "configs" / name) for name in configs],
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            bundle_root=str(root),
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+    finally:
+        workflows_logger.setLevel(level)
     workflow.initialize()
     if progress and "evaluator" in workflow.parser:
         from ignite.handlers import ProgressBar

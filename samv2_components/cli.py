@@ -4,18 +4,20 @@ Every command runs one bundle workflow, exactly as ``python -m monai.bundle run 
 command's arguments turned into the bundle's config overrides. Anything else given as ``--key value`` is passed on
 as a config override too (``--network_def#width 1.0``, ``--matcher#method nearest_neighbour``, ...).
 
-With no input arguments, each command runs on the small real scans shipped with the package (the bundle defaults),
-so ``samv2 match`` alone shows what matching does.
+Every command requires its inputs (a forgotten ``--query`` is an error, not a silent run on a sample); the demo on
+the small real scans shipped with the package is the bundles' own run, e.g.
+``python -m monai.bundle run --config_file bundles/samv2_matching/configs/inference.json``.
 
 Exit status, for shell scripts:
 
 * ``0``: done; the output folder(s) are printed on stdout, one per line;
 * ``1``: bad input (a missing or unreadable file, a wrong modality, a checkpoint that does not fit...): one line
   ``ERROR: <file>: <problem>`` on stderr, nothing written;
-* ``2``: the command line itself is wrong (unknown command, missing argument, an option no command or bundle
-  setting has: ``unknown option --tempalte (did you mean --template?)``);
+* ``2``: the command line itself is wrong (unknown command, a required input missing, an option no command or
+  bundle setting has: ``unknown option --tempalte (did you mean --template?)``);
 * ``3``: the registration ran but could not be made confident: ``ERROR: ...`` names the reason and the
-  ``summary.json`` that holds the confidence figures; no transform is written.
+  ``summary.json`` that holds the confidence figures; no transform is written;
+* ``130``: interrupted (Ctrl-C or SIGTERM): scans finished before are complete, the one in progress left nothing.
 
 ``--debug`` (or ``SAMV2_DEBUG=1``) shows the full traceback instead of the one ``ERROR:`` line. The output folder
 is checked for writing before any work starts.
@@ -35,15 +37,25 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import RegistrationFailed, SAMv2InputError, find_samv2_error, parse_bool
+from samv2_components.bundle_support import move_stdout_logs_to_stderr, result_folders as _output_folders, run_bundle
+from samv2_components.errors import (
+    Interrupted,
+    RegistrationFailed,
+    SAMv2InputError,
+    debug_wanted,
+    find_samv2_error,
+    hide_reported_tracebacks,
+    interrupt_on_signals,
+    parse_bool,
+)
 from samv2_components.io.atomic import check_output_dir
 
-__all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT"]
+__all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT", "EXIT_INTERRUPTED"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_CONFIDENT = 3
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C (128 + SIGINT)
 
 PROGRESS_ENV = "SAMV2_PROGRESS"
 DEBUG_ENV = "SAMV2_DEBUG"
@@ -52,23 +64,6 @@ DEBUG_ENV = "SAMV2_DEBUG"
 def _log_to_stderr() -> None:
     """Bundle log lines go to stderr, so that a script can read the result paths from stdout."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    # ignite logs the exception of a failed run before re-raising it; main() reports it in one line instead
-    logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
-
-
-def _move_stdout_handlers_to_stderr() -> None:
-    """MONAI's loggers hold their own handler on ``sys.stdout`` (created at import): point them at stderr."""
-    for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
-                handler.setStream(sys.stderr)
-
-
-def _output_folders(output_dir: str, paths: Sequence[str]) -> list[str]:
-    """The per-scan result folders ``<output_dir>/<case>`` of a bundle run over ``paths``."""
-    from samv2_components.io.embeddings import case_name
-
-    return [os.path.join(output_dir, case_name(p)) for p in paths]
 
 
 def _progress_wanted() -> bool:
@@ -103,12 +98,21 @@ def _check_options(bundle: str, configs: Sequence[str], overrides: Mapping[str, 
             raise UsageError(f"--{key}", f"unknown option{hint}; 'samv2 COMMAND --help' lists the arguments")
 
 
+def _check_required(bundle: str, required: Mapping[str, Any]) -> None:
+    """Refuse a command whose input is missing (exit status 2), pointing at the bundle's demo run."""
+    for option, value in required.items():
+        if value is None or (isinstance(value, (list, tuple, str)) and len(value) == 0):
+            raise UsageError(
+                f"--{option}", f"required (the demo on the shipped sample scans is: python -m monai.bundle run "
+                f"--config_file bundles/{bundle}/configs/inference.json)")
+
+
 class SAMv2Command:
     """SAMv2 anatomical embeddings: embed scans, match points between scans, register CT and MR.
 
     Points are physical millimetres, LPS unless a points file says RAS. Run "samv2 COMMAND --help" for a command's
-    arguments; any other --key value is passed to the bundle config as an override. With no input arguments a
-    command runs on the small real scans shipped with the package.
+    arguments; any other --key value is passed to the bundle config as an override. Inputs are required; the demo
+    on the shipped sample scans is the bundle run (python -m monai.bundle run --config_file bundles/.../inference.json).
     Exit status: 0 done (result folders printed on stdout), 1 bad input (one ERROR line on stderr),
     2 bad command line, 3 registration not confident (nothing written but summary.json).
     Environment: SAMV2_BUNDLES_DIR (where the bundles are; default: the source checkout, then ./bundles),
@@ -119,23 +123,26 @@ class SAMv2Command:
         self._bundles_dir = bundles_dir
         self._progress = _progress_wanted() if progress is None else bool(progress)
 
-    def _run(self, bundle: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> Any:
+    def _run(self, bundle: str, configs: Sequence[str], overrides: Mapping[str, Any], required: Mapping[str, Any]) -> Any:
+        """Check the command line (unknown options, then the required inputs, then the output folder) and run the
+        bundle's workflow with ``overrides``; ``required`` maps each required option to its given value."""
         import monai.bundle  # noqa: F401 - creates MONAI's loggers, whose stdout handlers are moved next
 
         _check_options(bundle, configs, overrides, self._bundles_dir)
+        _check_required(bundle, required)
         if overrides.get("output_dir") is not None:
             check_output_dir(overrides["output_dir"])
-        _move_stdout_handlers_to_stderr()
+        move_stdout_logs_to_stderr()
+        hide_reported_tracebacks()
         with contextlib.redirect_stdout(sys.stderr):  # printed tables too: stdout is for the result paths
             return run_bundle(bundle, configs, overrides, self._bundles_dir, self._progress)
 
     @staticmethod
-    def _paths(value: str | Sequence[str] | None, default_sample: str) -> list[str]:
-        """The scans a command runs on: ``value`` expanded (globs, lists), or the named shipped sample."""
+    def _paths(value: str | Sequence[str] | None) -> list[str]:
+        """The scans a command runs on: ``value`` expanded (globs, lists); empty when not given."""
         from samv2_components.bundle_support import expand_input_paths
-        from samv2_components.sample_data import sample_path
 
-        return [sample_path(default_sample)] if value is None else expand_input_paths(value)
+        return [] if value is None else expand_input_paths(value)
 
     def embed(self, input_path=None, modality: str = "ct", output_dir: str = "samv2_output/embeddings", **overrides):
         """Compute the fine, coarse and semantic embeddings of one or more scans (bundle semantic_sam).
@@ -144,13 +151,14 @@ class SAMv2Command:
 
         Args:
             input_path: scan file(s) any ITK reader takes (NIfTI, NRRD, MHA, ...), a DICOM series folder, a glob
-                pattern, or a list "['a.nii.gz','b.nrrd']". Default: the shipped sample CT.
+                pattern, or a list "['a.nii.gz','b.nrrd']". Required.
             modality: ct or mr, for all scans (never guessed).
             output_dir: parent folder of the results.
             overrides: more bundle config overrides, e.g. --network_def#width 1.0 --inferer#bf16 false.
         """
-        paths = self._paths(input_path, "ct_abdomen")
-        self._run("semantic_sam", ["inference.json"], {"input_path": paths, "modality": modality, "output_dir": output_dir, **overrides})
+        paths = self._paths(input_path)
+        self._run("semantic_sam", ["inference.json"], {"input_path": paths, "modality": modality, "output_dir": output_dir, **overrides},
+                  required={"input_path": input_path})
         return "\n".join(_output_folders(output_dir, paths))
 
     def match(
@@ -172,9 +180,9 @@ class SAMv2Command:
         the points file (with score and a 'confident' flag per point), matches.json and QC pictures.
 
         Args:
-            template: the annotated scan. Default: the shipped sample CT.
-            points: its points (CSV, JSON or 3D Slicer .mrk.json; LPS or RAS as the file says). Default: 8 organ points.
-            query: scan(s) to find the points on (file, DICOM folder, glob or list). Default: a CT of another subject.
+            template: the annotated scan. Required.
+            points: its points (CSV, JSON or 3D Slicer .mrk.json; LPS or RAS as the file says). Required.
+            query: scan(s) to find the points on (file, DICOM folder, glob or list). Required.
             modality: ct or mr, the template's modality.
             query_modality: the queries' modality (default: same as the template).
             output_dir: parent folder of the results.
@@ -184,11 +192,12 @@ class SAMv2Command:
                 scans of the same patient); the points file then also holds the embedding match.
             overrides: more bundle config overrides, e.g. --matcher#min_confident_score 0.7.
         """
-        queries = self._paths(query, "ct_abdomen_2")
+        queries = self._paths(query)
         values = {"template_path": template, "template_points": points, "query_path": queries, "modality": modality,
                   "query_modality": query_modality, "output_dir": output_dir, "matcher#method": method, "cache_dir": cache_dir,
                   "refine": parse_bool(refine, "--refine")}
-        self._run("samv2_matching", ["inference.json"], {**values, **overrides})
+        self._run("samv2_matching", ["inference.json"], {**values, **overrides},
+                  required={"template": template, "points": points, "query": query})
         return "\n".join(_output_folders(output_dir, queries))
 
     def register(
@@ -210,8 +219,8 @@ class SAMv2Command:
         Exit status 3 (and no transform) when the registration is not confident.
 
         Args:
-            fixed: the fixed scan. Default: the shipped phantom CT.
-            moving: the moving scan. Default: the shipped phantom T2 MR.
+            fixed: the fixed scan. Required.
+            moving: the moving scan. Required.
             fixed_modality: ct or mr.
             moving_modality: ct or mr.
             output_dir: parent folder of the results.
@@ -221,14 +230,12 @@ class SAMv2Command:
             overrides: more bundle config overrides, e.g. --adareg#crop_margin_mm 40.
         """
         from samv2_components.io.embeddings import case_name
-        from samv2_components.sample_data import sample_path
 
-        fixed = fixed or sample_path("phantom_ct")
-        moving = moving or sample_path("phantom_mr")
         values = {"fixed_path": fixed, "moving_path": moving, "fixed_modality": fixed_modality,
                   "moving_modality": moving_modality, "output_dir": output_dir, "deformable": parse_bool(deformable, "--deformable"),
                   "orientation_search": orientation_search, "workflow#progress": self._progress}
-        self._run("crosssam_registration", ["inference.json"], {**values, **overrides})
+        self._run("crosssam_registration", ["inference.json"], {**values, **overrides},
+                  required={"fixed": fixed, "moving": moving})
         return os.path.join(output_dir, f"{case_name(fixed)}__{case_name(moving)}")
 
     def evaluate(
@@ -247,18 +254,19 @@ class SAMv2Command:
         to <output_dir>/<query case>/metrics.json.
 
         Args:
-            pairs: CSV of point pairs (template x,y,z and true query x,y,z, LPS mm). Default: the shipped pairs.
-            query: the one query scan the pairs refer to. Default: the shipped second CT.
-            template: the template scan. Default: the shipped sample CT.
+            pairs: CSV of point pairs (template x,y,z and true query x,y,z, LPS mm). Required.
+            query: the one query scan the pairs refer to. Required.
+            template: the template scan. Required.
             modality: ct or mr.
             output_dir: parent folder of the results.
             cpm_radius_mm: radius of the CPM metric (paper: 10 mm).
             overrides: more bundle config overrides.
         """
-        queries = self._paths(query, "ct_abdomen_2")
-        values = {"pairs_path": pairs, "query_path": queries[0], "template_path": template, "modality": modality,
+        queries = self._paths(query)
+        values = {"pairs_path": pairs, "query_path": queries[0] if queries else None, "template_path": template, "modality": modality,
                   "output_dir": output_dir, "cpm_radius_mm": cpm_radius_mm}
-        self._run("samv2_matching", ["inference.json", "evaluate.json"], {**values, **overrides})
+        self._run("samv2_matching", ["inference.json", "evaluate.json"], {**values, **overrides},
+                  required={"pairs": pairs, "query": query, "template": template})
         return _output_folders(output_dir, queries)[0]
 
     def convert_upstream(self, checkpoint: str, output: str, width: float | None = None, heads=None):
@@ -287,15 +295,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _log_to_stderr()
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    if "--debug" in args:
+        os.environ[DEBUG_ENV] = "1"  # also read by the log filter that hides the tracebacks of reported errors
+    debug = debug_wanted()
     args = [a for a in args if a != "--debug"]
     if any(a in ("--help", "-h") for a in args) and "--" not in args:
         # the commands take **overrides, so fire would read a plain --help as an override named "help"
         args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
+    interrupt_on_signals()
     try:
         fire.Fire(SAMv2Command(), command=args, name="samv2")
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
+    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C or SIGTERM: the atomic writers removed their temporary files
+        if debug:
+            raise
+        sys.stderr.write(f"ERROR: interrupted ({stop or 'Ctrl-C'}): nothing half-written; the results of the scans "
+                         "finished before are complete\n")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - only our own errors become one line; anything else keeps its traceback
         error = find_samv2_error(exc)  # MONAI and ignite wrap the errors raised inside a workflow
         if error is None or debug:

@@ -8,8 +8,11 @@ that, for our errors only, by one readable line on stderr and exit code 1.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
+import threading
 from types import TracebackType
 
 __all__ = [
@@ -19,6 +22,9 @@ __all__ = [
     "RegistrationFailed",
     "install_cli_error_handler",
     "find_samv2_error",
+    "hide_reported_tracebacks",
+    "interrupt_on_signals",
+    "Interrupted",
 ]
 
 
@@ -93,6 +99,11 @@ _previous_hook = None
 
 
 def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        sys.stderr.write(f"ERROR: interrupted ({exc or 'Ctrl-C'}): nothing half-written; finished results are complete "
+                         "(a training run resumes from its last checkpoint)\n")
+        sys.stderr.flush()
+        return
     error = find_samv2_error(exc)
     if error is None:
         (_previous_hook or sys.__excepthook__)(exc_type, exc, tb)
@@ -101,11 +112,75 @@ def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: Traceb
     sys.stderr.flush()
 
 
+class _DropReportedErrors(logging.Filter):
+    """Drop log records carrying a :class:`SAMv2Error` or interruption traceback (MONAI's ``StatsHandler`` and
+    ignite log the exception of a failed run before re-raising it); it is reported once, as the ``ERROR:`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or debug_wanted():
+            return True
+        return not isinstance(exc, (Interrupted, KeyboardInterrupt)) and find_samv2_error(exc) is None
+
+
+_DROP_REPORTED = _DropReportedErrors()
+
+
+def debug_wanted() -> bool:
+    """``SAMV2_DEBUG=1`` (or true/yes): show full tracebacks instead of the one ``ERROR:`` line."""
+    return os.environ.get("SAMV2_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+def hide_reported_tracebacks() -> None:
+    """Attach :class:`_DropReportedErrors` to every logging handler that exists now (root's and each logger's).
+
+    Called once logging is configured (the bundle's ``logging.conf`` or the CLI's); safe to call more than once.
+    MONAI's ``StatsHandler`` gets its own handler only when the workflow is built, later: the filter sits on that
+    logger itself too. ignite's one-line "Engine run is terminating due to exception" is left to the final report
+    (the exception itself is raised on and reported, by the ``ERROR:`` line or Python's traceback)."""
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if _DROP_REPORTED not in handler.filters:
+                handler.addFilter(_DROP_REPORTED)
+    stats_logger = logging.getLogger("monai.handlers.StatsHandler")  # StatsHandler's default name
+    if _DROP_REPORTED not in stats_logger.filters:
+        stats_logger.addFilter(_DROP_REPORTED)
+    if not debug_wanted():
+        logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGTERM or SIGINT (see :func:`interrupt_on_signals`).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` on the way turns it into a file error,
+    and the atomic writers (which clean up on any exception) remove their temporary files."""
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def interrupt_on_signals() -> None:
+    """Make SIGTERM (``kill``, a batch scheduler's time limit) and SIGINT (Ctrl-C) raise :class:`Interrupted`, so
+    the atomic writers remove their temporary files and no half-written result is left (Python's default for
+    SIGTERM ends the process at once, without any cleanup), and the command line can exit with its own status
+    (a ``KeyboardInterrupt`` that passed through MONAI's ``eval``-ed config expressions makes Python end the
+    process by SIGINT whatever it returns). Only the main thread can install them; elsewhere a no-op."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, _raise_interrupt)
+
+
 def install_cli_error_handler() -> None:
     """Report :class:`SAMv2Error` exceptions as one line on stderr (the process still exits with code 1).
 
-    Any other exception keeps Python's normal traceback. Safe to call more than once.
+    Any other exception keeps Python's normal traceback (so does every exception with ``SAMV2_DEBUG=1``), and the
+    tracebacks MONAI and ignite log for our errors are hidden. Safe to call more than once.
     """
+    hide_reported_tracebacks()
+    if debug_wanted():
+        return
     global _previous_hook
     if sys.excepthook is not _one_line_hook:
         _previous_hook = sys.excepthook

@@ -26,6 +26,20 @@ def run(*args, cwd, module="samv2_components.cli"):
                           encoding="utf-8", timeout=900, env=env)
 
 
+def inputs(command):
+    """The shipped sample inputs a command requires (the tests here are about the other arguments)."""
+    from samv2_components.sample_data import sample_path
+
+    return {
+        "embed": ["--input_path", sample_path("ct_abdomen")],
+        "match": ["--template", sample_path("ct_abdomen"), "--points", sample_path("ct_abdomen_points"),
+                  "--query", sample_path("ct_abdomen_2")],
+        "register": ["--fixed", sample_path("phantom_ct"), "--moving", sample_path("phantom_mr")],
+        "evaluate": ["--template", sample_path("ct_abdomen"), "--pairs", sample_path("ct_abdomen_pairs"),
+                     "--query", sample_path("ct_abdomen_2")],
+    }[command]
+
+
 def errors(result):
     return [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
 
@@ -62,7 +76,7 @@ def test_output_folder_is_checked_before_work(tmp_path):
 )
 def test_command_line_refusals_come_before_any_work(tmp_path, args, status, message):
     (tmp_path / "FILE").write_text("not a folder")
-    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args] + inputs(args[0])
     if "--output_dir" not in args:
         args += ["--output_dir", str(tmp_path / "out")]
     result = run(*args, cwd=tmp_path)
@@ -103,6 +117,9 @@ def test_bad_settings_are_one_line_before_the_work(tmp_path, args, message):
 
     points = sample_path("ct_abdomen_points")  # a plain points file, not a pairs file
     args = [a.replace("POINTS", points).replace("NOWHERE.pt", str(tmp_path / "missing.pt")) for a in args]
+    given = {a for a in args if a.startswith("--")}
+    extra = inputs(args[0])
+    args += [v for i, v in enumerate(extra) if not (v.startswith("--") and v in given) and not (i and extra[i - 1] in given)]
     message = message.replace("POINTS", points).replace("NOWHERE.pt", str(tmp_path / "missing.pt"))
     result = run(*args, "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
@@ -118,7 +135,8 @@ def test_a_missing_extra_is_named_before_the_work(tmp_path):
     (blocker / "SimpleITK.py").write_text("raise ImportError('blocked by the test')\n")
     env = {**os.environ, "PYTHONPATH": str(blocker) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "samv2_components.cli", "register", "--output_dir", str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "samv2_components.cli", "register", *inputs("register"),
+                             "--output_dir", str(tmp_path / "out")],
                             cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", timeout=600, env=env)
     assert result.returncode == 1, result.stderr[-2000:]
     lines = errors(result)
@@ -140,3 +158,43 @@ def test_an_mr_given_as_ct_is_refused_unless_the_user_says_so(tmp_path):
                  "--output_dir", str(tmp_path / "forced"), cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert "is this really a CT" in forced.stderr  # still said, as a warning
+
+
+def _wait_for(condition, process, timeout=300.0):
+    import time
+
+    start = time.monotonic()
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() - start < timeout, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_leaves_nothing_half_written(tmp_path, signal_name):
+    """Killed (SIGTERM, as a batch scheduler does) or Ctrl-C'd (SIGINT) once the first of three scans is done: exit
+    130, one ERROR line, the finished scan's folder complete, no other folder, no temporary file anywhere."""
+    import signal
+
+    from samv2_components.sample_data import sample_path
+
+    scans = [str(tmp_path / f"scan{i}.nii.gz") for i in range(3)]
+    for path in scans:
+        os.symlink(sample_path("ct_abdomen"), path)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "samv2_components.cli", "embed", "--input_path", str(scans),
+                                "--output_dir", str(out), "--write_preview", "false"],
+                               cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(lambda: (out / "scan0").is_dir(), process)
+    process.send_signal(getattr(signal, signal_name))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in stderr, stderr[-2000:]
+    assert stdout == ""  # no result folders promised
+    finished = sorted(os.listdir(out))
+    assert finished in (["scan0"], ["scan0", "scan1"]), finished  # a whole folder per finished scan, nothing else
+    for case in finished:
+        assert len([f for f in os.listdir(out / case) if f.endswith((".nii", ".nii.gz"))]) == 3
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]

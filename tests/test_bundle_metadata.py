@@ -210,7 +210,7 @@ def test_logging_conf(bundle, restore_logging):
     root = logging.getLogger()
     assert root.level == logging.INFO
     stream_handlers = [h for h in root.handlers if type(h) is logging.StreamHandler]
-    assert stream_handlers and stream_handlers[0].stream is sys.stdout
+    assert stream_handlers and stream_handlers[0].stream is sys.stderr  # stdout carries the results only
     assert stream_handlers[0].formatter._fmt == "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
     ignite_logger = logging.getLogger("ignite.engine.engine")

@@ -55,7 +55,9 @@ def test_unknown_command_is_a_usage_error(tmp_path):
 
 
 def test_match_prints_the_result_folder_and_passes_overrides(tmp_path):
-    result = samv2("match", "--output_dir", "out", "--matcher#method", "nearest_neighbour", cwd=tmp_path)
+    result = samv2("match", "--template", sample_path("ct_abdomen"), "--points", sample_path("ct_abdomen_points"),
+                   "--query", sample_path("ct_abdomen_2"), "--output_dir", "out", "--matcher#method", "nearest_neighbour",
+                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [os.path.join("out", "ct_abdomen_2")]  # nothing else on stdout
     folder = tmp_path / "out" / "ct_abdomen_2"
@@ -81,16 +83,32 @@ def test_embed_takes_a_glob_and_shows_progress_when_asked(tmp_path):
 
 @pytest.mark.slow
 def test_missing_input_is_one_error_line_and_writes_nothing(tmp_path):
-    result = samv2("match", "--query", "no_such_scan.nii.gz", "--output_dir", "out", cwd=tmp_path)
+    result = samv2("match", "--template", sample_path("ct_abdomen"), "--points", sample_path("ct_abdomen_points"),
+                   "--query", "no_such_scan.nii.gz", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 1
     assert error_lines(result) == ["ERROR: no_such_scan.nii.gz: file not found"]
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, first_missing", [("match", "--template"), ("embed", "--input_path"),
+                                                    ("register", "--fixed"), ("evaluate", "--pairs")])
+def test_inputs_are_required_not_taken_from_the_samples(tmp_path, command, first_missing):
+    """A forgotten input is a usage error naming it (and the bundle's demo run), not a silent run on a sample."""
+    result = samv2(command, "--output_dir", "out", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert line.startswith(f"ERROR: {first_missing}: required") and "python -m monai.bundle run" in line
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+    if command == "match":  # the others given, the last one still named
+        partial = samv2("match", "--template", sample_path("ct_abdomen"), "--points", sample_path("ct_abdomen_points"),
+                        "--output_dir", "out", cwd=tmp_path)
+        assert partial.returncode == 2 and error_lines(partial)[0].startswith("ERROR: --query: required")
+
+
 @pytest.mark.slow
 def test_wrong_modality_is_one_error_line(tmp_path):
-    result = samv2("embed", "--modality", "pet", "--output_dir", "out", cwd=tmp_path)
+    result = samv2("embed", "--input_path", sample_path("ct_abdomen"), "--modality", "pet", "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 1
     (line,) = error_lines(result)
     assert "modality" in line and "pet" in line
@@ -100,7 +118,8 @@ def test_wrong_modality_is_one_error_line(tmp_path):
 @pytest.mark.slow
 def test_registration_not_confident_exits_3_with_summary_and_no_transform(tmp_path):
     # an inlier count no fit can reach: AdaReg must refuse rather than write a transform
-    result = samv2("register", "--output_dir", "reg", "--deformable", "false", "--orientation_search", "off",
+    result = samv2("register", "--fixed", sample_path("phantom_ct"), "--moving", sample_path("phantom_mr"),
+                   "--output_dir", "reg", "--deformable", "false", "--orientation_search", "off",
                    "--adareg#min_inliers", "100000", cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-2000:]
     (line,) = error_lines(result)

@@ -41,7 +41,7 @@ TINY = [
 # one thread per process: with more threads than free cores (e.g. beside another training run) torch's CPU
 # convolutions slow down by an order of magnitude; torchrun sets the same for its workers
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SAVING_HANDLERS = ["CheckpointSaver", "CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
+SAVING_HANDLERS = ["CheckpointSaver", "FinalModelSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
 
 
 def run_train(output_dir, *overrides, configs=(TRAIN,), nproc=None):
@@ -103,11 +103,11 @@ def test_fine_tuning_starts_from_given_weights(first_run, tmp_path):
 
 def test_training_writes_checkpoints_and_model(first_run):
     out, result = first_run
-    assert "training from scratch" in result.stdout
+    assert "training from scratch" in result.stderr
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_checkpoint_epoch=1.pt", "checkpoint_checkpoint_epoch=2.pt"]
     assert len(os.listdir(out / "tensorboard")) == 1
     # log_every defaults to 10: four iterations log no per-iteration line (MONAI logs every one for an int)
-    assert "Iter:" not in result.stdout
+    assert "Iter:" not in result.stderr
     checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=2.pt")
     assert sorted(checkpoint) == ["lr_scheduler", "model", "optimizer", "trainer"]
     assert checkpoint["trainer"]["iteration"] == 4
@@ -123,9 +123,9 @@ def test_resume_continues_iterations_optimizer_and_schedule(first_run, tmp_path)
     shutil.copytree(first_run[0], out)
     result = run_train(out, "--num_steps", "8", "--log_every", "3")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout and "checkpoint_checkpoint_epoch=2.pt" in result.stdout
+    assert "resuming from" in result.stderr and "checkpoint_checkpoint_epoch=2.pt" in result.stderr
     # iterations 5..8 ran (epochs 3 and 4); with log_every 3 only iteration 6 (epoch 3, iteration 2) is logged
-    iteration_lines = [line for line in result.stdout.splitlines() if "Iter:" in line]
+    iteration_lines = [line for line in result.stderr.splitlines() if "Iter:" in line]
     assert len(iteration_lines) == 1 and "Epoch: 3/4, Iter: 2/2" in iteration_lines[0], iteration_lines
     checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=4.pt")
     assert checkpoint["trainer"]["iteration"] == 8
@@ -174,7 +174,7 @@ def test_ddp_two_processes_resume_and_save_once(first_run, tmp_path):
     shutil.rmtree(out / "tensorboard")
     result = run_train(out, "--num_steps", "6", configs=(TRAIN, MULTI_GPU), nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("resuming from") == 2  # every rank loads the checkpoint
+    assert result.stderr.count("resuming from") == 2  # every rank loads the checkpoint
     assert len(os.listdir(out / "tensorboard")) == 1  # rank 1 built no TensorBoard writer
     assert "checkpoint_checkpoint_epoch=3.pt" in os.listdir(out / "checkpoints")
     checkpoint = load_checkpoint(out / "checkpoints" / "checkpoint_checkpoint_epoch=3.pt")
@@ -235,7 +235,7 @@ def test_cli_training_continues_on_a_scan_without_foreground(tmp_path):
     datalist = write_datalist(tmp_path / "list.json", [{"image": air, "modality": "ct"}])
     result = run_train(tmp_path / "out", "--datalist_file", datalist, "--num_steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{air}: no voxel above the foreground threshold" in result.stdout
+    assert f"{air}: no voxel above the foreground threshold" in result.stderr
     assert os.path.isfile(tmp_path / "out" / "model.pt")
 
 
@@ -301,3 +301,39 @@ def test_cli_non_isotropic_spacing_is_one_line(tmp_path):
     assert last.startswith("ERROR: spacing_mm: must be isotropic"), result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists(tmp_path / "out" / "model.pt")
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_writes_no_model_and_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM once the first epoch checkpoint is written: no ``model.pt`` (a half-trained model that looks
+    finished), exit status != 0; the same command again resumes from that checkpoint and ends with exactly the
+    weights of the uninterrupted run (every epoch's draws are seeded by the epoch number: ``data_seed``)."""
+    import signal
+    import time
+
+    steps = ["--num_steps", "6"]  # three epochs of two iterations
+    reference = run_train(tmp_path / "reference", *steps)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN, *TINY, "--output_dir", str(out), *steps]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "checkpoint_checkpoint_epoch=1.pt"
+    start = time.monotonic()
+    while not first.exists():
+        assert process.poll() is None and time.monotonic() - start < 300, "the run ended before it was interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "ERROR: interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / "model.pt").exists()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith("tmp")]
+
+    resumed = run_train(out, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    expected = torch.load(tmp_path / "reference" / "model.pt", map_location="cpu", weights_only=True)
+    got = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)

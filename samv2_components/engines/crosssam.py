@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from monai.data.utils import set_rnd
+from monai.utils import MAX_SEED
 
 from samv2_components.engines.trainer import SAMv2Trainer, _cycle
 from samv2_components.networks import HEAD_GRIDS
@@ -65,6 +67,12 @@ class CrossSAMTrainer(SAMv2Trainer):
         self.cross_coarse_weight = self.coarse_weight if cross_coarse_weight is None else float(cross_coarse_weight)
         self.cross_keys, self.cross_affine_key = tuple(cross_keys), cross_affine_key
         self._cross_batches: Iterator | None = None
+
+    def _reseed_epoch(self, engine) -> None:
+        super()._reseed_epoch(engine)
+        if self.cross_loader is not None:
+            set_rnd(self.cross_loader.dataset, seed=(self.data_seed * 100_003 + engine.state.epoch + 2) % MAX_SEED)
+            self._cross_batches = None
 
     def _cross_losses(self, engine) -> dict[str, torch.Tensor]:
         from samv2_components.losses import labels_to_grid

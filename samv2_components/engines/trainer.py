@@ -16,7 +16,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from ignite.engine import Events
+from monai.data.utils import set_rnd
 from monai.engines import SupervisedTrainer
+from monai.utils import MAX_SEED, set_determinism
 from torch import nn
 
 from samv2_components.errors import SAMv2InputError
@@ -103,8 +106,12 @@ class SAMv2Trainer(SupervisedTrainer):
             :class:`~samv2_components.errors.SAMv2InputError` naming ``spacing_mm``); with the pair affines
             (patch voxel -> volume voxel, ``affine_a`` / ``affine_b``) it gives each patch's own voxel size, which
             the losses' mm radii need.
-        seed: seed of the step-type draw (kept in the trainer so that a resumed run continues the sequence
-            statistically, not bit-exactly).
+        seed: seed of the step-type draw (the same on every DDP rank, so that all ranks take the same step type).
+        data_seed: when given, every random draw of an epoch (the sampler, the augmentations' own random states,
+            PyTorch/NumPy/Python global generators, the step types) is re-seeded at the epoch's start from
+            ``data_seed`` and the epoch number alone, so a run interrupted and resumed from an epoch checkpoint
+            ends with the same weights as the uninterrupted run (single process, ``num_workers`` 0; a DDP run
+            passes a per-rank seed and resumes statistically). None: seeded once, at the start.
         pair_keys: keys of the two patches, the correspondence field and its validity mask in a pair batch.
         Other arguments as :class:`monai.engines.SupervisedTrainer` (``loss_function`` is ``fine_loss``).
     """
@@ -125,6 +132,7 @@ class SAMv2Trainer(SupervisedTrainer):
         bf16: bool | str = "auto",
         volume_spacing: float | Sequence[float] = 2.0,
         seed: int = 0,
+        data_seed: int | None = None,
         pair_keys: Sequence[str] = ("image_a", "image_b", "corr_ab", "valid_ab"),
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
@@ -150,7 +158,20 @@ class SAMv2Trainer(SupervisedTrainer):
         self.bf16 = bf16
         self.volume_spacing = volume_spacing
         self.pair_keys = tuple(pair_keys)
+        self.seed, self.data_seed = seed, data_seed
         self._step_rng = random.Random(seed)
+        if data_seed is not None:
+            self.add_event_handler(Events.EPOCH_STARTED, self._reseed_epoch)
+
+    def _reseed_epoch(self, engine) -> None:
+        """Make this epoch's draws a function of ``data_seed`` and the epoch number (see ``data_seed``)."""
+        epoch_seed = (self.data_seed * 100_003 + engine.state.epoch) % MAX_SEED
+        set_determinism(seed=epoch_seed)
+        set_rnd(self.data_loader.dataset, seed=epoch_seed)  # the transforms' own RandomState objects
+        if self.semantic_loader is not None:
+            set_rnd(self.semantic_loader.dataset, seed=epoch_seed + 1)
+            self._semantic_batches = None  # a fresh pass over the labelled crops, drawn from this epoch's seed
+        self._step_rng = random.Random(self.seed * 100_003 + engine.state.epoch)
 
     def _autocast(self, device: torch.device):
         use = bf16_supported(device) if self.bf16 == "auto" else bool(self.bf16)

@@ -7,7 +7,9 @@ MONAI from ITK's LPS direction/origin/spacing. Problems become one-line :class:`
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -20,6 +22,27 @@ from monai.transforms import LoadImage, MapTransform
 from samv2_components.errors import SAMv2InputError
 
 __all__ = ["load_scan", "validate_scan", "LoadScand", "MIN_VOXELS_PER_AXIS", "MAX_SPACING_MM"]
+
+_itk_loader_instance: LoadImage | None = None
+
+
+def _itk_loader() -> LoadImage:
+    """MONAI's ``LoadImage`` with ITK's reader, built once per process. ``LoadImage`` also builds every default
+    reader, and the GPU DICOM one then warns twice that nvImageCodec is missing on every run: irrelevant here (the
+    ITK reader is the one used), so that construction is kept quiet."""
+    global _itk_loader_instance
+    if _itk_loader_instance is None:
+        plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        level = plugin_logger.level
+        plugin_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+                _itk_loader_instance = LoadImage(reader=ITKReader(), image_only=True, ensure_channel_first=True,
+                                                 dtype=torch.float32)
+        finally:
+            plugin_logger.setLevel(level)
+    return _itk_loader_instance
 
 
 def _short(exc: BaseException) -> str:
@@ -194,7 +217,7 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
         n_bad = _nifti_nonfinite_count(path)
         if n_bad:
             raise SAMv2InputError(path, f"image contains {n_bad} NaN or infinite voxels")
-    loader = LoadImage(reader=ITKReader(), image_only=True, ensure_channel_first=True, dtype=torch.float32)
+    loader = _itk_loader()
     try:
         image = loader(path)
     except Exception as exc:  # ITK/MONAI raise many types; the user needs the file and the reason
