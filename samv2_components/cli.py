@@ -17,6 +17,8 @@ Exit status, for shell scripts:
   bundle setting has: ``unknown option --tempalte (did you mean --template?)``);
 * ``3``: the registration ran but could not be made confident: ``ERROR: ...`` names the reason and the
   ``summary.json`` that holds the confidence figures; no transform is written;
+* ``4``: the registration is written, rigid only: the optional deformable stage failed (``ERROR: ...`` says why,
+  ``summary.json`` records it); the result folder is printed on stdout;
 * ``130``: interrupted (Ctrl-C or SIGTERM): scans finished before are complete, the one in progress left nothing.
 
 ``--debug`` (or ``SAMV2_DEBUG=1``) shows the full traceback instead of the one ``ERROR:`` line. The output folder
@@ -39,6 +41,7 @@ from typing import Any
 
 from samv2_components.bundle_support import move_stdout_logs_to_stderr, result_folders as _output_folders, run_bundle
 from samv2_components.errors import (
+    DeformableStageFailed,
     Interrupted,
     RegistrationFailed,
     SAMv2InputError,
@@ -50,11 +53,12 @@ from samv2_components.errors import (
 )
 from samv2_components.io.atomic import check_output_dir
 
-__all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT", "EXIT_INTERRUPTED"]
+__all__ = ["SAMv2Command", "main", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_CONFIDENT", "EXIT_RIGID_ONLY", "EXIT_INTERRUPTED"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_CONFIDENT = 3
+EXIT_RIGID_ONLY = 4
 EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C (128 + SIGINT)
 
 PROGRESS_ENV = "SAMV2_PROGRESS"
@@ -114,7 +118,8 @@ class SAMv2Command:
     arguments; any other --key value is passed to the bundle config as an override. Inputs are required; the demo
     on the shipped sample scans is the bundle run (python -m monai.bundle run --config_file bundles/.../inference.json).
     Exit status: 0 done (result folders printed on stdout), 1 bad input (one ERROR line on stderr),
-    2 bad command line, 3 registration not confident (nothing written but summary.json).
+    2 bad command line, 3 registration not confident (nothing written but summary.json), 4 registration written
+    rigid only (the deformable stage failed), 130 interrupted.
     Environment: SAMV2_BUNDLES_DIR (where the bundles are; default: the source checkout, then ./bundles),
     SAMV2_PROGRESS=1/0 (progress bars on stderr; default: when stderr is a terminal).
     """
@@ -318,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error is None or debug:
             raise
         sys.stderr.write(f"ERROR: {error}\n")
+        if isinstance(error, DeformableStageFailed):
+            sys.stdout.write(f"{error.folder}\n")  # the rigid result is there
+            return EXIT_RIGID_ONLY
         if isinstance(error, UsageError):
             return EXIT_USAGE
         return EXIT_NOT_CONFIDENT if isinstance(error, RegistrationFailed) else EXIT_ERROR

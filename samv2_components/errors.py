@@ -20,6 +20,7 @@ __all__ = [
     "SAMv2InputError",
     "CheckpointError",
     "RegistrationFailed",
+    "DeformableStageFailed",
     "install_cli_error_handler",
     "find_samv2_error",
     "hide_reported_tracebacks",
@@ -64,6 +65,20 @@ class RegistrationFailed(SAMv2Error):
     app report it as an answer (not confident), not as an error. Also importable from
     :mod:`samv2_components.registration`.
     """
+
+
+class DeformableStageFailed(SAMv2Error):
+    """The rigid registration succeeded and is written, but the optional deformable stage failed.
+
+    Args:
+        folder: the result folder, holding the rigid transform and outputs and ``summary.json`` (whose
+            ``deformable`` entry records the failure).
+        message: the one-line report.
+    """
+
+    def __init__(self, folder: str, message: str):
+        self.folder = folder
+        super().__init__(message)
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

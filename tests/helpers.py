@@ -201,3 +201,90 @@ def save_mmcv_checkpoint(state_dict: dict, path: Path) -> Path:
     }
     torch.save({"meta": meta, "state_dict": state_dict}, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad scans (the reader's tests and the command-line harness)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def nifti_file(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` as NIfTI with 1.5 x 1.5 x 2 mm voxels; return the path."""
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
+    return str(path)
+
+
+def nifti_bytes(array, zooms=(1.0, 1.0, 1.0)) -> bytes:
+    """The bytes of a single-file NIfTI of ``array`` (float32) with voxel size ``zooms``."""
+    import io as _io
+
+    image = nib.Nifti1Image(np.asarray(array, np.float32), np.diag([*zooms, 1.0]))
+    buffer = _io.BytesIO()
+    file_map = image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    return buffer.getvalue()
+
+
+def unreadable_scans(tmp: Path) -> list[tuple[str, str]]:
+    """(path, phrase expected in the message) for every kind of scan that cannot be read or holds no image."""
+    import itk
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    cases = [(str(tmp / "missing.nii.gz"), "not found")]
+    (tmp / "empty").mkdir()
+    cases.append((str(tmp / "empty"), "folder is empty"))
+    (tmp / "empty_file.nii.gz").write_bytes(b"")
+    cases.append((str(tmp / "empty_file.nii.gz"), "empty file"))
+    garbage = tmp / "x.nii.gz"
+    garbage.write_bytes(bytes(rng.integers(0, 256, size=2048, dtype=np.uint8)))
+    cases.append((str(garbage), "cannot be read as an image"))
+    text = tmp / "notes.nii"
+    text.write_text("patient 12, follow-up scan\n" * 40)
+    cases.append((str(text), "cannot be read as an image"))
+    png = tmp / "slice.png"
+    Image.fromarray(rng.integers(0, 255, size=(24, 32), dtype=np.uint8)).save(png)
+    cases.append((str(png), "2D"))
+    cases.append((nifti_file(tmp / "one_slice.nii.gz", rng.normal(size=(12, 10, 1)).astype(np.float32)), "2D"))
+    cases.append((nifti_file(tmp / "four_d.nii.gz", rng.normal(size=(8, 8, 8, 3)).astype(np.float32)), "4D"))
+    cases.append((nifti_file(tmp / "constant.nii.gz", np.full((8, 8, 8), 7, np.int16)), "constant"))
+    nan = rng.normal(size=(8, 8, 8)).astype(np.float32)
+    nan[2, 3, 4] = np.nan
+    nan[5, 1, 0] = np.nan
+    cases.append((nifti_file(tmp / "nan.nii.gz", nan), "2 NaN"))
+    inf = rng.normal(size=(8, 8, 8)).astype(np.float32)
+    inf[1, 1, 1] = -np.inf
+    cases.append((nifti_file(tmp / "inf.nii.gz", inf), "infinite"))
+    mha_nan = tmp / "nan.mha"  # non-NIfTI path: ITK keeps the NaN and validate_scan sees it
+    itk.imwrite(itk.image_from_array(nan), str(mha_nan))
+    cases.append((str(mha_nan), "NaN"))
+    return cases
+
+
+def scans_with_bad_headers(tmp: Path) -> list[tuple[str, str]]:
+    """(path, phrase) for files ITK would read silently wrong or that cannot be embedded: a truncated gzip stream, a
+    short file, a zero voxel size, a singular sform, 50 mm voxels, a 3x3x3 image."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(5)
+    good = nifti_bytes(rng.normal(size=(20, 20, 20)))
+    cases = []
+    (tmp / "cut.nii.gz").write_bytes(gzip.compress(good)[: len(gzip.compress(good)) // 2])
+    cases.append((str(tmp / "cut.nii.gz"), "truncated or corrupt file"))
+    (tmp / "short.nii").write_bytes(good[: len(good) // 2])
+    cases.append((str(tmp / "short.nii"), "truncated file"))
+    zero = bytearray(good)
+    zero[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    (tmp / "zero_spacing.nii.gz").write_bytes(gzip.compress(bytes(zero)))
+    cases.append((str(tmp / "zero_spacing.nii.gz"), "invalid voxel spacing"))
+    singular = bytearray(good)
+    singular[296:312] = singular[280:296]  # srow_y = srow_x: two axes along x, none along y
+    singular[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1
+    (tmp / "singular.nii.gz").write_bytes(gzip.compress(bytes(singular)))
+    cases.append((str(tmp / "singular.nii.gz"), "invalid orientation"))
+    (tmp / "coarse.nii.gz").write_bytes(gzip.compress(nifti_bytes(rng.normal(size=(4, 4, 4)), (50.0, 50.0, 50.0))))
+    cases.append((str(tmp / "coarse.nii.gz"), "too coarse to embed"))
+    (tmp / "tiny.nii.gz").write_bytes(gzip.compress(nifti_bytes(rng.normal(size=(3, 3, 3)))))
+    cases.append((str(tmp / "tiny.nii.gz"), "too small to embed"))
+    return cases

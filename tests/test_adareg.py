@@ -78,6 +78,37 @@ def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failing_deformable_stage_keeps_the_rigid_result(moved_ct, tmp_path, monkeypatch, capsys):
+    """elastix failing in the optional deformable stage: the rigid transform and its outputs are written, summary.json
+    records the failure, one ERROR line says so, ``samv2 register`` exits 4 and prints the result folder."""
+    import samv2_components.registration.deformable as deformable
+    from samv2_components.cli import EXIT_RIGID_ONLY, main
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("itk::ExceptionObject: Too many samples map outside moving image buffer")
+
+    monkeypatch.setattr(deformable, "refine_deformable", failing)
+    path, truth = moved_ct
+    out = tmp_path / "out"
+    status = main(["register", "--fixed", sample_path("ct_abdomen"), "--moving", path, "--moving_modality", "ct",
+                   "--output_dir", str(out), "--write_qc", "false"])
+    captured = capsys.readouterr()
+    assert status == EXIT_RIGID_ONLY, captured.err[-2000:]
+    folder = out / "ct_abdomen__ct_moved"
+    assert captured.out.splitlines() == [str(folder)]
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("ERROR:")]
+    assert "the deformable stage failed" in line and "Too many samples" in line and "summary.json" in line
+    files = set(os.listdir(folder))
+    assert {"rigid.tfm", "rigid.json", "moving_rigid.nii.gz", "summary.json"} <= files
+    assert not files & {"moving_deformable.nii.gz", "deformable_field.nii.gz"}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["confidence"]["success"] and summary["deformable"]["success"] is False
+    assert "Too many samples" in summary["deformable"]["error"]
+    _, tre = sample_ct_tre(read_transform_json(folder / "rigid.json"), truth)
+    assert tre.mean() < 3.0
+
+
+@pytest.mark.slow
 def test_noise_moving_scan_fails_with_reason_and_no_transform(tmp_path):
     rng = np.random.default_rng(0)
     noise = sitk.GetImageFromArray(rng.uniform(0, 100, (40, 60, 60)).astype(np.float32))

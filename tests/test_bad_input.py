@@ -110,6 +110,8 @@ def test_bundle_run_reads_false_as_false_and_refuses_nonsense(tmp_path):
         (["evaluate", "--cpm_radius_mm", "-5"], "ERROR: cpm_radius_mm: must be a positive radius"),
         (["evaluate", "--pairs", "POINTS"], "POINTS"),
         (["embed", "--ckpt_path", "NOWHERE.pt"], "NOWHERE.pt"),
+        (["register", "--deformable_kwargs#iterations", "0"], "ERROR: deformable_kwargs#iterations: must be >= 1"),
+        (["register", "--deformable_kwargs#grid_spacng_mm", "20"], "ERROR: deformable_kwargs#grid_spacng_mm: unknown setting"),
     ],
 )
 def test_bad_settings_are_one_line_before_the_work(tmp_path, args, message):

@@ -23,6 +23,8 @@ from samv2_components.geometry import voxel_to_world
 from samv2_components.io.image import LoadScand, load_scan
 from samv2_components.sample_data import sample_path
 
+from helpers import nifti_file, nifti_bytes, scans_with_bad_headers, unreadable_scans  # noqa: E402
+
 FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 SIZE = (9, 7, 5)  # ITK (x, y, z) size; numpy arrays from ITK are (z, y, x)
@@ -199,42 +201,9 @@ def test_real_sample_ct():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _nifti(path: Path, array: np.ndarray) -> str:
-    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
-    return str(path)
-
-
-def _bad_inputs(tmp: Path) -> list[tuple[str, str]]:
-    """(path, phrase expected in the message) for every kind of unusable input."""
-    rng = np.random.default_rng(2)
-    cases = [(str(tmp / "missing.nii.gz"), "file not found")]
-    (tmp / "empty").mkdir()
-    cases.append((str(tmp / "empty"), "folder is empty"))
-    garbage = tmp / "x.nii.gz"
-    garbage.write_bytes(bytes(rng.integers(0, 256, size=2048, dtype=np.uint8)))
-    cases.append((str(garbage), "cannot be read as an image"))
-    png = tmp / "slice.png"
-    Image.fromarray(rng.integers(0, 255, size=(24, 32), dtype=np.uint8)).save(png)
-    cases.append((str(png), "2D"))
-    cases.append((_nifti(tmp / "one_slice.nii.gz", rng.normal(size=(12, 10, 1)).astype(np.float32)), "2D"))
-    cases.append((_nifti(tmp / "four_d.nii.gz", rng.normal(size=(8, 8, 8, 3)).astype(np.float32)), "4D"))
-    cases.append((_nifti(tmp / "constant.nii.gz", np.full((8, 8, 8), 7, np.int16)), "constant"))
-    nan = rng.normal(size=(8, 8, 8)).astype(np.float32)
-    nan[2, 3, 4] = np.nan
-    nan[5, 1, 0] = np.nan
-    cases.append((_nifti(tmp / "nan.nii.gz", nan), "2 NaN"))
-    inf = rng.normal(size=(8, 8, 8)).astype(np.float32)
-    inf[1, 1, 1] = -np.inf
-    cases.append((_nifti(tmp / "inf.nii.gz", inf), "infinite"))
-    mha_nan = tmp / "nan.mha"  # non-NIfTI path: ITK keeps the NaN and validate_scan sees it
-    itk.imwrite(itk.image_from_array(nan), str(mha_nan))
-    cases.append((str(mha_nan), "NaN"))
-    return cases
-
-
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> list[tuple[str, str]]:
-    return _bad_inputs(tmp_path_factory.mktemp("bad"))
+    return unreadable_scans(tmp_path_factory.mktemp("bad"))
 
 
 def test_load_scan_rejects_bad_inputs(bad_inputs):
@@ -263,7 +232,7 @@ def test_load_scand_raises_the_same_errors(bad_inputs):
 
 def test_check_intensities_false_lets_label_maps_through(tmp_path):
     labels = np.zeros((8, 9, 10), np.uint8)  # a label map may be all background
-    path = _nifti(tmp_path / "labels.nii.gz", labels)
+    path = nifti_file(tmp_path / "labels.nii.gz", labels)
     with pytest.raises(SAMv2InputError, match="constant"):
         load_scan(path)
     image = load_scan(path, check_intensities=False)
@@ -272,50 +241,21 @@ def test_check_intensities_false_lets_label_maps_through(tmp_path):
     out = LoadScand(keys="label", check_intensities=False)({"label": path, "other": 1})
     assert tuple(out["label"].shape) == (1, 8, 9, 10) and out["other"] == 1
     # shape problems are still reported with intensity checks off
-    flat = _nifti(tmp_path / "flat.nii.gz", np.zeros((8, 9, 1), np.uint8))
+    flat = nifti_file(tmp_path / "flat.nii.gz", np.zeros((8, 9, 1), np.uint8))
     with pytest.raises(SAMv2InputError, match="2D"):
         load_scan(flat, check_intensities=False)
-
-
-def _nifti_bytes(array, zooms=(1.0, 1.0, 1.0)) -> bytes:
-    import io as _io
-
-    image = nib.Nifti1Image(np.asarray(array, np.float32), np.diag([*zooms, 1.0]))
-    buffer = _io.BytesIO()
-    file_map = image.make_file_map({"image": buffer, "header": buffer})
-    image.to_file_map(file_map)
-    return buffer.getvalue()
 
 
 def test_files_itk_would_read_silently_wrong_are_refused(tmp_path):
     """ITK decodes a truncated gzip stream as far as it goes, replaces a zero voxel size by 1 and drops a singular
     sform: each would be embedded with made-up voxels or geometry."""
     import gzip
-    import struct
 
-    rng = np.random.default_rng(5)
-    good = _nifti_bytes(rng.normal(size=(20, 20, 20)))
-    cases = {}
-    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(good)[: len(gzip.compress(good)) // 2])
-    cases["cut.nii.gz"] = "truncated or corrupt file"
-    (tmp_path / "short.nii").write_bytes(good[: len(good) // 2])
-    cases["short.nii"] = "truncated file"
-    zero = bytearray(good)
-    zero[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
-    (tmp_path / "zero_spacing.nii.gz").write_bytes(gzip.compress(bytes(zero)))
-    cases["zero_spacing.nii.gz"] = "invalid voxel spacing"
-    singular = bytearray(good)
-    singular[296:312] = singular[280:296]  # srow_y = srow_x: two axes along x, none along y
-    singular[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1
-    (tmp_path / "singular.nii.gz").write_bytes(gzip.compress(bytes(singular)))
-    cases["singular.nii.gz"] = "invalid orientation"
-    (tmp_path / "coarse.nii.gz").write_bytes(gzip.compress(_nifti_bytes(rng.normal(size=(4, 4, 4)), (50.0, 50.0, 50.0))))
-    cases["coarse.nii.gz"] = "too coarse to embed"
-    (tmp_path / "tiny.nii.gz").write_bytes(gzip.compress(_nifti_bytes(rng.normal(size=(3, 3, 3)))))
-    cases["tiny.nii.gz"] = "too small to embed"
+    cases = {os.path.basename(path): phrase for path, phrase in scans_with_bad_headers(tmp_path)}
     for name, message in cases.items():
         with pytest.raises(SAMv2InputError, match=message) as info:
             load_scan(tmp_path / name)
         assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
-    (tmp_path / "good.nii.gz").write_bytes(gzip.compress(good))
+    rng = np.random.default_rng(5)
+    (tmp_path / "good.nii.gz").write_bytes(gzip.compress(nifti_bytes(rng.normal(size=(20, 20, 20)))))
     assert tuple(load_scan(tmp_path / "good.nii.gz").shape) == (1, 20, 20, 20)

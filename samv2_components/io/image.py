@@ -87,6 +87,8 @@ def _file_problem(path: str) -> str | None:
     other geometry)."""
     if not os.path.isfile(path):
         return None
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
     if path.lower().endswith(".gz"):
         import gzip
         import zlib
@@ -105,7 +107,13 @@ def _file_problem(path: str) -> str | None:
     try:
         import nibabel as nib
 
-        img = nib.load(path)
+        nib_logger = logging.getLogger("nibabel.global")  # it prints its header fixes ("setting 0 dims to 1")
+        level = nib_logger.level
+        nib_logger.setLevel(logging.CRITICAL)  # the problem is reported below, in one line
+        try:
+            img = nib.load(path)
+        finally:
+            nib_logger.setLevel(level)
         header = img.header
         zooms = _raw_nifti_pixdim(path)
         zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64) if zooms is None else zooms

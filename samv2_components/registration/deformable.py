@@ -55,7 +55,7 @@ from samv2_components.registration.intensity_baselines import _short, _sitk, mat
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
 
-__all__ = ["DeformableResult", "refine_deformable", "write_displacement_field", "ELASTIX_METRICS"]
+__all__ = ["DeformableResult", "check_deformable_settings", "refine_deformable", "write_displacement_field", "ELASTIX_METRICS"]
 
 ELASTIX_METRICS = (
     "AdvancedMattesMutualInformation",
@@ -216,6 +216,36 @@ def _provenance_header(initial) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_deformable_settings(
+    grid_spacing_mm: float = 30.0,
+    iterations: int = 200,
+    resolutions: int = 3,
+    metric: str = "AdvancedMattesMutualInformation",
+    bending_penalty: float | None = 1.0,
+    number_of_threads: int | None = None,
+    seed: int = 0,
+    number_of_samples: int = 2048,
+    prefix: str = "",
+) -> None:
+    """Raise :class:`SAMv2InputError` naming the first invalid setting of :func:`refine_deformable` (the workflow
+    calls it when it is built, before minutes of embedding and fitting, with ``prefix`` its config key
+    ``"deformable_kwargs#"``)."""
+    if metric not in ELASTIX_METRICS:
+        raise SAMv2InputError(prefix + "metric", f"unknown value {metric!r}; expected one of {', '.join(ELASTIX_METRICS)}")
+    if not (np.isfinite(grid_spacing_mm) and grid_spacing_mm > 0):
+        raise SAMv2InputError(prefix + "grid_spacing_mm", f"must be positive, got {grid_spacing_mm}")
+    counts = {"iterations": iterations, "resolutions": resolutions, "number_of_samples": number_of_samples}
+    for what, value in counts.items():
+        if int(value) < 1:
+            raise SAMv2InputError(prefix + what, f"must be >= 1, got {value}")
+    if bending_penalty is not None and not (np.isfinite(bending_penalty) and bending_penalty >= 0):
+        raise SAMv2InputError(prefix + "bending_penalty", f"must be >= 0 or None, got {bending_penalty}")
+    if not 0 <= int(seed) < 2**32 - 1:
+        raise SAMv2InputError(prefix + "seed", f"must be in [0, 2**32 - 1), got {seed}")
+    if number_of_threads is not None and int(number_of_threads) < 1:
+        raise SAMv2InputError(prefix + "number_of_threads", f"must be >= 1 or None, got {number_of_threads}")
+
+
 def refine_deformable(
     fixed,
     moving,
@@ -261,20 +291,8 @@ def refine_deformable(
         ImportError: ``itk-elastix`` / SimpleITK missing (``pip install samv2-components[registration]``).
     """
     sitk = _sitk()
-    if metric not in ELASTIX_METRICS:
-        raise SAMv2InputError("metric", f"unknown value {metric!r}; expected one of {', '.join(ELASTIX_METRICS)}")
-    if not (np.isfinite(grid_spacing_mm) and grid_spacing_mm > 0):
-        raise SAMv2InputError("grid_spacing_mm", f"must be positive, got {grid_spacing_mm}")
-    counts = {"iterations": iterations, "resolutions": resolutions, "number_of_samples": number_of_samples}
-    for what, value in counts.items():
-        if int(value) < 1:
-            raise SAMv2InputError(what, f"must be >= 1, got {value}")
-    if bending_penalty is not None and not (np.isfinite(bending_penalty) and bending_penalty >= 0):
-        raise SAMv2InputError("bending_penalty", f"must be >= 0 or None, got {bending_penalty}")
-    if not 0 <= int(seed) < 2**32 - 1:
-        raise SAMv2InputError("seed", f"must be in [0, 2**32 - 1), got {seed}")
-    if number_of_threads is not None and int(number_of_threads) < 1:
-        raise SAMv2InputError("number_of_threads", f"must be >= 1 or None, got {number_of_threads}")
+    check_deformable_settings(grid_spacing_mm, iterations, resolutions, metric, bending_penalty, number_of_threads, seed,
+                              number_of_samples)
     itk = _itk()
 
     fixed_img = read_sitk_image(fixed, "fixed")

@@ -14,10 +14,14 @@ Outputs (``<output_dir>/<fixed case>__<moving case>/``, written atomically):
 
 When the matches do not support a rigid transform (no body, no overlap, too few consistent matches), only
 ``summary.json`` is written, with ``success: false`` and the reason, and the run ends with a one-line error.
+When only the optional deformable stage fails (elastix can), the rigid outputs are written all the same,
+``summary.json`` holds ``deformable: {success: false, error}``, and the run ends with
+:class:`~samv2_components.errors.DeformableStageFailed` (one line; ``samv2 register`` exit status 4).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samv2_components.errors import RegistrationFailed, SAMv2InputError, parse_bool
+from samv2_components.errors import DeformableStageFailed, RegistrationFailed, SAMv2InputError, parse_bool
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
@@ -124,9 +128,13 @@ class AdaRegWorkflow:
         # the optional packages are checked now, not after minutes of embedding and fitting
         _sitk()
         if self.deformable:
-            from samv2_components.registration.deformable import _itk
+            from samv2_components.registration.deformable import _itk, check_deformable_settings
 
             _itk()
+            unknown = set(self.deformable_kwargs) - set(inspect.signature(check_deformable_settings).parameters) - {"prefix"}
+            if unknown:
+                raise SAMv2InputError(f"deformable_kwargs#{sorted(unknown)[0]}", "unknown setting of the deformable stage")
+            check_deformable_settings(**self.deformable_kwargs, prefix="deformable_kwargs#")
 
     def _embed(self, which: str):
         path = self.paths[which]
@@ -211,9 +219,15 @@ class AdaRegWorkflow:
             from samv2_components.registration.deformable import refine_deformable
 
             stage("deformable")
-
-            deformable = refine_deformable(fixed, moving, initial_fixed_to_moving=matrix, **self.deformable_kwargs)
-            summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
+            try:
+                deformable = refine_deformable(fixed, moving, initial_fixed_to_moving=matrix, **self.deformable_kwargs)
+            except Exception as exc:  # noqa: BLE001 - elastix fails in many ways; the rigid result must survive it
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                summary["deformable"] = {"success": False, "error": f"{type(exc).__name__}: {reason}"}
+                logger.warning("%s: the deformable stage failed (%s); writing the rigid registration", self.paths["moving"], reason)
+            else:
+                summary["deformable"] = {"success": True}
+                summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
         stage("write")
         with atomic_directory(self.output_dir, name) as tmp:
             write_itk_transform(matrix, os.path.join(tmp, "rigid.tfm"), transform_type="rigid")
@@ -247,6 +261,10 @@ class AdaRegWorkflow:
             self._write_json(os.path.join(tmp, "summary.json"), summary)
         bar.update(1)
         logger.info("registered %s to %s: %s", self.paths["moving"], self.paths["fixed"], rigid.summary)
+        if summary.get("deformable", {}).get("success") is False:
+            raise DeformableStageFailed(folder, f"{self.paths['moving']}: the deformable stage failed "
+                                                f"({summary['deformable']['error']}); the rigid registration is written in "
+                                                f"{folder} (see summary.json)")
         return folder
 
     @staticmethod

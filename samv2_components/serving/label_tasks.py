@@ -32,7 +32,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from samv2_components.bundle_support import run_bundle
-from samv2_components.errors import RegistrationFailed, find_samv2_error
+from samv2_components.errors import DeformableStageFailed, RegistrationFailed, find_samv2_error
 from samv2_components.io.embeddings import case_name
 
 __all__ = ["MatchPointsTask", "RegisterTask"]
@@ -70,14 +70,15 @@ def _request_image(request: Mapping[str, Any], role: str) -> str:
 
 def _run(bundle: str, overrides: Mapping[str, Any], bundles_dir: str | None) -> None:
     """Run a bundle; our own input errors become a one-line bad-request error. A refused registration
-    (:class:`~samv2_components.errors.RegistrationFailed`) is re-raised as it is: it is an answer."""
+    (:class:`~samv2_components.errors.RegistrationFailed`) and a rigid-only one
+    (:class:`~samv2_components.errors.DeformableStageFailed`) are re-raised as they are: they are answers."""
     try:
         run_bundle(bundle, ["inference.json"], overrides, bundles_dir)
     except Exception as exc:
         error = find_samv2_error(exc)
         if error is None:
             raise
-        if isinstance(error, RegistrationFailed):
+        if isinstance(error, (RegistrationFailed, DeformableStageFailed)):
             raise error from exc
         raise _bad_request(str(error)) from exc
 
@@ -171,7 +172,7 @@ class RegisterTask(InferTask):
                 "moving_path": moving,
                 "fixed_modality": request.get("fixed_modality") or defaults["fixed_modality"],
                 "moving_modality": request.get("moving_modality") or defaults["moving_modality"],
-                "deformable": bool(request.get("deformable", defaults["deformable"])),
+                "deformable": request.get("deformable", defaults["deformable"]),  # "false" too: parsed by the workflow
                 "orientation_search": request.get("orientation_search") or defaults["orientation_search"],
                 "write_qc": False,
                 "output_dir": tmp,
@@ -182,6 +183,8 @@ class RegisterTask(InferTask):
             except RegistrationFailed as error:  # a refusal is an answer, not an error
                 summary = _read_json(os.path.join(folder, "summary.json"))
                 return None, {"success": False, "reason": summary["confidence"].get("reason", str(error)), "summary": summary}
+            except DeformableStageFailed:  # the rigid result is written; summary.json says what failed
+                pass
             with open(os.path.join(folder, "rigid.tfm"), encoding="utf-8") as f:
                 tfm = f.read()
             return None, {
