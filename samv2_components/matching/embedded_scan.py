@@ -8,7 +8,13 @@ import numpy as np
 import torch
 
 from samv2_components.matching.coarse_to_fine import CoarseToFineSearch
-from samv2_components.matching.nearest_neighbour import DescriptorMap, descriptor_at_points, query_descriptor_map
+from samv2_components.matching.nearest_neighbour import (
+    DescriptorMap,
+    descriptor_at_points,
+    grid_voxels,
+    query_descriptor_map,
+    subvoxel_offsets,
+)
 
 __all__ = ["EmbeddedScan"]
 
@@ -57,3 +63,52 @@ class EmbeddedScan:
         """SAMv2 score ``(N,)`` between ``descriptors`` ``(N, C_total)`` and this scan's descriptors at points."""
         here = self.descriptors_at(points_lps).to(descriptors.device)
         return ((descriptors * here).sum(1) / self.map.n_heads).float().cpu().numpy()
+
+    def search_within(
+        self, descriptors: torch.Tensor, centres_lps, radius_mm: float, subvoxel: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest neighbour of each descriptor among the fine voxels within ``radius_mm`` of its own centre.
+
+        Args:
+            descriptors: ``(N, C_total)`` template descriptors.
+            centres_lps: ``(N, 3)`` where each answer is expected (world LPS mm), e.g. a global map's prediction.
+            radius_mm: search radius around each centre, mm.
+            subvoxel: refine the grid maximum by the per-axis parabola fit.
+
+        Returns:
+            ``(points (N, 3) LPS mm, scores (N,))``; NaN points and scores where no fine voxel lies within the
+            radius (a centre outside the scan).
+        """
+        centres = np.asarray(centres_lps, dtype=np.float64).reshape(-1, 3)
+        flat, shape = self.map.flat, np.array(self.map.grid_shape)
+        descriptors = descriptors.to(device=flat.device, dtype=flat.dtype)
+        voxel_mm = np.linalg.norm(self.map.affine[:3, :3], axis=0)
+        reach = np.ceil(radius_mm / voxel_mm).astype(int)
+        centre_voxels = self.map.world_to_voxel(centres)
+        best = torch.full((len(centres),), -1, dtype=torch.long)
+        score = torch.full((len(centres),), float("nan"), dtype=torch.float32)
+        for i, (centre, voxel) in enumerate(zip(centres, centre_voxels)):
+            if not np.all(np.isfinite(voxel)):
+                continue
+            lo = np.maximum(np.floor(voxel).astype(int) - reach, 0)
+            hi = np.minimum(np.ceil(voxel).astype(int) + reach, shape - 1)
+            if np.any(hi < lo):
+                continue
+            axes = [np.arange(lo[a], hi[a] + 1) for a in range(3)]
+            box = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+            box = box[np.linalg.norm(self.map.voxel_to_world(box.astype(np.float64)) - centre, axis=1) <= radius_mm]
+            if len(box) == 0:
+                continue
+            rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=flat.device)
+            values = flat[rows] @ descriptors[i]
+            j = int(values.argmax())
+            best[i], score[i] = rows[j], float(values[j]) / self.map.n_heads
+        points = np.full((len(centres), 3), np.nan)
+        found = best >= 0
+        if found.any():
+            index = best[found].to(flat.device)
+            voxels = grid_voxels(index, self.map.grid_shape)
+            if subvoxel:
+                voxels += subvoxel_offsets(descriptors[found.to(flat.device)], flat, index, self.map.grid_shape)
+            points[found.numpy()] = self.map.voxel_to_world(voxels.cpu().numpy())
+        return points, score.numpy()

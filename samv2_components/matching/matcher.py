@@ -26,15 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import SAMv2InputError, parse_bool
 from samv2_components.geometry import as_points
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.fixed_point import fixed_point_match
+from samv2_components.matching.global_map import GlobalMap, estimate_global_map
 
 __all__ = ["MatchResult", "SAMv2Matcher", "METHODS"]
 
-#: ``method`` values of a result: what produced each answer.
-METHODS = ("fixed_point", "nearest_neighbour", "nearest_neighbour_fallback")
+#: ``method`` values of a result: what produced each answer (``global_restricted``: the unrestricted answer
+#: disagreed with the global map; the best match within ``global_radius_mm`` of its prediction is reported).
+METHODS = ("fixed_point", "nearest_neighbour", "nearest_neighbour_fallback", "global_restricted")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class MatchResult:
         n_fixed_points: ``(N,)`` kept fixed points (0 for NN).
         residual_mm: ``(N,)`` RMS residual of the fixed-point affine, mm (NaN for NN answers).
         nn_points_lps: ``(N, 3)`` the plain nearest-neighbour answer, for comparison (LPS mm).
+        global_prediction_lps: ``(N, 3)`` where the global map puts each point (LPS mm; NaN without a map).
+        unrestricted_points_lps: ``(N, 3)`` the answer before the global check (fixed point or NN), LPS mm.
+        flags: ``N`` strings, empty or the reason a point was overruled (both positions are in the arrays above).
+        global_map: the :class:`~samv2_components.matching.global_map.GlobalMap` used, or None.
     """
 
     points_lps: np.ndarray
@@ -59,19 +65,29 @@ class MatchResult:
     n_fixed_points: np.ndarray
     residual_mm: np.ndarray
     nn_points_lps: np.ndarray
+    global_prediction_lps: np.ndarray | None = None
+    unrestricted_points_lps: np.ndarray | None = None
+    flags: list | None = None
+    global_map: GlobalMap | None = None
 
     def __len__(self) -> int:
         return len(self.points_lps)
 
     def columns(self) -> dict[str, list]:
-        """Per-point output columns (for a points file): ``score, method, confident, n_fixed_points, residual_mm``."""
-        return {
+        """Per-point output columns (for a points file): ``score, method, confident, n_fixed_points, residual_mm``,
+        and with a global map ``global_distance_mm`` (unrestricted answer to the map's prediction) and ``flag``."""
+        columns = {
             "score": [round(float(s), 4) for s in self.scores],
             "method": list(self.methods),
             "confident": [bool(c) for c in self.confident],
             "n_fixed_points": [int(n) for n in self.n_fixed_points],
             "residual_mm": [None if np.isnan(r) else round(float(r), 3) for r in self.residual_mm],
         }
+        if self.global_prediction_lps is not None:
+            distance = np.linalg.norm(self.unrestricted_points_lps - self.global_prediction_lps, axis=1)
+            columns["global_distance_mm"] = [None if np.isnan(d) else round(float(d), 2) for d in distance]
+            columns["flag"] = list(self.flags)
+        return columns
 
 
 class SAMv2Matcher:
@@ -90,6 +106,13 @@ class SAMv2Matcher:
             ``min_score``).
         min_confident_score: a match scoring lower is flagged ``confident=False``.
         max_confident_residual_mm: a fixed-point answer whose affine's RMS residual is larger is flagged.
+        global_consistency: fit the global map template -> query
+            (:func:`~samv2_components.matching.global_map.estimate_global_map`) and check every answer against it:
+            one farther than ``global_radius_mm`` from the map's prediction is replaced by the best match within
+            that radius of the prediction (``method`` ``global_restricted``), flagged with both positions, and
+            not confident. Without a map (too few consistent matches) answers are unchanged.
+        global_radius_mm: the radius of that check and of the restricted search, mm.
+        global_map_kwargs: arguments of :func:`~samv2_components.matching.global_map.estimate_global_map`.
     """
 
     def __init__(
@@ -109,6 +132,9 @@ class SAMv2Matcher:
         inlier_threshold_mm: float = 4.0,
         min_confident_score: float = 0.6,
         max_confident_residual_mm: float = 5.0,
+        global_consistency: bool = False,
+        global_radius_mm: float = 30.0,
+        global_map_kwargs: Mapping | None = None,
     ):
         if method not in ("fixed_point", "nearest_neighbour"):
             raise SAMv2InputError("matcher#method", f"must be one of fixed_point, nearest_neighbour; got {method!r}")
@@ -132,6 +158,11 @@ class SAMv2Matcher:
         }
         self.min_confident_score = float(min_confident_score)
         self.max_confident_residual_mm = float(max_confident_residual_mm)
+        self.global_consistency = parse_bool(global_consistency, "matcher#global_consistency")
+        if not (np.isfinite(global_radius_mm) and global_radius_mm > 0):
+            raise SAMv2InputError("matcher#global_radius_mm", f"must be a positive radius, got {global_radius_mm}")
+        self.global_radius_mm = float(global_radius_mm)
+        self.global_map_kwargs = dict(global_map_kwargs or {})
 
     def prepare(self, heads: Mapping[str, torch.Tensor] | EmbeddedScan) -> EmbeddedScan:
         """An :class:`EmbeddedScan` of ``heads`` (``{head: MetaTensor}``) with this matcher's search settings."""
@@ -172,10 +203,19 @@ class SAMv2Matcher:
             points[found] = fixed.points_lps[found]
             methods = ["fixed_point" if f else "nearest_neighbour_fallback" for f in found]
             n_fixed, residual = fixed.n_fixed_points, fixed.residual_mm
+        unrestricted = points.copy()
+        global_map, prediction, flags = None, None, [""] * n
+        if self.global_consistency:
+            global_map = estimate_global_map(template, query, **self.global_map_kwargs)
+            if global_map.valid:
+                prediction = global_map(pts)
+                overruled = self._check_against_global(query, descriptors, points, prediction, methods, flags)
         scores = query.score_at(descriptors, points)
         confident = scores >= self.min_confident_score
-        confident &= np.array([m != "nearest_neighbour_fallback" for m in methods], dtype=bool)
+        confident &= np.array([m not in ("nearest_neighbour_fallback", "global_restricted") for m in methods], dtype=bool)
         confident &= ~(residual > self.max_confident_residual_mm)  # NaN (no fit) passes
+        if prediction is not None:
+            confident &= ~overruled
         return MatchResult(
             points_lps=points,
             scores=scores,
@@ -184,6 +224,28 @@ class SAMv2Matcher:
             n_fixed_points=n_fixed,
             residual_mm=residual,
             nn_points_lps=nn_points,
+            global_prediction_lps=prediction,
+            unrestricted_points_lps=unrestricted if prediction is not None else None,
+            flags=flags if prediction is not None else None,
+            global_map=global_map,
         )
+
+    def _check_against_global(self, query, descriptors, points, prediction, methods, flags) -> np.ndarray:
+        """Replace (in place) the answers farther than ``global_radius_mm`` from the global prediction by the best
+        match within that radius of it; return the ``(N,)`` bool mask of the overruled points."""
+        distance = np.linalg.norm(points - prediction, axis=1)
+        overruled = distance > self.global_radius_mm
+        if overruled.any():
+            index = np.flatnonzero(overruled)
+            restricted, _ = query.search_within(descriptors[torch.as_tensor(index)], prediction[index],
+                                                self.global_radius_mm, subvoxel=self.subvoxel)
+            for k, i in enumerate(index):
+                flags[i] = f"unrestricted match {distance[i]:.0f} mm from the global map's prediction"
+                if np.all(np.isfinite(restricted[k])):
+                    points[i] = restricted[k]
+                    methods[i] = "global_restricted"
+                else:
+                    flags[i] += "; the prediction lies outside the query scan"
+        return overruled
 
     __call__ = match
