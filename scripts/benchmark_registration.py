@@ -224,7 +224,7 @@ def main(
         boxplot: the box-plot PNG of the first orientation set; other sets get ``<stem>_<set>.png``.
         work_dir: where the case images go (default: a temporary folder, deleted at the end).
         methods: comma-separated subset of ``samv2_pipeline`` (the bundle default: candidates, MI refinement,
-            selection), ``adareg_search`` (the bundle default: orientation search auto),
+            selection), ``adareg_search`` (AdaReg with orientation search auto, the 0.3 default),
             ``adareg_confirm`` (auto, and a marginal header fit must win a search too),
             ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
         orientations: comma-separated case sets: ``native`` (the pair as it comes, one case: D = identity, no

@@ -120,10 +120,10 @@ class AdaRegMethod:
 
 
 class SearchingAdaRegMethod(AdaRegMethod):
-    """AdaReg as the bundle runs it by default: the orientation search when the headers give no consistent
+    """AdaReg as the bundle ran it by default until 0.4 (``pipeline: adareg``): the orientation search when the headers give no consistent
     registration."""
 
-    name = "SAMv2 AdaReg rigid (bundle default: orientation search auto)"
+    name = "SAMv2 AdaReg rigid, orientation search auto (the 0.3 bundle default; now pipeline adareg)"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, orientation_search="auto", **kwargs)
