@@ -144,7 +144,7 @@ def test_selection_refuses_without_overlap_or_support():
     sel = select_candidate([_candidate("a", overlap=0.05), _candidate("b", error="body overlap 0.00 at the start", mi=float("nan"))], CORNERS)
     assert not sel.success and sel.reason.startswith("the scans do not overlap")
     sel = select_candidate([_candidate("a", support=0.01)], CORNERS, min_support=0.05)
-    assert not sel.success and "not supported by the embedding matches" in sel.reason
+    assert not sel.success and "is supported by the embedding matches" in sel.reason
     # an ineligible candidate cannot be a rival, and a refined-but-failed one is never the winner
     sel = select_candidate([_candidate("a", mi=0.4), _candidate("b", shift_mm=40.0, mi=0.9, support=0.0)], CORNERS)
     assert sel.success and sel.winner.name == "a"

@@ -11,7 +11,7 @@ Rules (a refusal is better than a confident wrong transform):
 1. A candidate is **eligible** when its refinement ran, its body overlap fraction is at least ``min_overlap`` and
    its support is at least ``min_support``. No eligible candidate: refusal (the reason names the overlap when no
    candidate overlaps enough).
-2. The **winner** is the eligible candidate with the highest ``mi``.
+2. The **winner** is the eligible candidate with the highest ``mi`` (equal ``mi``: the higher ``support``).
 3. The **rival** is the best other eligible candidate whose transform *differs* from the winner's: some corner of
    the small-FOV scan's body box moves more than ``agreement_mm`` between the two (candidates that agree are one
    answer).
@@ -110,7 +110,8 @@ def select_candidate(
         min_overlap: least body overlap fraction of an eligible candidate.
     """
     corners = np.asarray(corners, dtype=np.float64).reshape(-1, 3)
-    ranked = sorted(candidates, key=lambda c: -c.mi if math.isfinite(c.mi) else math.inf)
+    # highest MI first, equal MI broken by the higher support
+    ranked = sorted(candidates, key=lambda c: (-c.mi if math.isfinite(c.mi) else math.inf, -c.support))
     record: dict[str, Any] = {
         "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
                   "min_support": min_support, "min_overlap": min_overlap},
