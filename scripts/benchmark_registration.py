@@ -77,6 +77,7 @@ from samv2_components.registration.benchmark_methods import (
     AntsMethod,
     ConfirmingAdaRegMethod,
     ElastixMethod,
+    SAMv2PipelineMethod,
     SearchingAdaRegMethod,
     SimpleITKMethod,
     UncheckedAdaRegMethod,
@@ -222,7 +223,8 @@ def main(
             ``benchmark_registration_cases.csv`` next to ``boxplot``).
         boxplot: the box-plot PNG of the first orientation set; other sets get ``<stem>_<set>.png``.
         work_dir: where the case images go (default: a temporary folder, deleted at the end).
-        methods: comma-separated subset of ``adareg_search`` (the bundle default: orientation search auto),
+        methods: comma-separated subset of ``samv2_pipeline`` (the bundle default: candidates, MI refinement,
+            selection), ``adareg_search`` (AdaReg with orientation search auto, the 0.3 default),
             ``adareg_confirm`` (auto, and a marginal header fit must win a search too),
             ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
         orientations: comma-separated case sets: ``native`` (the pair as it comes, one case: D = identity, no
@@ -273,7 +275,9 @@ def main(
         wanted = [m.strip().lower() for m in str(methods).replace(" ", "").split(",") if m.strip()]
         runners, skipped = [], {}
         for key in wanted:
-            if key == "adareg_search":
+            if key == "samv2_pipeline":
+                runners.append(SAMv2PipelineMethod(BUNDLE, ckpt=ckpt, device=device))
+            elif key == "adareg_search":
                 runners.append(SearchingAdaRegMethod(BUNDLE, ckpt=ckpt, device=device))
             elif key == "adareg_confirm":
                 runners.append(ConfirmingAdaRegMethod(BUNDLE, ckpt=ckpt, device=device))

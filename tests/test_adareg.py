@@ -67,6 +67,11 @@ def test_known_rigid_transform_is_recovered(moved_ct, tmp_path):
     assert files & {"fixed_cropped.nii.gz", "moving_cropped.nii.gz"}
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["confidence"]["success"] and summary["coordinate_system"] == "LPS"
+    # the bundle default is the samv2 pipeline: every candidate is recorded with its refined scores and the winner
+    confidence = summary["confidence"]
+    assert confidence["pipeline"] == "samv2" and confidence["winner"] == confidence["candidates"]["winner"]
+    names = [c["name"] for c in confidence["candidates"]["candidates"]]
+    assert {"header", "adareg"} <= set(names) and all(c["mi"] is not None for c in confidence["candidates"]["candidates"])
     estimate = read_transform_json(folder / "rigid.json")
     points, tre = sample_ct_tre(estimate, truth)
     assert tre.mean() < 3.0, tre.mean()

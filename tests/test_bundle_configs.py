@@ -81,7 +81,7 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     from samv2_components.matching import SAMv2Matcher
     from samv2_components.matching.patch_affine import AffineLevel
     from samv2_components.matching.refinement import LocalIntensityRefiner
-    from samv2_components.registration import AdaReg
+    from samv2_components.registration import AdaReg, IntensityRefiner, SAMv2RigidPipeline
 
     def normal(value):
         if isinstance(value, (list, tuple)):
@@ -96,7 +96,10 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     # AdaReg matches its grid points by plain nearest neighbour (the paper's AdaReg): a choice of that bundle
     registration_matcher = {k: v for k, v in registration["matcher"].items() if k != "method"}
     for cls, entry in ((SAMv2Matcher, matching["matcher"]), (LocalIntensityRefiner, matching["refiner"]),
-                       (SAMv2Matcher, registration_matcher), (AdaReg, registration["adareg"])):
+                       (SAMv2Matcher, registration_matcher), (AdaReg, registration["adareg"]),
+                       # the samv2 pipeline (the registration default) and its intensity refinement
+                       (SAMv2RigidPipeline, {k: v for k, v in registration["samv2_pipeline"].items() if k != "refinement"}),
+                       (IntensityRefiner, registration["samv2_pipeline"]["refinement"])):
         parameters = inspect.signature(cls.__init__).parameters
         for key, value in _literal_settings(entry).items():
             if key == "global_map_kwargs":  # None in the class: estimate_global_map's own defaults, written out
@@ -108,4 +111,5 @@ def test_class_defaults_are_the_shipped_bundle_settings():
                 continue
             assert normal(parameters[key].default) == normal(value), f"{cls.__name__}.{key}: {parameters[key].default!r} vs {value!r}"
             checked += 1
-    assert checked >= 15
+    assert checked >= 35
+    assert registration["pipeline"] == "samv2"  # the new pipeline is what the bundle runs

@@ -1,4 +1,4 @@
-"""Registration: AdaReg (embedding matches -> robust rigid fit -> crop -> deformable refinement, the
+"""Registration: the ``samv2`` pipeline (candidates -> intensity refinement -> selection, the bundle default), AdaReg (embedding matches -> robust rigid fit -> crop -> deformable refinement, the
 ``crosssam_registration`` bundle) and classical baselines (SimpleITK) for comparison.
 
 The rigid fit (:mod:`~samv2_components.registration.rigid`) needs only NumPy. The baselines need the
@@ -27,11 +27,27 @@ from samv2_components.registration.orientation import (
     register_rigid_with_orientation_search,
     rotate_volume,
 )
+from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_support
+from samv2_components.registration.intensity_refinement import IntensityRefiner, RefinedCandidate, ScanPair
+from samv2_components.registration.pipeline import PIPELINES, SAMv2RigidPipeline
+from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
 from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
 from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
 
 __all__ = [
     "AdaReg",
+    "IntensityRefiner",
+    "MatchSet",
+    "PIPELINES",
+    "RefinedCandidate",
+    "RigidCandidate",
+    "SAMv2RigidPipeline",
+    "ScanPair",
+    "ScoredCandidate",
+    "Selection",
+    "header_candidate",
+    "match_support",
+    "select_candidate",
     "AdaRegWorkflow",
     "RegistrationFailed",
     "RigidRegistration",

@@ -7,6 +7,8 @@ wall time:
 
 * :class:`AdaRegMethod` (and the variants with the orientation search): AdaReg rigid through the
   ``crosssam_registration`` bundle config; time = embedding both scans + rigid fit;
+* :class:`SAMv2PipelineMethod`: the bundle default, the ``samv2`` pipeline (candidates from the embeddings and the
+  headers, Mattes-MI refinement, selection with refusal); time = embedding both scans + the pipeline;
 * :class:`SimpleITKMethod`: :func:`~samv2_components.registration.register_intensity` rigid (Mattes MI);
 * :class:`ElastixMethod`: itk-elastix's default ``rigid`` parameter map (:func:`elastix_to_matrix`);
 * :class:`AntsMethod`: antspyx rigid in a separate virtual environment, through a helper script
@@ -41,6 +43,7 @@ __all__ = [
     "ConfirmingAdaRegMethod",
     "ElastixMethod",
     "MethodResult",
+    "SAMv2PipelineMethod",
     "SearchingAdaRegMethod",
     "SimpleITKMethod",
     "UncheckedAdaRegMethod",
@@ -117,10 +120,10 @@ class AdaRegMethod:
 
 
 class SearchingAdaRegMethod(AdaRegMethod):
-    """AdaReg as the bundle runs it by default: the orientation search when the headers give no consistent
+    """AdaReg as the bundle ran it by default until 0.4 (``pipeline: adareg``): the orientation search when the headers give no consistent
     registration."""
 
-    name = "SAMv2 AdaReg rigid (bundle default: orientation search auto)"
+    name = "SAMv2 AdaReg rigid, orientation search auto (the 0.3 bundle default; now pipeline adareg)"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, orientation_search="auto", **kwargs)
@@ -145,6 +148,33 @@ class UncheckedAdaRegMethod(AdaRegMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.adareg.min_inlier_fraction, self.adareg.max_rms_residual_mm, self.adareg.min_inliers = 0.0, 1e9, 6
+
+
+class SAMv2PipelineMethod(AdaRegMethod):
+    """The bundle default: :class:`~samv2_components.registration.pipeline.SAMv2RigidPipeline` as configured in
+    the bundle's ``samv2_pipeline`` (with its ``orientation_search``)."""
+
+    name = "SAMv2 pipeline rigid (bundle default: candidates + MI refinement + selection)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samv2 = self.pipeline.parsed("samv2_pipeline")
+
+    def __call__(self, case: Case) -> MethodResult:
+        if case.fixed_path not in self._fixed:
+            self._fixed[case.fixed_path] = self.embed(case.fixed_path, "ct")
+        fixed_image, fixed_heads, fixed_s = self._fixed[case.fixed_path]
+        moving_image, moving_heads, moving_s = self.embed(case.moving_path, "mr")
+        t0 = time.perf_counter()
+        result = self.samv2.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self.embed_image)
+        wall = fixed_s + moving_s + time.perf_counter() - t0
+        s = result.summary
+        detail = f"winner {s.get('winner', '-')}, support {s.get('support', '-')}, MI {s.get('mi', '-')}"
+        if "orientation_search" in s:
+            detail += f", orientation search {s['orientation_search']['seconds']} s"
+        if not result.success:
+            return MethodResult(None, wall, True, f"{result.reason} ({detail})")
+        return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
 
 
 class SimpleITKMethod:

@@ -195,6 +195,32 @@ def _initial_rigid(sitk, fixed, moving, initialization: str):
     return sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), mode)
 
 
+def _centre(sitk, image) -> np.ndarray:
+    """Physical centre ``(3,)`` (LPS mm) of a mask's foreground (uint8) or of a float image's voxel grid."""
+    if image.GetPixelID() == sitk.sitkUInt8 and sitk.GetArrayViewFromImage(image).any():
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(image)
+        return np.asarray(stats.GetCentroid(1), dtype=np.float64)
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+
+
+def _rigid_from_matrix(sitk, matrix, centre) -> "SimpleITK.Euler3DTransform":
+    """The ``Euler3DTransform`` about ``centre`` that maps points as the rigid 4x4 ``matrix`` (``y = R x + t``, so
+    its translation is ``t + R c - c``)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (4, 4) or not np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-5) or np.linalg.det(m[:3, :3]) <= 0:
+        raise SAMv2InputError("initial_transform", "must be a 4x4 rigid matrix (a proper rotation and a translation)")
+    c = np.asarray(centre, dtype=np.float64)
+    out = sitk.Euler3DTransform()
+    out.SetCenter(c.tolist())
+    # re-orthonormalise: SimpleITK rejects a matrix that is orthogonal only to ~1e-6
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    r = u @ vt
+    out.SetMatrix(r.ravel().tolist())
+    out.SetTranslation((m[:3, 3] + r @ c - c).tolist())
+    return out
+
+
 def _promote(sitk, rigid, kind: str):
     """Similarity / affine transform equal to the rigid ``rigid`` (same centre)."""
     if kind == "similarity":
@@ -224,6 +250,7 @@ def register_intensity(
     fixed_mask=None,
     learning_rate_mm: float = 2.0,
     min_step_mm: float = 1e-3,
+    initial_transform=None,
 ) -> IntensityRegistrationResult:
     """Register ``moving`` to ``fixed`` by intensity (see the module docstring for the method).
 
@@ -239,6 +266,10 @@ def register_intensity(
             takes seed 0 to mean "wall clock", so ``seed + 1`` is what it gets.
         fixed_mask: optional mask (same kinds as ``fixed``; voxels > 0 count) limiting the metric to a region.
         learning_rate_mm, min_step_mm: RegularStepGradientDescent initial and minimum step (~mm of motion).
+        initial_transform: optional 4x4 rigid **fixed -> moving** matrix (LPS mm) to start from instead of
+            ``initialization`` (e.g. a candidate of :mod:`~samv2_components.registration.candidates`); the rotation
+            centre is then the centre of ``fixed_mask`` (of the fixed image without a mask), where a rotation step
+            moves the metric's samples least.
 
     Returns:
         :class:`IntensityRegistrationResult` whose ``transform`` maps fixed points to moving points.
@@ -297,7 +328,11 @@ def register_intensity(
         return out, info
 
     start = time.perf_counter()
-    rigid, info = run_stage(_initial_rigid(sitk, fixed_img, moving_img, initialization))
+    if initial_transform is None:
+        initial = _initial_rigid(sitk, fixed_img, moving_img, initialization)
+    else:
+        initial = _rigid_from_matrix(sitk, initial_transform, _centre(sitk, mask if mask is not None else fixed_img))
+    rigid, info = run_stage(initial)
     stages, result = [info], rigid
     if transform != "rigid":
         result, info = run_stage(_promote(sitk, rigid, transform))

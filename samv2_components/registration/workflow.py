@@ -88,6 +88,10 @@ class AdaRegWorkflow:
             when the header orientation succeeds; ``"off"``: trust the headers.
         orientation_kwargs: arguments of :class:`~samv2_components.registration.orientation.OrientationSearch`.
         progress: show a progress bar over the stages (embedding, rigid fit, deformable refinement, writing).
+        pipeline: ``"samv2"`` (default): candidates from the embeddings and the headers, refined by mutual
+            information and checked (:class:`~samv2_components.registration.pipeline.SAMv2RigidPipeline`, given as
+            ``samv2_pipeline``); ``"adareg"``: the paper's AdaReg alone (with ``orientation_search``).
+        samv2_pipeline: the pipeline object used when ``pipeline`` is ``"samv2"``.
     """
 
     def __init__(
@@ -109,8 +113,17 @@ class AdaRegWorkflow:
         orientation_search: str = "auto",
         orientation_kwargs: Mapping[str, Any] | None = None,
         progress: bool = False,
+        pipeline: str = "samv2",
+        samv2_pipeline=None,
     ):
         from samv2_components.registration.orientation import ORIENTATION_SEARCH_MODES
+        from samv2_components.registration.pipeline import PIPELINES
+
+        if pipeline not in PIPELINES:
+            raise SAMv2InputError("pipeline", f"must be one of {', '.join(PIPELINES)}; got {pipeline!r}")
+        if pipeline == "samv2" and samv2_pipeline is None:
+            raise SAMv2InputError("samv2_pipeline", "the samv2 pipeline needs its settings (samv2_pipeline)")
+        self.pipeline, self.samv2_pipeline = pipeline, samv2_pipeline
 
         if orientation_search not in ORIENTATION_SEARCH_MODES:
             raise SAMv2InputError("orientation_search", f"must be one of auto, always, off; got {orientation_search!r}")
@@ -150,8 +163,12 @@ class AdaRegWorkflow:
         return {k: v[0] for k, v in heads.items()}
 
     def _register_rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
-        """AdaReg rigid at the header orientation, then the orientation search where configured."""
+        """The ``samv2`` pipeline, or AdaReg rigid at the header orientation then the orientation search where
+        configured."""
         from samv2_components.registration.orientation import register_rigid_with_orientation_search
+
+        if self.pipeline == "samv2":
+            return self.samv2_pipeline.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self._embed_image)
 
         return register_rigid_with_orientation_search(
             self.adareg, self._embed_image, fixed_image, fixed_heads, moving_image, moving_heads,
@@ -251,11 +268,11 @@ class AdaRegWorkflow:
                 from samv2_components.visualize import save_registration_overlay
 
                 centre = rigid.small_body_corners.mean(0) if small == "fixed" else box_large.mean(0)
-                save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre, title="AdaReg rigid: fixed red, moving green")
+                save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre, title=f"{self._title(rigid)} rigid: fixed red, moving green")
                 if deformable is not None:
                     save_registration_overlay(
                         os.path.join(tmp, "qc_deformable.png"), fixed, deformable.resampled_moving, point_lps=centre,
-                        title="AdaReg rigid + B-spline: fixed red, moving green",
+                        title=f"{self._title(rigid)} rigid + B-spline: fixed red, moving green",
                     )
             summary["total_seconds"] = round(time.perf_counter() - t0, 2)
             self._write_json(os.path.join(tmp, "summary.json"), summary)
@@ -266,6 +283,12 @@ class AdaRegWorkflow:
                                                 f"({summary['deformable']['error']}); the rigid registration is written in "
                                                 f"{folder} (see summary.json)")
         return folder
+
+    def _title(self, rigid) -> str:
+        """QC title: the pipeline and, for ``samv2``, the winning candidate shown."""
+        if self.pipeline == "adareg":
+            return "AdaReg"
+        return f"SAMv2 pipeline (winner: {rigid.summary.get('winner', '?')})"
 
     @staticmethod
     def _write_json(path: str, record: Mapping[str, Any]) -> None:

@@ -1,0 +1,224 @@
+"""The ``samv2`` rigid registration pipeline (the ``crosssam_registration`` bundle default): SAM proposes,
+intensity refines, the bundle checks.
+
+1. **Preconditions.** Both scans have a body; their fields of view, as the headers place them, come within
+   ``header_overlap_margin_mm`` of each other (scans two metres apart are refused, not "registered" by anatomy
+   alone; set a large margin for headers in unrelated frames of reference).
+2. **Candidates** (:mod:`~samv2_components.registration.candidates`): the header start (identity rotation, body
+   centres aligned) and AdaReg's robust rigid fit at the header orientation; with the orientation search
+   (``orientation_search``: ``"auto"``: only when these give no confident answer, ``"always"``, ``"off"``) also
+   the ``search_top_k`` best successful turns of the 24 axis-aligned orientations of the moving scan.
+3. **Refinement** (:mod:`~samv2_components.registration.intensity_refinement`): rigid Mattes-MI registration from
+   every candidate on the region both scans cover under it.
+4. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on a
+   common mask and by the support of SAM's matches (within ``support_tolerance_mm``); the best wins, or the run
+   refuses when the best two answers disagree and neither clearly wins, when nothing overlaps, or when SAM
+   supports none of them.
+
+The result is a :class:`~samv2_components.registration.adareg.RigidRegistration` (the workflow crops and refines
+deformably from it as from AdaReg's); ``summary["candidates"]`` names every candidate, its refined scores and the
+winner. Matrices are 4x4 rigid **fixed -> moving**, LPS mm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from monai.data import MetaTensor
+
+from samv2_components.geometry import apply_matrix, body_box_corners, body_mask
+from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
+from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_set, match_support
+from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair
+from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
+
+__all__ = ["PIPELINES", "SAMv2RigidPipeline", "fov_gap_mm"]
+
+#: the bundle's ``pipeline`` setting: the new default, or the paper's AdaReg alone
+PIPELINES = ("samv2", "adareg")
+
+
+def _fov_box(image: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
+    from samv2_components.registration.orientation import _box_corners
+
+    corners = _box_corners(image)
+    return corners.min(0), corners.max(0)
+
+
+def fov_gap_mm(fixed_image: MetaTensor, moving_image: MetaTensor) -> float:
+    """Distance (mm) between the two scans' voxel-grid bounding boxes in world space (LPS), as the headers place
+    them; 0 when they intersect."""
+    (lo_f, hi_f), (lo_m, hi_m) = _fov_box(fixed_image), _fov_box(moving_image)
+    gap = np.maximum(0.0, np.maximum(lo_f - hi_m, lo_m - hi_f))
+    return float(np.linalg.norm(gap))
+
+
+class SAMv2RigidPipeline:
+    """Candidates from the embeddings, intensity refinement, selection with refusal (module docstring).
+
+    Args:
+        adareg: the AdaReg settings (body masks, matches, its candidate; the orientation search's fits).
+        orientation_search: ``"auto"``, ``"always"`` or ``"off"``.
+        search_top_k: best successful turns of the search that become candidates.
+        search_grid_spacing_mm: point grid of the search's fits.
+        search_below_support: under ``"auto"``, search when the header candidates' winner is supported by less
+            than this fraction of the matches (or when they give no winner).
+        support_tolerance_mm: a match supports a transform when it maps within this distance.
+        agreement_mm, mi_margin, support_margin, min_support, min_overlap: the selection rules
+            (:func:`~samv2_components.registration.selection.select_candidate`).
+        header_overlap_margin_mm: the headers' fields of view must come this close (mm).
+        refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
+    """
+
+    def __init__(
+        self,
+        adareg: AdaReg,
+        orientation_search: str = "auto",
+        search_top_k: int = 3,
+        search_grid_spacing_mm: float = 24.0,
+        search_below_support: float = 0.2,
+        support_tolerance_mm: float = 10.0,
+        agreement_mm: float = 8.0,
+        mi_margin: float = 0.05,
+        support_margin: float = 0.1,
+        min_support: float = 0.05,
+        min_overlap: float = 0.3,
+        header_overlap_margin_mm: float = 100.0,
+        refinement: dict[str, Any] | None = None,
+    ):
+        if orientation_search not in ("auto", "always", "off"):
+            raise ValueError(f"orientation_search must be 'auto', 'always' or 'off', got {orientation_search!r}")
+        self.adareg, self.orientation_search = adareg, orientation_search
+        self.search_top_k, self.search_grid_spacing_mm = int(search_top_k), float(search_grid_spacing_mm)
+        self.search_below_support, self.support_tolerance_mm = float(search_below_support), float(support_tolerance_mm)
+        self.rules = {"agreement_mm": float(agreement_mm), "mi_margin": float(mi_margin), "support_margin": float(support_margin),
+                      "min_support": float(min_support), "min_overlap": float(min_overlap)}
+        self.header_overlap_margin_mm = float(header_overlap_margin_mm)
+        self.refiner = IntensityRefiner(**dict(refinement or {}))
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _score(self, pair: ScanPair, common, candidates: list[RigidCandidate], match_sets: list[MatchSet]) -> list[ScoredCandidate]:
+        scored = []
+        for c in candidates:
+            refined = self.refiner(pair, c.name, c.fixed_to_moving, common, min_overlap=0.0)
+            support, source = match_support(refined.fixed_to_moving, match_sets, self.support_tolerance_mm)
+            moved = float(np.max(np.linalg.norm(apply_matrix(refined.fixed_to_moving, _centre_points(pair))
+                                                 - apply_matrix(c.fixed_to_moving, _centre_points(pair)), axis=1)))
+            scored.append(ScoredCandidate(c.name, refined.fixed_to_moving, refined.mi, support, refined.overlap_fraction,
+                                          refined.error, {**c.info, "support_from": source,
+                                                          "refinement_moved_mm": round(moved, 2),
+                                                          "refinement_seconds": round(refined.seconds, 2)}))
+        return scored
+
+    def _select(self, scored: list[ScoredCandidate], corners_fixed: np.ndarray) -> Selection:
+        return select_candidate(scored, corners_fixed, **self.rules)
+
+    def _search(self, fixed_image, fixed_heads, moving_image, moving_heads, embed) -> tuple[list[RigidCandidate], list[MatchSet], dict]:
+        from samv2_components.registration.orientation import OrientationSearch
+
+        t0 = time.perf_counter()
+        search = OrientationSearch(self.adareg, embed, search_grid_spacing_mm=self.search_grid_spacing_mm)
+        _, tried = search(fixed_image, fixed_heads, moving_image, moving_heads)
+        good = [c for c in tried if c.result.success and c.index != 0][: self.search_top_k]  # turn 0 is AdaReg's
+        candidates, sets = [], []
+        for c in good:
+            name = f"orientation_{c.index}"
+            candidates.append(RigidCandidate(name, c.result.fixed_to_moving.copy(), {"search_score": round(c.score, 3),
+                                                                                  "rotation": np.round(c.rotation, 3).tolist()}))
+            s = match_set(name, c.result, self.adareg.min_match_score)
+            if s is not None:
+                sets.append(s)
+        return candidates, sets, {"seconds": round(time.perf_counter() - t0, 2), "n_turns": len(tried),
+                                  "kept": [c.name for c in candidates]}
+
+    # ------------------------------------------------------------------------------------------------ run
+    def rigid(self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor, moving_heads: dict,
+              embed: Callable | None = None) -> RigidRegistration:
+        """Register (module docstring).
+
+        Args:
+            fixed_image, moving_image: preprocessed scans ``(1, D, H, W)`` (network input, with affines).
+            fixed_heads, moving_heads: their embeddings ``{head: (C, d, h, w)}``.
+            embed: ``embed(image) -> heads`` for the orientation search (None: no search).
+        """
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {"pipeline": "samv2"}
+        gap = fov_gap_mm(fixed_image, moving_image)
+        summary["header_fov_gap_mm"] = round(gap, 1)
+        adareg = self.adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        summary["adareg"] = {k: adareg.summary.get(k) for k in ("success", "reason", "n_points", "n_inliers", "inlier_fraction", "rms_residual_mm")}
+        for k in ("body_volume_ml", "small_fov"):
+            summary[k] = adareg.summary.get(k)
+        small = adareg.small_fov
+
+        def failed(reason: str) -> RigidRegistration:
+            summary.update({"success": False, "reason": reason, "rigid_seconds": round(time.perf_counter() - t0, 2)})
+            return RigidRegistration(False, reason, np.eye(4), small, adareg.points_small, adareg.points_large,
+                                     adareg.scores, adareg.inliers, summary, adareg.small_body_corners)
+
+        if gap > self.header_overlap_margin_mm:
+            return failed(f"the scans do not overlap: their fields of view are {gap:.0f} mm apart in the headers "
+                          f"(at most {self.header_overlap_margin_mm:g} mm allowed: samv2_pipeline#header_overlap_margin_mm)")
+        if "n_points" not in adareg.summary:
+            return failed(adareg.reason)  # no body in a scan: nothing to register
+        fixed_mask, moving_mask = body_mask(fixed_image, self.adareg.body_threshold), body_mask(moving_image, self.adareg.body_threshold)
+        images, masks = {"fixed": fixed_image, "moving": moving_image}, {"fixed": fixed_mask, "moving": moving_mask}
+        small_corners = body_box_corners(images[small], masks[small])
+        pair = ScanPair.from_metatensors(fixed_image, fixed_mask, moving_image, moving_mask)
+        common = self.refiner.common_mask(pair)
+
+        candidates = [header_candidate(fixed_image, fixed_mask, moving_image, moving_mask)]
+        match_sets = []
+        s = match_set("adareg", adareg, self.adareg.min_match_score)
+        if s is not None:
+            match_sets.append(s)
+        if adareg.success:
+            candidates.append(RigidCandidate("adareg", adareg.fixed_to_moving.copy(), {"n_inliers": adareg.summary.get("n_inliers")}))
+        scored = self._score(pair, common, candidates, match_sets)
+        corners = self._corners(small, small_corners, scored)
+        selection = self._select(scored, corners)
+        weak = not selection.success or selection.winner.support < self.search_below_support
+        if embed is not None and (self.orientation_search == "always" or (self.orientation_search == "auto" and weak)):
+            found, sets, record = self._search(fixed_image, fixed_heads, moving_image, moving_heads, embed)
+            summary["orientation_search"] = record
+            match_sets += sets
+            # the earlier candidates' support is re-measured with the new match sets too: the same footing
+            scored = [self._rescore(c, match_sets) for c in scored] + self._score(pair, common, found, match_sets)
+            corners = self._corners(small, small_corners, scored)
+            selection = self._select(scored, corners)
+        summary["candidates"] = selection.record
+        if not selection.success:
+            return failed(selection.reason)
+        win = selection.winner
+        summary.update({"success": True, "reason": "", "winner": win.name, "mi": round(win.mi, 4),
+                        "support": round(win.support, 3), "overlap_fraction": round(win.overlap_fraction, 3),
+                        **transform_summary(win.fixed_to_moving), "rigid_seconds": round(time.perf_counter() - t0, 2)})
+        return RigidRegistration(True, "", win.fixed_to_moving, small, adareg.points_small, adareg.points_large,
+                                 adareg.scores, adareg.inliers, summary, small_corners)
+
+    def _rescore(self, c: ScoredCandidate, match_sets: list[MatchSet]) -> ScoredCandidate:
+        support, source = match_support(c.fixed_to_moving, match_sets, self.support_tolerance_mm)
+        c.support, c.info = support, {**c.info, "support_from": source}
+        return c
+
+    @staticmethod
+    def _corners(small: str, small_corners: np.ndarray, scored: list[ScoredCandidate]) -> np.ndarray:
+        """The small body's box corners in the fixed scan (for a small moving scan: mapped back through the
+        candidate with the best MI, the one every other is compared with)."""
+        if small == "fixed" or not scored:
+            return small_corners
+        import math
+
+        best = max(scored, key=lambda c: c.mi if math.isfinite(c.mi) else -math.inf)
+        return apply_matrix(np.linalg.inv(best.fixed_to_moving), small_corners)
+
+
+def _centre_points(pair: ScanPair) -> np.ndarray:
+    """The 8 corners of the fixed grid (LPS mm), to measure how far refinement moved a candidate."""
+    image = pair.fixed
+    size = np.asarray(image.GetSize()) - 1
+    return np.array([image.TransformContinuousIndexToPhysicalPoint([float(a), float(b), float(c)])
+                     for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])

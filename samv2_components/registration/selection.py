@@ -1,0 +1,151 @@
+"""Pick one refined rigid candidate, or refuse: the ``samv2`` pipeline's confidence check.
+
+Every refined candidate carries two scores measured on the same footing (:mod:`intensity_refinement` and
+:func:`~samv2_components.registration.candidates.match_support`):
+
+* ``mi``: Mattes mutual information (nats) on one common mask with full sampling;
+* ``support``: the fraction of SAM's embedding matches that the transform maps within a few mm of their partner.
+
+Rules (a refusal is better than a confident wrong transform):
+
+1. A candidate is **eligible** when its refinement ran, its body overlap fraction is at least ``min_overlap`` and
+   its support is at least ``min_support``. No eligible candidate: refusal (the reason names the overlap when no
+   candidate overlaps enough).
+2. The **winner** is the eligible candidate with the highest ``mi`` (equal ``mi``: the higher ``support``).
+3. The **rival** is the best other eligible candidate whose transform *differs* from the winner's: some corner of
+   the small-FOV scan's body box moves more than ``agreement_mm`` between the two (candidates that agree are one
+   answer).
+4. With a rival, the winner must **clearly win**: ``mi`` higher by at least the factor ``1 + mi_margin``, or
+   ``support`` higher by at least ``support_margin``; and the rival's support must not be higher by
+   ``support_margin`` (the two scores disagreeing is no clear win). Otherwise: refusal naming both.
+
+Matrices are 4x4 rigid **fixed -> moving**, LPS mm; corners ``(8, 3)`` are in the fixed scan's space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from samv2_components.geometry import apply_matrix
+
+__all__ = ["ScoredCandidate", "Selection", "select_candidate", "transforms_agree"]
+
+
+@dataclass
+class ScoredCandidate:
+    """A refined candidate with its scores.
+
+    Attributes:
+        name: the candidate's name.
+        fixed_to_moving: 4x4 LPS mm (after refinement).
+        mi: Mattes MI on the common mask (nats; NaN: not scored).
+        support: fraction of SAM matches the transform agrees with.
+        overlap_fraction: shared body volume / smaller body volume.
+        error: why its refinement failed ("" if it did not).
+        info: anything else for the record.
+    """
+
+    name: str
+    fixed_to_moving: np.ndarray
+    mi: float
+    support: float
+    overlap_fraction: float
+    error: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready record."""
+        return {
+            "name": self.name,
+            "mi": None if not math.isfinite(self.mi) else round(self.mi, 4),
+            "support": round(self.support, 3),
+            "overlap_fraction": round(self.overlap_fraction, 3),
+            "error": self.error,
+            "fixed_to_moving": np.round(self.fixed_to_moving, 5).tolist(),
+            **self.info,
+        }
+
+
+@dataclass
+class Selection:
+    """Outcome of :func:`select_candidate`: ``winner`` (None on refusal), ``rival`` (the best different answer,
+    if any), ``success``, ``reason`` (empty on success) and the JSON-ready ``record``."""
+
+    success: bool
+    reason: str
+    winner: ScoredCandidate | None
+    rival: ScoredCandidate | None
+    record: dict[str, Any]
+
+
+def transforms_agree(a: np.ndarray, b: np.ndarray, corners: np.ndarray, agreement_mm: float) -> bool:
+    """Whether two fixed -> moving matrices map every point of ``corners`` ``(N, 3)`` (fixed space, LPS mm) within
+    ``agreement_mm`` of each other."""
+    return float(np.max(np.linalg.norm(apply_matrix(a, corners) - apply_matrix(b, corners), axis=1))) <= agreement_mm
+
+
+def select_candidate(
+    candidates: list[ScoredCandidate],
+    corners: np.ndarray,
+    agreement_mm: float = 8.0,
+    mi_margin: float = 0.05,
+    support_margin: float = 0.1,
+    min_support: float = 0.05,
+    min_overlap: float = 0.3,
+) -> Selection:
+    """Choose the best refined candidate or refuse (module docstring for the rules).
+
+    Args:
+        candidates: the refined, scored candidates.
+        corners: ``(N, 3)`` fixed-space points (LPS mm) at which two transforms are compared (the small-FOV body
+            box's corners, in the fixed scan).
+        agreement_mm: transforms within this distance at every corner are the same answer.
+        mi_margin: relative MI lead that is a clear win.
+        support_margin: support lead (fraction of matches) that is a clear win, or a clear loss.
+        min_support: least support of an eligible candidate.
+        min_overlap: least body overlap fraction of an eligible candidate.
+    """
+    corners = np.asarray(corners, dtype=np.float64).reshape(-1, 3)
+    # highest MI first, equal MI broken by the higher support
+    ranked = sorted(candidates, key=lambda c: (-c.mi if math.isfinite(c.mi) else math.inf, -c.support))
+    record: dict[str, Any] = {
+        "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
+                  "min_support": min_support, "min_overlap": min_overlap},
+        "candidates": [c.describe() for c in ranked],
+    }
+
+    def refuse(reason: str, winner=None, rival=None) -> Selection:
+        record.update({"winner": None, "reason": reason})
+        return Selection(False, reason, None, rival, record)
+
+    scored = [c for c in ranked if not c.error and math.isfinite(c.mi)]
+    overlapping = [c for c in scored if c.overlap_fraction >= min_overlap]
+    if not overlapping:
+        best = max((c.overlap_fraction for c in candidates), default=0.0)
+        return refuse(f"the scans do not overlap: no candidate shares more than {100 * best:.0f} % of the smaller "
+                      f"body (at least {100 * min_overlap:.0f} % needed)")
+    eligible = [c for c in overlapping if c.support >= min_support]
+    if not eligible:
+        best = max(overlapping, key=lambda c: c.support)
+        return refuse(f"no candidate is supported by the embedding matches: best {best.name} agrees with "
+                      f"{100 * best.support:.0f} % of them (at least {100 * min_support:.0f} % needed)")
+    winner = eligible[0]
+    rival = next((c for c in eligible[1:] if not transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, corners, agreement_mm)), None)
+    record["agreeing"] = [c.name for c in eligible if transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, corners, agreement_mm)]
+    if rival is not None:
+        record["rival"] = rival.name
+        mi_clear = winner.mi >= rival.mi * (1.0 + mi_margin) if rival.mi > 0 else winner.mi > rival.mi
+        support_clear = winner.support >= rival.support + support_margin
+        support_against = rival.support >= winner.support + support_margin
+        if support_against or not (mi_clear or support_clear):
+            return refuse(
+                f"no clear winner: {winner.name} (MI {winner.mi:.3f}, support {100 * winner.support:.0f} %) and "
+                f"{rival.name} (MI {rival.mi:.3f}, support {100 * rival.support:.0f} %) disagree by more than "
+                f"{agreement_mm:g} mm", rival=rival,
+            )
+    record.update({"winner": winner.name, "reason": ""})
+    return Selection(True, "", winner, rival, record)

@@ -1,0 +1,182 @@
+"""The ``samv2`` registration pipeline (``samv2_components.registration``: candidates, intensity_refinement,
+selection, pipeline): each step against known transforms, the refusal rules on constructed candidates, and the
+no-overlap refusal. The bundle's end-to-end run with this default is ``test_adareg.py``'s known rigid transform;
+the no-overlap run through ``samv2 register`` is ``slow``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+sitk = pytest.importorskip("SimpleITK")
+
+from samv2_components.registration import (  # noqa: E402
+    IntensityRefiner,
+    MatchSet,
+    ScanPair,
+    ScoredCandidate,
+    header_candidate,
+    match_support,
+    register_intensity,
+    select_candidate,
+)
+from samv2_components.registration.intensity_baselines import sitk_transform_to_matrix  # noqa: E402
+from samv2_components.registration.intensity_refinement import mattes_mi, overlap_mask  # noqa: E402
+from samv2_components.registration.pipeline import fov_gap_mm  # noqa: E402
+from samv2_components.sample_data import sample_path  # noqa: E402
+
+from helpers import rigid, sample_ct_tre, sitk_affine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ct_pair():
+    """The sample CT (fixed) and its resampling through a known rigid transform (moving), with body masks
+    (> -300 HU), as a :class:`ScanPair`; and the true fixed -> moving matrix."""
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"), sitk.sitkFloat32)
+    truth = rigid(8.0, (0.2, 0.1, 1.0), (9.0, -14.0, 3.0))
+    moving = sitk.Resample(fixed, fixed, sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    body = lambda im: sitk.Cast(im > -300.0, sitk.sitkUInt8)  # noqa: E731
+    return ScanPair(fixed, moving, body(fixed), body(moving)), truth
+
+
+def test_register_intensity_starts_from_the_given_matrix(ct_pair):
+    """From a start 6 deg / 10 mm off the truth, the refinement lands on the truth; one iteration barely moves."""
+    pair, truth = ct_pair
+    start = rigid(6.0, (1.0, 0.3, 0.0), (6.0, -5.0, 5.0)) @ truth
+    assert sample_ct_tre(start, truth)[1].mean() > 8.0
+    res = register_intensity(pair.fixed, pair.moving, transform="rigid", initial_transform=start,
+                             shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 1.0), sampling_percentage=0.1, iterations=100)
+    assert sample_ct_tre(sitk_transform_to_matrix(res.transform), truth)[1].mean() < 1.5
+    # the start is really used: with a single tiny step the result stays at the start, not at a moments start
+    one = register_intensity(pair.fixed, pair.moving, transform="rigid", initial_transform=start, shrink_factors=(2,),
+                             smoothing_sigmas_mm=(2.0,), iterations=1, learning_rate_mm=0.01)
+    assert np.abs(sitk_transform_to_matrix(one.transform) - start).max() < 0.1
+
+
+def test_overlap_mask_and_fraction_follow_the_transform(ct_pair):
+    pair, truth = ct_pair
+    mask, fraction = overlap_mask(pair, truth, margin_mm=0.0)
+    assert fraction > 0.9  # the same body, aligned: nearly all of it is shared (some is resampled out of the grid)
+    shifted_mask, shifted = overlap_mask(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 60.0)) @ truth, margin_mm=0.0)
+    assert 0.0 < shifted < fraction - 0.1  # a 6 cm shift along z shares less of the body
+    far = rigid(0.0, (0, 0, 1), (2000.0, 0.0, 0.0)) @ truth  # the moving scan 2 m away
+    far_mask, none = overlap_mask(pair, far, margin_mm=10.0)
+    assert none == 0.0 and not sitk.GetArrayViewFromImage(far_mask).any()
+    dilated, _ = overlap_mask(pair, truth, margin_mm=9.0)
+    assert sitk.GetArrayViewFromImage(dilated).sum() > sitk.GetArrayViewFromImage(mask).sum()
+
+
+def test_refiner_recovers_a_known_transform_and_scores_it_higher(ct_pair):
+    pair, truth = ct_pair
+    refiner = IntensityRefiner(shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 1.0))
+    common = refiner.common_mask(pair)
+    start = rigid(5.0, (0.0, 1.0, 0.3), (-7.0, 6.0, -4.0)) @ truth
+    refined = refiner(pair, "start", start, common)
+    assert not refined.error and sample_ct_tre(refined.fixed_to_moving, truth)[1].mean() < 1.5
+    mi_start = mattes_mi(pair.fixed, pair.moving, start, common)
+    assert refined.mi > mi_start + 0.05 and refined.overlap_fraction > 0.9
+    # a start with no overlap is not refined and says why
+    far = refiner(pair, "far", rigid(0.0, (0, 0, 1), (0.0, 0.0, 3000.0)), common)
+    assert far.error.startswith("body overlap 0.00") and np.isnan(far.mi)
+
+
+def test_header_candidate_aligns_the_body_centres():
+    affine = torch.tensor([[-2.0, 0, 0, 10], [0, -2.0, 0, 20], [0, 0, 2.0, -30], [0, 0, 0, 1]], dtype=torch.float64)  # RAS
+    fixed, moving = torch.zeros(1, 20, 20, 20), torch.zeros(1, 20, 20, 20)
+    fixed[0, 2:6, 4:8, 6:10] = 1.0  # centre index (3.5, 5.5, 7.5)
+    moving[0, 10:14, 12:16, 3:7] = 1.0  # centre index (11.5, 13.5, 4.5): +8, +8, -3 voxels
+    c = header_candidate(MetaTensor(fixed, affine=affine), fixed[0] > 0, MetaTensor(moving, affine=affine), moving[0] > 0)
+    # 2 mm voxels; RAS x, y flip to LPS: index +8 along RAS -x is +16 mm in LPS x
+    np.testing.assert_allclose(c.fixed_to_moving[:3, 3], [16.0, 16.0, -6.0], atol=1e-9)
+    np.testing.assert_array_equal(c.fixed_to_moving[:3, :3], np.eye(3))
+
+
+def test_match_support_counts_consistent_matches_in_the_best_set():
+    rng = np.random.default_rng(0)
+    truth = rigid(20.0, (0.0, 0.0, 1.0), (5.0, -3.0, 8.0))
+    fixed = rng.uniform(-100, 100, (40, 3))
+    moving = fixed @ truth[:3, :3].T + truth[:3, 3]
+    moving[:10] += rng.normal(0, 1.0, (10, 3)) * 2.0  # within a few mm
+    moving[30:] += 50.0  # 10 wrong matches
+    good = MatchSet("right way round", fixed, moving, np.ones(40))
+    garbage = MatchSet("wrong way round", fixed, rng.uniform(-100, 100, (40, 3)), np.ones(40))
+    support, name = match_support(truth, [garbage, good], tolerance_mm=10.0)
+    assert support == pytest.approx(0.75) and name == "right way round"
+    off, _ = match_support(rigid(0.0, (0, 0, 1), (30.0, 0.0, 0.0)) @ truth, [good], tolerance_mm=10.0)
+    assert off == 0.0
+    assert match_support(truth, [], 10.0) == (0.0, "")
+
+
+CORNERS = np.array([[a, b, c] for a in (-50.0, 50.0) for b in (-50.0, 50.0) for c in (-50.0, 50.0)])
+
+
+def _candidate(name, shift_mm=0.0, mi=0.5, support=0.3, overlap=0.9, error=""):
+    return ScoredCandidate(name, rigid(0.0, (0, 0, 1), (shift_mm, 0.0, 0.0)), mi, support, overlap, error)
+
+
+def test_two_disagreeing_candidates_of_equal_score_are_a_refusal():
+    sel = select_candidate([_candidate("a"), _candidate("b", shift_mm=30.0)], CORNERS)
+    assert not sel.success and sel.winner is None and "no clear winner" in sel.reason
+    assert sel.record["winner"] is None and {c["name"] for c in sel.record["candidates"]} == {"a", "b"}
+
+
+def test_selection_picks_a_clear_winner_and_merges_agreeing_candidates():
+    # clearly higher MI
+    sel = select_candidate([_candidate("a", mi=0.60), _candidate("b", shift_mm=30.0, mi=0.50)], CORNERS)
+    assert sel.success and sel.winner.name == "a" and sel.rival.name == "b"
+    # same MI but clearly more SAM support
+    sel = select_candidate([_candidate("a", support=0.1), _candidate("b", shift_mm=30.0, support=0.4)], CORNERS)
+    assert sel.success and sel.winner.name == "b"
+    # higher MI but the rival is clearly better supported: the scores disagree, refusal
+    sel = select_candidate([_candidate("a", mi=0.60, support=0.1), _candidate("b", shift_mm=30.0, mi=0.5, support=0.4)], CORNERS)
+    assert not sel.success and "no clear winner" in sel.reason
+    # candidates within agreement_mm are one answer: no rival, no refusal
+    sel = select_candidate([_candidate("a"), _candidate("b", shift_mm=3.0)], CORNERS, agreement_mm=8.0)
+    assert sel.success and sel.rival is None and sel.record["agreeing"] == ["a", "b"]
+
+
+def test_selection_refuses_without_overlap_or_support():
+    sel = select_candidate([_candidate("a", overlap=0.05), _candidate("b", error="body overlap 0.00 at the start", mi=float("nan"))], CORNERS)
+    assert not sel.success and sel.reason.startswith("the scans do not overlap")
+    sel = select_candidate([_candidate("a", support=0.01)], CORNERS, min_support=0.05)
+    assert not sel.success and "is supported by the embedding matches" in sel.reason
+    # an ineligible candidate cannot be a rival, and a refined-but-failed one is never the winner
+    sel = select_candidate([_candidate("a", mi=0.4), _candidate("b", shift_mm=40.0, mi=0.9, support=0.0)], CORNERS)
+    assert sel.success and sel.winner.name == "a"
+
+
+def test_fov_gap_of_scans_two_metres_apart():
+    image = MetaTensor(torch.zeros(1, 10, 10, 10), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64)))
+    far_affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    far_affine[0, 3] = 2000.0
+    assert fov_gap_mm(image, image) == 0.0
+    assert fov_gap_mm(image, MetaTensor(torch.zeros(1, 10, 10, 10), affine=far_affine)) == pytest.approx(2000.0 - 18.0)
+
+
+@pytest.mark.slow
+def test_scans_without_overlap_are_refused_with_exit_3(tmp_path, capsys):
+    """The sample CT moved 2 m away (its origin): ``samv2 register`` refuses with one line saying the scans do not
+    overlap, exit status 3, only summary.json written."""
+    from samv2_components.cli import EXIT_NOT_CONFIDENT, main
+
+    ct = sitk.ReadImage(sample_path("ct_abdomen"))
+    far = sitk.Image(ct)
+    far.SetOrigin((np.array(ct.GetOrigin()) + [0.0, 0.0, 2000.0]).tolist())
+    path = str(tmp_path / "ct_far.nii.gz")
+    sitk.WriteImage(far, path)
+    out = tmp_path / "out"
+    status = main(["register", "--fixed", sample_path("ct_abdomen"), "--moving", path, "--moving_modality", "ct",
+                   "--output_dir", str(out), "--deformable", "false"])
+    err = capsys.readouterr().err
+    assert status == EXIT_NOT_CONFIDENT, err[-2000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("ERROR:")]
+    assert "do not overlap" in line
+    folder = out / "ct_abdomen__ct_far"
+    assert sorted(os.listdir(folder)) == ["summary.json"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["confidence"]["success"] is False and summary["confidence"]["pipeline"] == "samv2"
