@@ -92,7 +92,7 @@ def _check_options(bundle: str, configs: Sequence[str], overrides: Mapping[str, 
     for name in configs:
         with open(find_bundles_dir(bundles_dir) / bundle / "configs" / name, encoding="utf-8") as f:
             known |= set(json.load(f))
-    command_args = {p for method in ("embed", "match", "register", "evaluate")
+    command_args = {p for method in ("embed", "match", "landmarks", "register", "evaluate")
                     for p in inspect.signature(getattr(SAMv2Command, method)).parameters if p not in ("self", "overrides")}
     for key in overrides:
         root = str(key).split("#")[0]
@@ -112,7 +112,7 @@ def _check_required(bundle: str, required: Mapping[str, Any]) -> None:
 
 
 class SAMv2Command:
-    """SAMv2 anatomical embeddings: embed scans, match points between scans, register CT and MR.
+    """SAMv2 anatomical embeddings: embed scans, match points between scans, find named landmarks, register CT and MR.
 
     Points are physical millimetres, LPS unless a points file says RAS. Run "samv2 COMMAND --help" for a command's
     arguments; any other --key value is passed to the bundle config as an override. Inputs are required; the demo
@@ -203,6 +203,34 @@ class SAMv2Command:
                   "refine": parse_bool(refine, "--refine")}
         self._run("samv2_matching", ["inference.json"], {**values, **overrides},
                   required={"template": template, "points": points, "query": query})
+        return "\n".join(_output_folders(output_dir, queries))
+
+    def landmarks(
+        self,
+        query=None,
+        modality: str = "ct",
+        output_dir: str = "samv2_output/landmarks",
+        cache_dir: str | None = None,
+        **overrides,
+    ):
+        """Find the shipped template's 26 named landmarks on CT scans (bundle samv2_matching, configs/landmarks.json).
+
+        The template is the sample abdominal CT with landmarks derived from its organ label map (each with its
+        definition: samv2_components/sample_data/ct_abdomen_landmarks.csv). Writes, per query scan,
+        <output_dir>/<case>/: ct_abdomen_landmarks.csv and .mrk.json (3D Slicer) with score and confident flag per
+        landmark, matches.json (the landmarks whose anatomy is outside the scan are listed there as absent, not
+        placed) and a QC picture per landmark.
+
+        Args:
+            query: scan(s) to find the landmarks on (file, DICOM folder, glob or list). Required.
+            modality: the queries' modality (the template is a CT).
+            output_dir: parent folder of the results.
+            cache_dir: keep embeddings here between runs.
+            overrides: more bundle config overrides, e.g. --matcher#global_radius_mm 15.
+        """
+        queries = self._paths(query)
+        values = {"query_path": queries, "query_modality": modality, "output_dir": output_dir, "cache_dir": cache_dir}
+        self._run("samv2_matching", ["inference.json", "landmarks.json"], {**values, **overrides}, required={"query": query})
         return "\n".join(_output_folders(output_dir, queries))
 
     def register(

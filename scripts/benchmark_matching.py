@@ -101,10 +101,12 @@ def _accuracy_table(rows: list[dict], radius_column: bool = False) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, absent_image: str | None):
+def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, absent_image: str | None,
+                  max_rotation_deg: float = 10.0, max_translation_mm: float = 20.0, refine: bool = True):
     refiner = pipe.parsed("refiner")  # the bundle's settings, used whether or not "refine" is on
     template = load_scan(image)
-    tf = known.random_transform(seed, known.grid_centre_lps(template))
+    tf = known.random_transform(seed, known.grid_centre_lps(template), max_rotation_deg=max_rotation_deg,
+                                max_translation_mm=max_translation_mm)
     query, disp = known.resample_query(template, tf)
     points = known.sample_template_points(template, num_points, seed)
     truth = tf.template_to_query(points)
@@ -113,34 +115,44 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         del query
         template_heads, query_heads = pipe.embed(image), pipe.embed(query_path)
         query_native = load_scan(query_path)  # as the bundle reads it, for the intensity refinement
-    matcher = matcher_of(pipe)
+    matcher, local = matcher_of(pipe), matcher_of(pipe, global_consistency=False)
     (tp, qp), prep_s = _timed(lambda: (matcher.prepare(template_heads), matcher.prepare(query_heads)))
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
-    nn, nn_s = _timed(matcher.match, tp, qp, points, method="nearest_neighbour")
+    nn, nn_s = _timed(local.match, tp, qp, points, method="nearest_neighbour")
+    fp_local, fp_local_s = _timed(local.match, tp, qp, points, method="fixed_point")
     fp, fp_s = _timed(matcher.match, tp, qp, points, method="fixed_point")
-    refined, refine_s = _timed(
-        lambda: refiner.refine(template, points, query_native, fp.points_lps,
-                               local_linear=refiner.local_frames(matcher, tp, qp, points))
-    )
     agree = float(100.0 * np.mean(np.linalg.norm(nn.nn_points_lps - exhaustive, axis=1) < 1e-3))
     rows = [
         {"method": "no matching (template position)", **summarize_errors(points, truth)},
         {"method": "NN, exhaustive (reference)", **summarize_errors(exhaustive, truth), "time_s": ex_s},
         {"method": "NN, coarse-to-fine", **summarize_errors(nn.points_lps, truth), "time_s": nn_s, "flagged": _flag_rate(nn)},
-        {"method": "fixed-point", **summarize_errors(fp.points_lps, truth), "time_s": fp_s, "flagged": _flag_rate(fp)},
-        {"method": "fixed-point + refine", **summarize_errors(refined.points_lps, truth), "time_s": fp_s + refine_s,
-         "flagged": _flag_rate(fp)},
+        {"method": "fixed-point, local only (the paper)", **summarize_errors(fp_local.points_lps, truth),
+         "time_s": fp_local_s, "flagged": _flag_rate(fp_local)},
+        {"method": "fixed-point + global consistency (bundle default)", **summarize_errors(fp.points_lps, truth),
+         "time_s": fp_s, "flagged": _flag_rate(fp)},
     ]
+    notes = [_global_note(fp)]
+    if refine:
+        refined, refine_s = _timed(
+            lambda: refiner.refine(template, points, query_native, fp.points_lps,
+                                   local_linear=refiner.local_frames(matcher, tp, qp, points))
+        )
+        rows.append({"method": "fixed-point + global + refine", **summarize_errors(refined.points_lps, truth),
+                     "time_s": fp_s + refine_s, "flagged": _flag_rate(fp)})
     fixed = np.array([m == "fixed_point" for m in fp.methods])
-    notes = [
+    notes += [
         f"coarse-to-fine NN found the exhaustive maximum for {agree:.1f} % of the points; fixed-point answered "
         f"{100 * fixed.mean():.1f} % of the points (the rest fell back to NN); median fixed points per point "
         f"{np.median(fp.n_fixed_points):.0f}; preparing both scans took {prep_s:.2f} s",
-        f"refinement ({refined.similarity}; search: step {refiner.step_for(template, query_native):.2f} mm, patch "
-        f"{refiner.patch_mm:g} mm, trust radius {refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
-        f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in refiner.affine_levels) or 'none'}) accepted "
-        f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
-        + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"),
+    ]
+    if refine:
+        notes.append(
+            f"refinement ({refined.similarity}; search: step {refiner.step_for(template, query_native):.2f} mm, patch "
+            f"{refiner.patch_mm:g} mm, trust radius {refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
+            f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in refiner.affine_levels) or 'none'}) accepted "
+            f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
+            + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"))
+    notes += [
         f"transform: {tf.describe()['rotation_deg_xyz']} deg, scale {tf.describe()['scale']}, translation "
         f"{tf.describe()['translation_mm_lps']} mm, elastic max {disp['max_displacement_mm']:.2f} mm",
     ]
@@ -153,6 +165,16 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         scores["absent anatomy"] = absent.scores
     speed = speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed)
     return rows, notes, fp, absent, scores, speed
+
+
+def _global_note(result) -> str:
+    """One line on the global map of a result: its matches, inliers and the points it overruled."""
+    gm = result.global_map
+    if gm is None or not gm.valid:
+        return "global map: none (too few consistent matches): answers unchanged"
+    overruled = sum(bool(f) for f in (result.flags or []))
+    return (f"global map: {gm.n_mutual} mutual matches of {gm.n_candidates} grid points, {gm.n_inliers} inliers, "
+            f"RMS {gm.rms_residual_mm:.1f} mm; {overruled} of {len(result)} answers overruled")
 
 
 def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> list[tuple[str, float]]:
@@ -173,13 +195,16 @@ def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> li
     ]
 
 
-def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_image, query_labels, register: bool):
+def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_image, query_labels, register: bool,
+                  template_source=None, query_source=None):
     refiner = pipe.parsed("refiner")
-    pairs = organ_centroid_pairs(template_labels, query_labels)
-    matcher = matcher_of(pipe)
+    sources = {k: v for k, v in (("template_source", template_source), ("query_source", query_source)) if v is not None}
+    pairs = organ_centroid_pairs(template_labels, query_labels, **sources)
+    matcher, local = matcher_of(pipe), matcher_of(pipe, global_consistency=False)
     tp, qp = matcher.prepare(pipe.embed(template_image)), matcher.prepare(pipe.embed(query_image))
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
-    nn, nn_s = _timed(matcher.match, tp, qp, src, method="nearest_neighbour")
+    nn, nn_s = _timed(local.match, tp, qp, src, method="nearest_neighbour")
+    fp_local, fp_local_s = _timed(local.match, tp, qp, src, method="fixed_point")
     fp, fp_s = _timed(matcher.match, tp, qp, src, method="fixed_point")
     refined, refine_s = _timed(
         lambda: refiner.refine(load_scan(template_image), src, load_scan(query_image), fp.points_lps,
@@ -188,7 +213,7 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
     rows = [
         {"method": "identity (scanner coordinates)", **summarize_errors(src, truth, radii_mm=radii)},
     ]
-    per_organ = {"NN": nn, "fixed-point": fp}
+    per_organ = {"NN": nn, "fixed-point (local)": fp_local, "fixed-point + global": fp}
     if register:
         from samv2_components.registration import register_intensity
 
@@ -205,8 +230,11 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
             per_organ[f"SimpleITK {transform}"] = mapped
     rows += [
         {"method": "SAMv2 NN", **summarize_errors(nn.points_lps, truth, radii_mm=radii), "time_s": nn_s, "flagged": _flag_rate(nn)},
-        {"method": "SAMv2 fixed-point", **summarize_errors(fp.points_lps, truth, radii_mm=radii), "time_s": fp_s, "flagged": _flag_rate(fp)},
-        {"method": f"SAMv2 fixed-point + refine ({100 * refined.accepted.mean():.0f} % refined)",
+        {"method": "SAMv2 fixed-point, local only (the paper)", **summarize_errors(fp_local.points_lps, truth, radii_mm=radii),
+         "time_s": fp_local_s, "flagged": _flag_rate(fp_local)},
+        {"method": "SAMv2 fixed-point + global consistency (bundle default)", **summarize_errors(fp.points_lps, truth, radii_mm=radii),
+         "time_s": fp_s, "flagged": _flag_rate(fp)},
+        {"method": f"SAMv2 fixed-point + global + refine ({100 * refined.accepted.mean():.0f} % refined)",
          **summarize_errors(refined.points_lps, truth, radii_mm=radii), "time_s": fp_s + refine_s, "flagged": _flag_rate(fp)},
     ]
     organ_lines = ["| organ | radius (mm) | " + " | ".join(per_organ) + " |", "|:---|---:|" + "---:|" * len(per_organ)]
@@ -219,7 +247,7 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
                 cell += "" if result.confident[i] else " (flagged)"
             cells.append(cell)
         organ_lines.append(f"| {name} | {radii[i]:.1f} | " + " | ".join(cells) + " |")
-    return rows, organ_lines
+    return rows, organ_lines + ["", f"- {_global_note(fp)}"]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -233,6 +261,8 @@ def main(
     query_image: str = f"{BODY_CT}/example_ct_dicom",
     query_labels: str = f"{BODY_CT}/example_seg_dicom.nii.gz",
     register: bool = True,
+    amos: bool = True,
+    hard: bool = True,
     ckpt: str | None = None,
     output: str | None = None,
     device: str = "cpu",
@@ -246,6 +276,8 @@ def main(
         absent_image: scan without the template's anatomy (default: the abdominal sample CT ``ct_abdomen_2``).
         template_image, template_labels, query_image, query_labels: the inter-subject pair and label maps.
         register: run the SimpleITK baselines (needs the ``registration`` extra).
+        amos: also the held-out AMOS CT (case 0336, AMOS labels) as an inter-subject query of the same template.
+        hard: also the hard intra-subject set: rotations up to +-30 deg, translations up to +-50 mm (no refinement).
         ckpt: weights (default: the bundle's ``models/model.pt``).
         output: also write the Markdown there.
         device: torch device.
@@ -256,7 +288,22 @@ def main(
     pipe = BundlePipeline(BUNDLE, ckpt=ckpt, device=device)
     absent_image = absent_image or sample_path("ct_abdomen_2")
     rows, notes, fp, absent, scores, speed = intra_subject(pipe, image, num_points, seed, absent_image)
+    hard_section = []
+    if hard:
+        hard_rows, hard_notes, hard_fp, *_ = intra_subject(pipe, image, num_points, seed, None, max_rotation_deg=30.0,
+                                                          max_translation_mm=50.0, refine=False)
+        hard_section = [f"## 1b. Intra-subject, hard: rotations up to ±30°, translations up to ±50 mm ({len(hard_fp)} points)",
+                        "", *_accuracy_table(hard_rows), "", *[f"- {n}" for n in hard_notes], ""]
     inter_rows, organ_lines = inter_subject(pipe, template_image, template_labels, query_image, query_labels, register)
+    amos_section = []
+    if amos:
+        from samv2_components.io.label_vocabulary import AMOS, TOTALSEGMENTATOR_CT
+
+        amos_image, amos_labels = f"{BODY_CT}/amos_0336_ct.nii.gz", f"{BODY_CT}/amos_0336_labels.nii.gz"
+        amos_rows, amos_organs = inter_subject(pipe, template_image, template_labels, amos_image, amos_labels, register,
+                                               template_source=TOTALSEGMENTATOR_CT, query_source=AMOS)
+        amos_section = [f"## 3b. Inter-subject: organ centroids, `{template_image}` -> `{amos_image}` (held out)", "",
+                        *_accuracy_table(amos_rows, radius_column=True), "", "Per organ (error in mm):", "", *amos_organs, ""]
 
     settings = ", ".join(f"{k}={v}" for k, v in pipe.settings("matcher").items())
     lines = [
@@ -274,6 +321,7 @@ def main(
         "",
         *[f"- {n}" for n in notes],
         "",
+        *hard_section,
         "## 2. Confidence flags",
         "",
         "| query | points | flagged confident=false (%) | fixed-point answers (%) | score p10 / p50 / p90 |",
@@ -304,6 +352,7 @@ def main(
         "",
         *organ_lines,
         "",
+        *amos_section,
         "## 4. Speed after embedding",
         "",
         "| task | wall time (s) |",

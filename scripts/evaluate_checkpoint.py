@@ -23,6 +23,10 @@ with the ``samv2_matching`` bundle's preprocessing, inferer and matcher settings
    in the training list as single scans (self-supervised pairs within one scan), never as a CT-MR pair.
 
 Prints one Markdown row (and appends it to ``--table``, writing the header first if the file is new).
+
+The matcher is the bundle's with its global consistency check off (the paper's local matching): the table scores
+the embeddings, and its rows stay comparable with those scored before the check existed; the matching bundle's own
+benchmark (``scripts/benchmark_matching.py``) shows what the check adds.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def known_transform(pipe: BundlePipeline, image: str, num_points: int = 300, see
     truth = tf.template_to_query(points)
     with tempfile.TemporaryDirectory(prefix="samv2_eval_") as tmp:
         query_path = known.save_nifti(query, os.path.join(tmp, "query.nii"))
-        matcher = SAMv2Matcher(**pipe.settings("matcher"))
+        matcher = SAMv2Matcher(**{**pipe.settings("matcher"), "global_consistency": False})
         tp, qp = matcher.prepare(pipe.embed(image)), matcher.prepare(pipe.embed(query_path))
     nn = summarize_errors(matcher.match(tp, qp, points, method="nearest_neighbour").points_lps, truth)
     fp = summarize_errors(matcher.match(tp, qp, points, method="fixed_point").points_lps, truth)
@@ -99,7 +103,7 @@ def _sitk_baseline(template_image: str, query_image: str, points: np.ndarray, ca
 
 
 def inter_subject(pipe, template_image, template_labels, query_image, pairs, prefix: str, cache_dir: str) -> dict:
-    matcher = SAMv2Matcher(**pipe.settings("matcher"))
+    matcher = SAMv2Matcher(**{**pipe.settings("matcher"), "global_consistency": False})
     tp, qp = matcher.prepare(pipe.embed(template_image)), matcher.prepare(pipe.embed(query_image))
     src, truth, radii = pairs.template.coords, pairs.query.coords, pairs.radii_mm
     nn = summarize_errors(matcher.match(tp, qp, src, method="nearest_neighbour").points_lps, truth, radii_mm=radii)
@@ -127,7 +131,7 @@ def phantom(pipe: BundlePipeline, data_root: str, cache_dir: str, grid_mm: float
         1, 0, reference, work, ct_path=ct_path, mr_path=mr_path, max_rotation_deg=0.0, max_translation_mm=0.0,
         crop=False, pre_rotation=flip, tre_spacing_mm=grid_mm, prefix="aligned_",
     )
-    matcher = SAMv2Matcher(**pipe.settings("matcher"))
+    matcher = SAMv2Matcher(**{**pipe.settings("matcher"), "global_consistency": False})
     ct = matcher.prepare(pipe.embed(case.fixed_path, "ct"))
     mr = matcher.prepare(pipe.embed(case.moving_path, "mr"))
     found = matcher.match(ct, mr, case.points, method="nearest_neighbour").points_lps

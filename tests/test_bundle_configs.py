@@ -93,8 +93,10 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     matching = load(os.path.join(ROOT, "bundles", "samv2_matching", "configs", "inference.json"))
     registration = load(os.path.join(ROOT, "bundles", "crosssam_registration", "configs", "inference.json"))
     checked = 0
-    # AdaReg matches its grid points by plain nearest neighbour (the paper's AdaReg): a choice of that bundle
-    registration_matcher = {k: v for k, v in registration["matcher"].items() if k != "method"}
+    # AdaReg matches its grid points by plain nearest neighbour (the paper's AdaReg) and fits its own robust rigid
+    # transform to them, without the matching bundle's global check: choices of that bundle
+    registration_matcher = {k: v for k, v in registration["matcher"].items() if k not in ("method", "global_consistency")}
+    assert registration["matcher"]["global_consistency"] is False
     for cls, entry in ((SAMv2Matcher, matching["matcher"]), (LocalIntensityRefiner, matching["refiner"]),
                        (SAMv2Matcher, registration_matcher), (AdaReg, registration["adareg"]),
                        # the samv2 pipeline (the registration default) and its intensity refinement
@@ -106,7 +108,7 @@ def test_class_defaults_are_the_shipped_bundle_settings():
                 from samv2_components.matching.global_map import estimate_global_map
 
                 defaults = inspect.signature(estimate_global_map).parameters
-                assert parameters[key].default is None and value == {k: defaults[k].default for k in value}
+                assert parameters[key].default is None and value == {k: normal(defaults[k].default) for k in value}
                 assert set(value) == set(defaults) - {"template", "query"}
                 continue
             assert normal(parameters[key].default) == normal(value), f"{cls.__name__}.{key}: {parameters[key].default!r} vs {value!r}"

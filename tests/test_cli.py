@@ -20,7 +20,7 @@ from samv2_components.sample_data import sample_path
 
 from helpers import random_upstream_state_dict, save_mmcv_checkpoint
 
-COMMANDS = ("embed", "match", "register", "evaluate", "convert_upstream")
+COMMANDS = ("embed", "match", "landmarks", "register", "evaluate", "convert_upstream")
 
 
 def samv2(*args, cwd, env=None):

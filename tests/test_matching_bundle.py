@@ -51,10 +51,11 @@ def test_writes_points_in_the_input_format_with_their_coordinate_system(default_
     assert text[0] == "# coordinate_system: LPS, units: mm"
     rows = list(csv.DictReader(text[1:]))
     assert [r["name"] for r in rows] == POINT_NAMES
-    assert set(rows[0]) == {"name", "x", "y", "z", "score", "method", "confident", "n_fixed_points", "residual_mm"}
+    assert set(rows[0]) == {"name", "x", "y", "z", "score", "method", "confident", "n_fixed_points", "residual_mm",
+                            "global_distance_mm", "flag"}
     for r in rows:
         assert -1.0 <= float(r["score"]) <= 1.0
-        assert r["method"] in ("fixed_point", "nearest_neighbour_fallback")
+        assert r["method"] in ("fixed_point", "nearest_neighbour_fallback", "global_restricted")
         assert r["confident"] in ("True", "False")
     matched = read_points(default_run / "ct_abdomen_points.csv")
     # every match lies inside the query scan's physical extent (its z range is -804.5 .. -766.5 mm, LPS)

@@ -96,6 +96,23 @@ class GlobalMap:
         }
 
 
+def _plausible(matrix: np.ndarray, scale_range: tuple[float, float]) -> bool:
+    """The linear part keeps handedness and stretches every direction within ``scale_range``."""
+    singular = np.linalg.svd(matrix[:3, :3], compute_uv=False)
+    return np.linalg.det(matrix[:3, :3]) > 0 and scale_range[0] <= singular.min() and singular.max() <= scale_range[1]
+
+
+def _clamped(matrix: np.ndarray, scale_range: tuple[float, float], source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``matrix`` with its stretches clamped into ``scale_range`` (SVD), the translation refitted so the centroids
+    of ``source`` and ``target`` still correspond."""
+    u, singular, vt = np.linalg.svd(matrix[:3, :3])
+    linear = u @ np.diag(np.clip(singular, *scale_range)) @ vt
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = target.mean(0) - linear @ source.mean(0)
+    return out
+
+
 def _grid_voxels(scan: EmbeddedScan, spacing_mm: float) -> np.ndarray:
     """Fine-grid voxel indices ``(M, 3)`` every ``spacing_mm`` (at least every voxel) along each axis."""
     voxel_mm = np.linalg.norm(scan.map.affine[:3, :3], axis=0)
@@ -142,6 +159,7 @@ def estimate_global_map(
     seed: int = 0,
     smoothing_mm: float = 25.0,
     prior_weight: float = 1.0,
+    scale_range: tuple[float, float] = (0.7, 1.4),
 ) -> GlobalMap:
     """Fit the global affine template -> query (see the module docstring).
 
@@ -155,6 +173,9 @@ def estimate_global_map(
         min_inliers: fewer inliers than this: no map (``matrix`` None).
         seed: RANSAC's random generator.
         smoothing_mm, prior_weight: the smooth correction of :meth:`GlobalMap.__call__` (0: affine only).
+        scale_range: the plausible stretch of one body into another: an affine whose linear part stretches any
+            direction outside this range is not a model (a thin slab would otherwise be "matched" by squashing the
+            template into it, and nothing would ever lie outside the query).
     """
     t_pts, q_pts, n_candidates = sparse_mutual_matches(template, query, grid_spacing_mm, mutual_tolerance_mm, min_score)
     n = len(t_pts)
@@ -169,12 +190,15 @@ def estimate_global_map(
         if np.linalg.matrix_rank(spread, tol=1.0) < 3:  # (nearly) coplanar: no affine
             continue
         model = fit_affine(t_pts[sample], q_pts[sample], ridge=0.0)
+        if not _plausible(model.matrix, scale_range):
+            continue
         inliers = np.linalg.norm(model(t_pts) - q_pts, axis=1) <= inlier_threshold_mm
         if inliers.sum() > best.sum():
             best = inliers
     if best.sum() < min_inliers:
         return empty
     refit = fit_affine_robust(t_pts[best], q_pts[best], inlier_threshold_mm=inlier_threshold_mm, min_points=min_inliers)
+    refit.transform.matrix = _clamped(refit.transform.matrix, scale_range, t_pts[best], q_pts[best])
     residual = np.linalg.norm(refit.transform(t_pts) - q_pts, axis=1)
     inliers = residual <= inlier_threshold_mm
     rms = float(np.sqrt(np.mean(residual[inliers] ** 2))) if inliers.any() else float("nan")

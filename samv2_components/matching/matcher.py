@@ -56,6 +56,8 @@ class MatchResult:
         unrestricted_points_lps: ``(N, 3)`` the answer before the global check (fixed point or NN), LPS mm.
         flags: ``N`` strings, empty or the reason a point was overruled (both positions are in the arrays above).
         global_map: the :class:`~samv2_components.matching.global_map.GlobalMap` used, or None.
+        predicted_inside: ``(N,)`` bool, whether the global map puts the point inside the query's field of view
+            (None without a map): a point predicted outside has no anatomy to match in this query.
     """
 
     points_lps: np.ndarray
@@ -69,6 +71,7 @@ class MatchResult:
     unrestricted_points_lps: np.ndarray | None = None
     flags: list | None = None
     global_map: GlobalMap | None = None
+    predicted_inside: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.points_lps)
@@ -132,8 +135,8 @@ class SAMv2Matcher:
         inlier_threshold_mm: float = 4.0,
         min_confident_score: float = 0.6,
         max_confident_residual_mm: float = 5.0,
-        global_consistency: bool = False,
-        global_radius_mm: float = 30.0,
+        global_consistency: bool = True,
+        global_radius_mm: float = 10.0,
         global_map_kwargs: Mapping | None = None,
     ):
         if method not in ("fixed_point", "nearest_neighbour"):
@@ -228,6 +231,7 @@ class SAMv2Matcher:
             unrestricted_points_lps=unrestricted if prediction is not None else None,
             flags=flags if prediction is not None else None,
             global_map=global_map,
+            predicted_inside=None if prediction is None else _inside_grid(query, prediction),
         )
 
     def _check_against_global(self, query, descriptors, points, prediction, methods, flags) -> np.ndarray:
@@ -249,3 +253,10 @@ class SAMv2Matcher:
         return overruled
 
     __call__ = match
+
+
+def _inside_grid(scan: EmbeddedScan, points_lps: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: the points lie within the scan's fine grid (half a voxel of tolerance)."""
+    voxels = scan.map.world_to_voxel(points_lps)
+    shape = np.array(scan.map.grid_shape)
+    return np.all((voxels >= -0.5) & (voxels <= shape - 0.5), axis=1)

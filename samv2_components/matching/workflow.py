@@ -177,6 +177,11 @@ class MatchPointsd(MapTransform):
         refiner: a :class:`~samv2_components.matching.refinement.LocalIntensityRefiner` to refine every match by
             local intensity registration at native resolution (``None``: embedding matches only). The points file
             then holds the refined position (where accepted) and the embedding match in ``embedding_x/y/z``.
+        report_absent: points whose anatomy is not in the query are reported as absent, not placed: those the
+            global map puts outside the query's field of view (all of them when no global map could be fitted,
+            i.e. the query shares too little with the template). They are left out of the points files and listed
+            in ``matches.json`` under ``absent`` with the reason. Off: every point is placed (and flagged).
+        write_markups: also write the matched points as a 3D Slicer markups file (``<stem>.mrk.json``).
     """
 
     def __init__(
@@ -193,8 +198,12 @@ class MatchPointsd(MapTransform):
         qc_field_of_view_mm: float = 160.0,
         info: Mapping[str, Any] | None = None,
         refiner: LocalIntensityRefiner | None = None,
+        report_absent: bool = False,
+        write_markups: bool = False,
     ):
         super().__init__(keys)
+        self.report_absent = parse_bool(report_absent, "report_absent")
+        self.write_markups = parse_bool(write_markups, "write_markups")
         self.refiner = refiner
         self.template, self.matcher, self.output_dir = template, matcher, output_dir
         self.pred_key, self.modality_key = pred_key, modality_key
@@ -224,6 +233,16 @@ class MatchPointsd(MapTransform):
             d["matches_path"] = self._write(template, query, image, source, result, refinement)
         return d
 
+    def _presence(self, result, n: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """``(present (N,) bool, [(index, reason)] of the absent points)``; everything is present unless
+        ``report_absent``."""
+        present = np.ones(n, dtype=bool)
+        if not self.report_absent:
+            return present, []
+        absent = _absent_reasons(result, n)
+        present[[i for i, _ in absent]] = False
+        return present, absent
+
     def _write(self, template: MatchingTemplate, query: EmbeddedScan, image: MetaTensor, source: str, result, refinement=None) -> str:
         points = template.points
         system = points.coordinate_system
@@ -233,8 +252,12 @@ class MatchPointsd(MapTransform):
             columns.update(refinement.columns())
             embedding = convert_points(refinement.embedding_points_lps, "LPS", system)  # in the file's system
             columns.update({f"embedding_{a}": [round(float(v), 3) for v in embedding[:, i]] for i, a in enumerate("xyz")})
-        matched = PointSet(points.names, convert_points(final_lps, "LPS", system), system, columns)
-        unconfident = [n for n, c in zip(points.names, result.confident) if not c]
+        present, absent = self._presence(result, len(points))
+        matched_all = convert_points(final_lps, "LPS", system)
+        keep = np.flatnonzero(present)
+        matched = PointSet([points.names[i] for i in keep], matched_all[keep], system,
+                           {k: [v[i] for i in keep] for k, v in columns.items()})
+        unconfident = [n for n, c, p in zip(points.names, result.confident, present) if not c and p]
         if unconfident:
             logger.warning(
                 "%s: %d of %d matches below the confidence score %.2f (flagged confident=false): %s",
@@ -244,6 +267,10 @@ class MatchPointsd(MapTransform):
         with atomic_directory(self.output_dir, name) as folder:
             points_file = template.output_file_name
             write_points(matched, os.path.join(folder, points_file))
+            if self.write_markups:
+                stem = points_file[: -len(".csv")] if points_file.endswith(".csv") else os.path.splitext(points_file)[0]
+                if not points_file.endswith(".mrk.json"):
+                    write_points(matched, os.path.join(folder, stem + ".mrk.json"))
             summary = {
                 "template": template.image_path,
                 "template_points": template.points_path,
@@ -256,6 +283,8 @@ class MatchPointsd(MapTransform):
                 "n_points": len(points),
                 "n_confident": int(np.sum(result.confident)),
                 "n_fixed_point": int(sum(m == "fixed_point" for m in result.methods)),
+                "global_map": None if result.global_map is None else result.global_map.summary(),
+                "absent": [{"name": points.names[i], "reason": reason} for i, reason in absent],
                 "refinement": None if refinement is None else {
                     **vars(self.refiner), "similarity": refinement.similarity, "n_refined": int(refinement.accepted.sum())
                 },
@@ -269,8 +298,9 @@ class MatchPointsd(MapTransform):
                         **{k: col[i] for k, col in columns.items()},
                     }
                     for i, (n, t, m, nn) in enumerate(
-                        zip(points.names, points.coords, matched.coords, convert_points(result.nn_points_lps, "LPS", system))
+                        zip(points.names, points.coords, matched_all, convert_points(result.nn_points_lps, "LPS", system))
                     )
+                    if present[i]
                 ],
             }
             with open(os.path.join(folder, "matches.json"), "w", encoding="utf-8") as f:
@@ -278,6 +308,8 @@ class MatchPointsd(MapTransform):
             if self.write_qc:
                 descriptors = template.scan.descriptors_at(template.points_lps)
                 for i, point_name in enumerate(points.names):
+                    if not present[i]:
+                        continue
                     title = (
                         f"{point_name}   score {result.scores[i]:.3f}   {result.methods[i]}"
                         f"{'' if result.confident[i] else '   LOW CONFIDENCE'}"
@@ -293,6 +325,14 @@ class MatchPointsd(MapTransform):
                         field_of_view_mm=self.qc_field_of_view_mm,
                     )
         return os.path.join(self.output_dir, name)
+
+
+def _absent_reasons(result, n: int) -> list[tuple[int, str]]:
+    """``(index, reason)`` of the points whose anatomy the global map says the query does not hold."""
+    if result.global_map is None or not result.global_map.valid:
+        return [(i, "no global map: the query shares too little consistent anatomy with the template") for i in range(n)]
+    return [(i, "the global map puts it outside the query's field of view")
+            for i in range(n) if not result.predicted_inside[i]]
 
 
 def _safe_file_name(name: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from monai.data import MetaTensor
 
+from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import apply_matrix, body_box_corners, body_mask
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
 from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_set, match_support
@@ -68,7 +69,9 @@ class SAMv2RigidPipeline:
             than this fraction of the matches (or when they give no winner).
         support_tolerance_mm: a match supports a transform when it maps within this distance.
         agreement_mm, mi_margin, support_margin, min_support, min_overlap: the selection rules
-            (:func:`~samv2_components.registration.selection.select_candidate`).
+            (:func:`~samv2_components.registration.selection.select_candidate`). ``min_support`` 0.1: measured,
+            the right answer on the CT-MR phantom is supported by 15.5 % of the matches (the shipped CrossSAM
+            weights), a wrong one (a CT turned by 180 deg, search off, refined from the header) by 7.4 %.
         header_overlap_margin_mm: the headers' fields of view must come this close (mm).
         refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
     """
@@ -84,13 +87,13 @@ class SAMv2RigidPipeline:
         agreement_mm: float = 8.0,
         mi_margin: float = 0.05,
         support_margin: float = 0.1,
-        min_support: float = 0.05,
+        min_support: float = 0.1,
         min_overlap: float = 0.3,
         header_overlap_margin_mm: float = 100.0,
         refinement: dict[str, Any] | None = None,
     ):
         if orientation_search not in ("auto", "always", "off"):
-            raise ValueError(f"orientation_search must be 'auto', 'always' or 'off', got {orientation_search!r}")
+            raise SAMv2InputError("orientation_search", f"must be one of auto, always, off; got {orientation_search!r}")
         self.adareg, self.orientation_search = adareg, orientation_search
         self.search_top_k, self.search_grid_spacing_mm = int(search_top_k), float(search_grid_spacing_mm)
         self.search_below_support, self.support_tolerance_mm = float(search_below_support), float(support_tolerance_mm)

@@ -25,6 +25,11 @@ SAMPLES: dict[str, tuple[str, str, str]] = {
     ),
     "ct_abdomen_2_labels": ("ct_abdomen_2_labels.nii.gz", "label", "TotalSegmentator v2 organ labels of ct_abdomen_2"),
     "ct_abdomen_points": ("ct_abdomen_points.csv", "points", "8 organ centroids of ct_abdomen, LPS mm"),
+    "ct_abdomen_landmarks": (
+        "ct_abdomen_landmarks.csv",
+        "points",
+        "26 named landmarks of ct_abdomen derived from its labels (name, LPS mm, definition): the annotated template",
+    ),
     "ct_abdomen_pairs": (
         "ct_abdomen_pairs.csv",
         "pairs",

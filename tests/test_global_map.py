@@ -1,0 +1,89 @@
+"""The global map template -> query (``samv2_components.matching.global_map``) and the matcher's check of every
+answer against it, on the real CT crop and its copy translated by ``helpers.SHIFT_LPS`` (the ``embedded`` fixture:
+a random network is translation-equivariant, so the true map is that translation exactly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import SHIFT_LPS, body_fine_voxels
+from samv2_components.errors import SAMv2InputError
+from samv2_components.matching import SAMv2Matcher
+from samv2_components.matching.global_map import GlobalMap, estimate_global_map
+
+
+def _unbatched(heads):
+    return {k: v[0] for k, v in heads.items()}
+
+
+@pytest.fixture(scope="module")
+def scans(embedded):
+    matcher = SAMv2Matcher()
+    return matcher.prepare(_unbatched(embedded["template"])), matcher.prepare(_unbatched(embedded["shifted"]))
+
+
+def test_the_global_map_of_a_translated_copy_is_that_translation(scans):
+    template, query = scans
+    gm = estimate_global_map(template, query, grid_spacing_mm=12.0)
+    assert gm.valid and gm.n_inliers >= 20 and gm.n_inliers <= gm.n_mutual <= gm.n_candidates
+    np.testing.assert_allclose(gm.matrix[:3, :3], np.eye(3), atol=0.02)
+    np.testing.assert_allclose(gm.matrix[:3, 3], SHIFT_LPS, atol=1.0)
+    points = gm.template_points[gm.inliers][:10]
+    np.testing.assert_allclose(gm(points), points + SHIFT_LPS, atol=1.5)  # smooth part adds ~nothing here
+    assert gm.summary()["template_to_query_lps"][0][0] == pytest.approx(1.0, abs=0.02)
+
+
+def test_no_map_from_too_few_matches(scans):
+    template, query = scans
+    gm = estimate_global_map(template, query, grid_spacing_mm=12.0, min_inliers=100_000)
+    assert not gm.valid and gm.summary()["valid"] is False
+    with pytest.raises(ValueError, match="no global map"):
+        gm([[0.0, 0.0, 0.0]])
+
+
+def test_search_within_finds_the_match_near_a_prediction_and_nothing_outside_the_scan(scans, embedded):
+    template, query = scans
+    _, points, _ = body_fine_voxels(embedded["template"], embedded["template_path"], 8, seed=3)
+    descriptors = template.descriptors_at(points)
+    found, scores = query.search_within(descriptors, points + SHIFT_LPS + [5.0, -4.0, 3.0], radius_mm=12.0, subvoxel=False)
+    np.testing.assert_allclose(found, points + SHIFT_LPS, atol=1e-3)
+    np.testing.assert_allclose(scores, 1.0, atol=1e-3)
+    far, far_scores = query.search_within(descriptors[:2], np.full((2, 3), 5000.0), radius_mm=12.0)
+    assert np.isnan(far).all() and np.isnan(far_scores).all()
+
+
+def test_answers_that_contradict_the_global_map_are_overruled_flagged_and_not_confident(scans, embedded):
+    """Answers moved 60 mm away (as a match on the patient's arm would be) are replaced by the match within the
+    radius of the map's prediction, which here is the true point; the others are left alone."""
+    template, query = scans
+    _, points, _ = body_fine_voxels(embedded["template"], embedded["template_path"], 6, seed=4)
+    matcher = SAMv2Matcher(subvoxel=False, global_consistency=True, global_radius_mm=15.0)
+    truth = points + SHIFT_LPS
+    answers = truth.copy()
+    answers[:3] += [60.0, 0.0, 0.0]
+    methods, flags = ["fixed_point"] * 6, [""] * 6
+    overruled = matcher._check_against_global(query, template.descriptors_at(points), answers, truth, methods, flags)
+    assert overruled.tolist() == [True] * 3 + [False] * 3
+    np.testing.assert_allclose(answers, truth, atol=1e-3)
+    assert methods == ["global_restricted"] * 3 + ["fixed_point"] * 3
+    assert all("60 mm from the global map's prediction" in f for f in flags[:3]) and flags[3:] == [""] * 3
+
+
+def test_matching_with_global_consistency_on_the_translated_copy(scans, embedded):
+    template, query = scans
+    _, points, _ = body_fine_voxels(embedded["template"], embedded["template_path"], 10, seed=6)
+    result = SAMv2Matcher(subvoxel=False, max_distance_mm=20.0, min_fixed_point_score=-1.0,
+                          global_consistency=True).match(template, query, points)
+    assert isinstance(result.global_map, GlobalMap) and result.global_map.valid
+    np.testing.assert_allclose(result.points_lps, points + SHIFT_LPS, atol=1e-4)  # nothing to overrule
+    assert result.flags == [""] * 10 and result.confident.all()
+    columns = result.columns()
+    assert columns["flag"] == [""] * 10 and max(columns["global_distance_mm"]) < 3.0
+
+
+def test_global_settings_are_checked():
+    with pytest.raises(SAMv2InputError, match="global_radius_mm"):
+        SAMv2Matcher(global_radius_mm=-1.0)
+    with pytest.raises(SAMv2InputError, match="global_consistency"):
+        SAMv2Matcher(global_consistency="sometimes")
