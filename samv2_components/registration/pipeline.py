@@ -69,9 +69,10 @@ class SAMv2RigidPipeline:
             than this fraction of the matches (or when they give no winner).
         support_tolerance_mm: a match supports a transform when it maps within this distance.
         agreement_mm, mi_margin, support_margin, min_support, min_overlap: the selection rules
-            (:func:`~samv2_components.registration.selection.select_candidate`). ``min_support`` 0.1: measured,
-            the right answer on the CT-MR phantom is supported by 15.5 % of the matches (the shipped CrossSAM
-            weights), a wrong one (a CT turned by 180 deg, search off, refined from the header) by 7.4 %.
+            (:func:`~samv2_components.registration.selection.select_candidate`); ``min_support`` applies to a pair
+            of one modality, ``min_support_cross_modality`` to a CT-MR pair, whose embeddings agree far less.
+            Measured with the shipped weights: a wrong CT-CT answer (a CT turned by 180 deg, search off, refined
+            from the header) had 7.4 % support, right CT-MR phantom answers 8-15.5 %.
         header_overlap_margin_mm: the headers' fields of view must come this close (mm).
         refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
     """
@@ -87,7 +88,8 @@ class SAMv2RigidPipeline:
         agreement_mm: float = 8.0,
         mi_margin: float = 0.05,
         support_margin: float = 0.1,
-        min_support: float = 0.1,
+        min_support: float = 0.2,
+        min_support_cross_modality: float = 0.05,
         min_overlap: float = 0.3,
         header_overlap_margin_mm: float = 100.0,
         refinement: dict[str, Any] | None = None,
@@ -99,6 +101,7 @@ class SAMv2RigidPipeline:
         self.search_below_support, self.support_tolerance_mm = float(search_below_support), float(support_tolerance_mm)
         self.rules = {"agreement_mm": float(agreement_mm), "mi_margin": float(mi_margin), "support_margin": float(support_margin),
                       "min_support": float(min_support), "min_overlap": float(min_overlap)}
+        self.min_support_cross_modality = float(min_support_cross_modality)
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.refiner = IntensityRefiner(**dict(refinement or {}))
 
@@ -116,8 +119,11 @@ class SAMv2RigidPipeline:
                                                           "refinement_seconds": round(refined.seconds, 2)}))
         return scored
 
-    def _select(self, scored: list[ScoredCandidate], corners_fixed: np.ndarray) -> Selection:
-        return select_candidate(scored, corners_fixed, **self.rules)
+    def _select(self, scored: list[ScoredCandidate], corners_fixed: np.ndarray, same_modality: bool) -> Selection:
+        rules = dict(self.rules)
+        if not same_modality:
+            rules["min_support"] = self.min_support_cross_modality
+        return select_candidate(scored, corners_fixed, **rules)
 
     def _search(self, fixed_image, fixed_heads, moving_image, moving_heads, embed) -> tuple[list[RigidCandidate], list[MatchSet], dict]:
         from samv2_components.registration.orientation import OrientationSearch
@@ -139,13 +145,14 @@ class SAMv2RigidPipeline:
 
     # ------------------------------------------------------------------------------------------------ run
     def rigid(self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor, moving_heads: dict,
-              embed: Callable | None = None) -> RigidRegistration:
+              embed: Callable | None = None, same_modality: bool = False) -> RigidRegistration:
         """Register (module docstring).
 
         Args:
             fixed_image, moving_image: preprocessed scans ``(1, D, H, W)`` (network input, with affines).
             fixed_heads, moving_heads: their embeddings ``{head: (C, d, h, w)}``.
             embed: ``embed(image) -> heads`` for the orientation search (None: no search).
+            same_modality: both scans of one modality (``min_support`` applies, else ``min_support_cross_modality``).
         """
         t0 = time.perf_counter()
         summary: dict[str, Any] = {"pipeline": "samv2"}
@@ -182,7 +189,7 @@ class SAMv2RigidPipeline:
             candidates.append(RigidCandidate("adareg", adareg.fixed_to_moving.copy(), {"n_inliers": adareg.summary.get("n_inliers")}))
         scored = self._score(pair, common, candidates, match_sets)
         corners = self._corners(small, small_corners, scored)
-        selection = self._select(scored, corners)
+        selection = self._select(scored, corners, same_modality)
         weak = not selection.success or selection.winner.support < self.search_below_support
         if embed is not None and (self.orientation_search == "always" or (self.orientation_search == "auto" and weak)):
             found, sets, record = self._search(fixed_image, fixed_heads, moving_image, moving_heads, embed)
@@ -191,7 +198,7 @@ class SAMv2RigidPipeline:
             # the earlier candidates' support is re-measured with the new match sets too: the same footing
             scored = [self._rescore(c, match_sets) for c in scored] + self._score(pair, common, found, match_sets)
             corners = self._corners(small, small_corners, scored)
-            selection = self._select(scored, corners)
+            selection = self._select(scored, corners, same_modality)
         summary["candidates"] = selection.record
         if not selection.success:
             return failed(selection.reason)

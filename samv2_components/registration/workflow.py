@@ -168,7 +168,8 @@ class AdaRegWorkflow:
         from samv2_components.registration.orientation import register_rigid_with_orientation_search
 
         if self.pipeline == "samv2":
-            return self.samv2_pipeline.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self._embed_image)
+            return self.samv2_pipeline.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self._embed_image,
+                                             same_modality=self.modalities["fixed"] == self.modalities["moving"])
 
         return register_rigid_with_orientation_search(
             self.adareg, self._embed_image, fixed_image, fixed_heads, moving_image, moving_heads,
