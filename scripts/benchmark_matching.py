@@ -163,7 +163,7 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         absent_scan = matcher.prepare(pipe.embed(absent_image))
         absent = matcher.match(tp, absent_scan, points, method="fixed_point")
         scores["absent anatomy"] = absent.scores
-    speed = speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed)
+    speed = speed_rows(matcher_of(pipe), tp, qp, template_heads, query_heads, points, seed)
     return rows, notes, fp, absent, scores, speed
 
 
@@ -178,6 +178,11 @@ def _global_note(result) -> str:
 
 
 def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> list[tuple[str, float]]:
+    """Timings of the local steps (the global check off) and, separately, of the global map (once per pair)."""
+    from samv2_components.matching.global_map import estimate_global_map
+
+    global_kwargs = matcher.global_map_kwargs
+    matcher.global_consistency = False  # the local steps alone (a copy made for this section)
     rng = np.random.default_rng(seed)
     many = points[rng.integers(0, len(points), 1000)] + rng.uniform(-3, 3, (1000, 3))
     few = points[:100]
@@ -186,12 +191,14 @@ def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> li
     _, nn_s = _timed(matcher.match, tp, qp, many, method="nearest_neighbour")
     _, ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, many)
     _, fp_s = _timed(matcher.match, tp, qp, few, method="fixed_point")
+    _, global_s = _timed(estimate_global_map, tp, qp, **global_kwargs)
     grid = " x ".join(str(n) for n in qp.map.grid_shape)
     return [
         (f"prepare one scan (fine grid {grid})", prep),
         ("1,000 points, NN coarse-to-fine", nn_s),
         ("1,000 points, NN exhaustive", ex_s),
         ("100 points, fixed-point", fp_s),
+        ("global map of the pair (once per template and query; the global check)", global_s),
     ]
 
 
