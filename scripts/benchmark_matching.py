@@ -115,6 +115,7 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         del query
         template_heads, query_heads = pipe.embed(image), pipe.embed(query_path)
         query_native = load_scan(query_path)  # as the bundle reads it, for the intensity refinement
+        query_image = None if refine else pipe.preprocess(query_path)  # the hard set aligns it (below)
     matcher, local = matcher_of(pipe), matcher_of(pipe, global_consistency=False)
     (tp, qp), prep_s = _timed(lambda: (matcher.prepare(template_heads), matcher.prepare(query_heads)))
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
@@ -132,6 +133,15 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
          "time_s": fp_s, "flagged": _flag_rate(fp)},
     ]
     notes = [_global_note(fp)]
+    if not refine:  # the hard set: also align the query to the template through the global map, then match
+        from samv2_components.matching.align_then_match import align_then_match
+
+        template_image = pipe.preprocess(image)
+        (aligned, was_aligned), align_s = _timed(align_then_match, matcher, tp, template_image, query_image, points,
+                                                 pipe.embed_image, first_result=fp)
+        rows.append({"method": "fixed-point + global + align, then match (bundle default)" if was_aligned else
+                     "align, then match: not triggered (rotation below the threshold)",
+                     **summarize_errors(aligned.points_lps, truth), "time_s": fp_s + align_s, "flagged": _flag_rate(aligned)})
     if refine:
         refined, refine_s = _timed(
             lambda: refiner.refine(template, points, query_native, fp.points_lps,

@@ -38,6 +38,7 @@ from samv2_components.io.embeddings import case_name
 from samv2_components.io.image import load_scan
 from samv2_components.io.point_pairs import is_point_pairs_file, read_point_pairs
 from samv2_components.io.points import PointSet, read_points, write_points
+from samv2_components.matching.align_then_match import align_then_match
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.matcher import SAMv2Matcher
 from samv2_components.matching.refinement import LocalIntensityRefiner
@@ -151,6 +152,13 @@ class MatchingTemplate:
         self.scan = self.matcher.prepare({k: v[0] for k, v in heads.items()})
         return self
 
+    def embed_image(self, image: MetaTensor) -> dict:
+        """``{head: (C, d, h, w)}`` of a preprocessed image ``(1, D, H, W)`` with the template's network and inferer
+        (the query resampled into the template's frame, :mod:`~samv2_components.matching.align_then_match`)."""
+        with torch.no_grad():
+            heads = self.inferer(image[None].to(self.device), self.network)
+        return {k: v[0] for k, v in heads.items()}
+
 
 def _heat_map(template_descriptor: torch.Tensor, query: EmbeddedScan) -> MetaTensor:
     """Similarity ``(1, d, h, w)`` of one template descriptor ``(C,)`` with every query fine voxel, on its grid."""
@@ -182,6 +190,9 @@ class MatchPointsd(MapTransform):
             i.e. the query shares too little with the template). They are left out of the points files and listed
             in ``matches.json`` under ``absent`` with the reason. Off: every point is placed (and flagged).
         write_markups: also write the matched points as a 3D Slicer markups file (``<stem>.mrk.json``).
+        align_min_rotation_deg: when the global map turns the query by at least this much, match again with the
+            query resampled into the template's frame (one more embedding) and map the answers back exactly
+            (:mod:`~samv2_components.matching.align_then_match`); ``None``: never.
     """
 
     def __init__(
@@ -200,8 +211,10 @@ class MatchPointsd(MapTransform):
         refiner: LocalIntensityRefiner | None = None,
         report_absent: bool = False,
         write_markups: bool = False,
+        align_min_rotation_deg: float | None = 15.0,
     ):
         super().__init__(keys)
+        self.align_min_rotation_deg = None if align_min_rotation_deg is None else float(align_min_rotation_deg)
         self.report_absent = parse_bool(report_absent, "report_absent")
         self.write_markups = parse_bool(write_markups, "write_markups")
         self.refiner = refiner
@@ -223,6 +236,12 @@ class MatchPointsd(MapTransform):
             template = self.template.setup()
             query = self.matcher.prepare(d[self.pred_key])
             result = self.matcher.match(template.scan, query, template.points_lps)
+            aligned = False
+            if self.align_min_rotation_deg is not None and self.matcher.global_consistency:
+                result, aligned = align_then_match(
+                    self.matcher, template.scan, template.image, image, template.points_lps, template.embed_image,
+                    first_result=result, min_rotation_deg=self.align_min_rotation_deg,
+                )
             refinement = None
             if self.refiner is not None:
                 refinement = self.refiner.refine(
@@ -230,7 +249,7 @@ class MatchPointsd(MapTransform):
                     same_modality=modality == template.modality,
                     local_linear=self.refiner.local_frames(self.matcher, template.scan, query, template.points_lps),
                 )
-            d["matches_path"] = self._write(template, query, image, source, result, refinement)
+            d["matches_path"] = self._write(template, query, image, source, result, refinement, aligned)
         return d
 
     def _presence(self, result, n: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -243,7 +262,8 @@ class MatchPointsd(MapTransform):
         present[[i for i, _ in absent]] = False
         return present, absent
 
-    def _write(self, template: MatchingTemplate, query: EmbeddedScan, image: MetaTensor, source: str, result, refinement=None) -> str:
+    def _write(self, template: MatchingTemplate, query: EmbeddedScan, image: MetaTensor, source: str, result,
+               refinement=None, aligned: bool = False) -> str:
         points = template.points
         system = points.coordinate_system
         final_lps = result.points_lps if refinement is None else refinement.points_lps
@@ -284,6 +304,7 @@ class MatchPointsd(MapTransform):
                 "n_confident": int(np.sum(result.confident)),
                 "n_fixed_point": int(sum(m == "fixed_point" for m in result.methods)),
                 "global_map": None if result.global_map is None else result.global_map.summary(),
+                "aligned_to_template": aligned,
                 "absent": [{"name": points.names[i], "reason": reason} for i, reason in absent],
                 "refinement": None if refinement is None else {
                     **vars(self.refiner), "similarity": refinement.similarity, "n_refined": int(refinement.accepted.sum())
