@@ -129,8 +129,8 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         {"method": "NN, coarse-to-fine", **summarize_errors(nn.points_lps, truth), "time_s": nn_s, "flagged": _flag_rate(nn)},
         {"method": "fixed-point, local only (the paper)", **summarize_errors(fp_local.points_lps, truth),
          "time_s": fp_local_s, "flagged": _flag_rate(fp_local)},
-        {"method": "fixed-point + global consistency (bundle default)", **summarize_errors(fp.points_lps, truth),
-         "time_s": fp_s, "flagged": _flag_rate(fp)},
+        {"method": "fixed-point + global consistency" + (" (bundle default)" if refine else ""),
+         **summarize_errors(fp.points_lps, truth), "time_s": fp_s, "flagged": _flag_rate(fp)},
     ]
     notes = [_global_note(fp)]
     if not refine:  # the hard set: also align the query to the template through the global map, then match
