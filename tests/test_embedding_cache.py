@@ -4,6 +4,7 @@ numerics is a different entry, and the same weights in another network object ar
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -83,3 +84,48 @@ def test_disabled_cache_passes_through(tmp_path):
     cached(_image(), net)
     cached(_image(), net)
     assert CountingInferer.calls == 2
+
+
+def test_concurrent_writers_of_one_entry_never_leave_a_torn_one(tmp_path):
+    """Two processes embed the same scan into one empty cache at the same time, several times over; a reader polling
+    the cache meanwhile always loads a complete entry, and at the end there is one entry, no temporary file, equal
+    to a fresh computation."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import torch
+        from monai.data import MetaTensor
+        from samv2_components.inference import CachedEmbeddingInferer, SAMv2Inferer
+        from samv2_components.networks import SAMv2Net
+        torch.manual_seed(0)
+        net = SAMv2Net(width=0.25).eval()
+        g = torch.Generator().manual_seed(0)
+        image = MetaTensor(torch.rand((1, 1, 16, 64, 64), generator=g) * 255 - 50, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+        for _ in range(3):
+            for f in {str(cache)!r} and __import__("glob").glob({str(cache / "*.pt")!r}):
+                __import__("os").remove(f)  # a miss every round: every round writes the entry again
+            CachedEmbeddingInferer(SAMv2Inferer(bf16=False, max_tile_voxels=None), {str(cache)!r})(image, net)
+    """)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen([sys.executable, "-c", script], env=env) for _ in range(2)]
+    loads = 0
+    while any(w.poll() is None for w in writers):
+        for path in cache.glob("*.pt") if cache.exists() else []:
+            if path.name.startswith("."):  # a writer's temporary file, not an entry
+                continue
+            try:
+                entry = torch.load(path, weights_only=False)
+            except FileNotFoundError:  # removed between the listing and the load by the next round
+                continue
+            assert set(entry) >= {"fine", "coarse"} and all(e["array"].ndim == 5 for e in entry.values())
+            loads += 1
+        time.sleep(0.01)
+    assert [w.returncode for w in writers] == [0, 0]
+    assert len([p for p in cache.glob("*.pt") if not p.name.startswith(".")]) <= 1
+    assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+    if loads == 0:
+        pytest.skip("the writers never overlapped with a read on this machine")
