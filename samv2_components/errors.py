@@ -161,6 +161,12 @@ def hide_reported_tracebacks() -> None:
     stats_logger = logging.getLogger("monai.handlers.StatsHandler")  # StatsHandler's default name
     if _DROP_REPORTED not in stats_logger.filters:
         stats_logger.addFilter(_DROP_REPORTED)
+    if not stats_logger.handlers:
+        # MONAI's get_logger, when StatsHandler is built later, turns propagation off and adds its stdout handler
+        # only to a logger that does not exist yet: this one exists now, so it needs its own (stderr) handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        stats_logger.addHandler(handler)
     if not debug_wanted():
         logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
 

@@ -55,12 +55,20 @@ def test_writes_every_head_preview_and_summary(sample_ct_run):
 
 @pytest.mark.slow
 def test_random_weights_are_announced(tmp_path):
-    """Without a trained model.pt the bundle still runs, and says on every run that its weights are random."""
+    """A bundle without its shipped models/model.pt still runs, and says on every run that its weights are random;
+    a checkpoint given explicitly that does not exist is an error instead (one line, nothing written)."""
+    import shutil
+
+    bundle = tmp_path / "bundle_without_weights"
+    shutil.copytree(os.path.join(ROOT, "bundles", "semantic_sam", "configs"), bundle / "configs")
     out = tmp_path / "out"
-    result = run_bundle("--ckpt_path", str(tmp_path / "none" / "model.pt"), "--output_dir", str(out), *LIGHT)
+    result = run_bundle("--bundle_root", str(bundle), "--output_dir", str(out), *LIGHT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANDOM weights" in result.stdout + result.stderr
     assert json.loads((out / "ct_abdomen" / "embeddings.json").read_text())["trained_weights_loaded"] is False
+    missing = tmp_path / "none" / "model.pt"
+    refused = run_bundle("--ckpt_path", str(missing), "--output_dir", str(tmp_path / "out2"), *LIGHT)
+    assert refused.returncode != 0 and f"ERROR: {missing}" in refused.stderr and not (tmp_path / "out2").exists()
 
 
 def test_embedding_grids_sit_on_the_input_scan(sample_ct_run):
