@@ -105,18 +105,25 @@ class AdaRegMethod:
         fixed_image, fixed_heads, fixed_s = self._fixed[case.fixed_path]
         moving_image, moving_heads, moving_s = self.embed(case.moving_path, "mr")
         t0 = time.perf_counter()
-        result = register_rigid_with_orientation_search(
-            self.adareg, self.embed_image, fixed_image, fixed_heads, moving_image, moving_heads, mode=self.orientation_search,
-            confirm_below_fraction=self.confirm_below_fraction,
-        )
+        result = self._rigid(fixed_image, fixed_heads, moving_image, moving_heads)
         wall = fixed_s + moving_s + time.perf_counter() - t0
-        summary = result.summary
-        detail = f"inliers {summary.get('n_inliers', '-')}/{summary.get('n_matches_above_score', '-')}"
-        if "orientation_search" in summary:
-            detail += f", orientation search {summary['orientation_search']['seconds']} s"
+        detail = self._detail(result.summary)
+        if "orientation_search" in result.summary:
+            detail += f", orientation search {result.summary['orientation_search']['seconds']} s"
         if not result.success:
             return MethodResult(None, wall, True, f"{result.reason} ({detail})")
         return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
+
+    def _rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
+        """The rigid stage this method benchmarks (a ``RigidRegistration``)."""
+        return register_rigid_with_orientation_search(
+            self.adareg, self.embed_image, fixed_image, fixed_heads, moving_image, moving_heads, mode=self.orientation_search,
+            confirm_below_fraction=self.confirm_below_fraction,
+        )
+
+    @staticmethod
+    def _detail(summary: dict) -> str:
+        return f"inliers {summary.get('n_inliers', '-')}/{summary.get('n_matches_above_score', '-')}"
 
 
 class SearchingAdaRegMethod(AdaRegMethod):
@@ -160,21 +167,12 @@ class SAMv2PipelineMethod(AdaRegMethod):
         super().__init__(*args, **kwargs)
         self.samv2 = self.pipeline.parsed("samv2_pipeline")
 
-    def __call__(self, case: Case) -> MethodResult:
-        if case.fixed_path not in self._fixed:
-            self._fixed[case.fixed_path] = self.embed(case.fixed_path, "ct")
-        fixed_image, fixed_heads, fixed_s = self._fixed[case.fixed_path]
-        moving_image, moving_heads, moving_s = self.embed(case.moving_path, "mr")
-        t0 = time.perf_counter()
-        result = self.samv2.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self.embed_image)
-        wall = fixed_s + moving_s + time.perf_counter() - t0
-        s = result.summary
-        detail = f"winner {s.get('winner', '-')}, support {s.get('support', '-')}, MI {s.get('mi', '-')}"
-        if "orientation_search" in s:
-            detail += f", orientation search {s['orientation_search']['seconds']} s"
-        if not result.success:
-            return MethodResult(None, wall, True, f"{result.reason} ({detail})")
-        return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
+    def _rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
+        return self.samv2.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self.embed_image)
+
+    @staticmethod
+    def _detail(summary: dict) -> str:
+        return f"winner {summary.get('winner', '-')}, support {summary.get('support', '-')}, MI {summary.get('mi', '-')}"
 
 
 class SimpleITKMethod:
