@@ -27,7 +27,10 @@ ITK transform) mapping **fixed** (CT) physical points, LPS mm, to **moving** (MR
    offset moves to ``D(T_ref(p))``). Two case sets (``--orientations``), same random offsets and crops:
    ``acquired`` (the MR as acquired: the reference rotates by ~180 deg, the MR lies head-to-foot reversed relative
    to the CT) and ``aligned`` (``D`` also undoes that reversal with the nearest axis-aligned rotation, so the
-   headers agree up to the random offset, the situation of scans in consistent patient coordinates).
+   headers agree up to the random offset, the situation of scans in consistent patient coordinates). Two more
+   (:func:`~samv2_components.registration.benchmark_cases.make_case_set`): ``slab`` (aligned, the MR cut to an
+   axial slab of 30-60 mm instead of the crop: the paper's small-FOV case) and ``hard`` (aligned, offsets up to
+   45 deg and 80 mm, a 30-60 mm slab).
 3. **Methods** (:mod:`samv2_components.registration.benchmark_methods`; each returns a fixed -> moving 4x4 LPS
    matrix, or a reported failure, and its wall time):
    AdaReg rigid through the bundle's ``configs/inference.json`` (preprocessing, network, weights, inferer,
@@ -70,7 +73,7 @@ import fire
 import numpy as np
 import SimpleITK as sitk
 
-from samv2_components.registration.benchmark_cases import Case, make_cases, undo_axis_aligned_rotation
+from samv2_components.registration.benchmark_cases import CASE_SETS, Case, make_case_set
 from samv2_components.registration.benchmark_methods import (
     IDENTITY,
     AdaRegMethod,
@@ -151,13 +154,7 @@ def _reference_lines(ref: dict, path: str | None) -> list[str]:
     return lines + [""]
 
 
-ORIENTATIONS = {
-    "native": "the pair as it comes (the MR 2 mm as acquired, head-to-foot reversed relative to the CT; no offset, "
-    "no crop; one case)",
-    "acquired": "the MR as acquired (head-to-foot reversed relative to the CT: the reference rotates by ~180 deg)",
-    "aligned": "the MR pre-rotated by the axis-aligned rotation that undoes the reversal (headers agree up to the "
-    "random offset); the same random offsets and crops",
-}
+ORIENTATIONS = CASE_SETS  # the case sets, by name
 
 
 def _result_lines(title: str, cases: list[Case], rows: list[dict], method_names: list[str], skipped: dict,
@@ -228,8 +225,10 @@ def main(
             ``adareg_confirm`` (auto, and a marginal header fit must win a search too),
             ``adareg`` (headers trusted), ``adareg_unchecked`` (diagnostic), ``simpleitk``, ``elastix``, ``ants``.
         orientations: comma-separated case sets: ``native`` (the pair as it comes, one case: D = identity, no
-            crop), ``acquired`` (the MR as acquired with random offsets and crops: T_case = D @ T_ref) and/or
-            ``aligned`` (D also undoes the reference's axis-aligned head-to-foot reversal; same random offsets).
+            crop), ``acquired`` (the MR as acquired with random offsets and crops: T_case = D @ T_ref),
+            ``aligned`` (D also undoes the reference's axis-aligned head-to-foot reversal; same random offsets),
+            ``slab`` (aligned, cut to a 30-60 mm axial slab) and/or ``hard`` (aligned, offsets up to 45 deg and
+            80 mm, a 30-60 mm slab).
         threads: threads of every method (torch, ITK/SimpleITK, elastix, ANTs).
         ckpt: AdaReg weights (default: the bundle's ``models/model.pt``).
         device: torch device of the embedding network.
@@ -261,16 +260,10 @@ def main(
         ref = load_or_derive_reference(reference, log=log, seed=seed, **phantom_files(DATA))
         T_ref = np.asarray(ref["fixed_to_moving"], dtype=np.float64)
         case_sets = {}
-        case_files = {"ct_path": f"{DATA}/ct_2mm.nii.gz", "mr_path": f"{DATA}/mr_t2_2mm.nii.gz"}
         for o in sets:
             log(f"drawing {1 if o == 'native' else num_cases} '{o}' case(s) into {work_dir} ...")
-            flip = undo_axis_aligned_rotation(T_ref) if o == "aligned" else None  # nearest axis-aligned inverse rotation
-            if o == "native":  # the pair as it comes: one case, no offset, no crop
-                case_sets[o] = make_cases(1, seed, T_ref, work_dir, tre_spacing_mm=tre_spacing, max_rotation_deg=0.0,
-                                          max_translation_mm=0.0, crop=False, prefix="native_", **case_files)
-            else:
-                case_sets[o] = make_cases(num_cases, seed, T_ref, work_dir, tre_spacing_mm=tre_spacing,
-                                          pre_rotation=flip, prefix=f"{o}_", **case_files)
+            case_sets[o] = make_case_set(o, num_cases, seed, T_ref, work_dir, f"{DATA}/ct_2mm.nii.gz",
+                                         f"{DATA}/mr_t2_2mm.nii.gz", tre_spacing_mm=tre_spacing)
 
         wanted = [m.strip().lower() for m in str(methods).replace(" ", "").split(",") if m.strip()]
         runners, skipped = [], {}

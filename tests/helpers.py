@@ -111,6 +111,28 @@ def sitk_affine(matrix):
     return t
 
 
+def turned_sample_ct(path: str, rotation: np.ndarray) -> tuple[str, np.ndarray]:
+    """The sample CT turned by ``rotation`` (plus a small oblique rotation and a shift) about its centre, on a 3 mm
+    axis-aligned grid covering the turned scan, written to ``path``; returns it and the true fixed -> moving matrix."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(sample_path("ct_abdomen"), sitk.sitkFloat32)
+    size = np.array(fixed.GetSize())
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2.0).tolist()))
+    turn = np.eye(4)
+    turn[:3, :3] = rotation
+    truth = rigid(7.0, (0.3, 1.0, 0.2), (6.0, -9.0, 4.0)) @ rigid(0.0, (0, 0, 1), centre) @ turn @ rigid(0.0, (0, 0, 1), -centre)
+    corners = np.array([fixed.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)])
+    moved = corners @ truth[:3, :3].T + truth[:3, 3]
+    lo, hi = moved.min(0) - 3.0, moved.max(0) + 3.0
+    grid = sitk.Image([int(v) for v in np.ceil((hi - lo) / 3.0) + 1], sitk.sitkFloat32)
+    grid.SetSpacing((3.0, 3.0, 3.0))
+    grid.SetOrigin(lo.tolist())
+    moving = sitk.Resample(fixed, grid, sitk_affine(np.linalg.inv(truth)), sitk.sitkLinear, -1024.0)
+    sitk.WriteImage(moving, path)
+    return path, truth
+
+
 def sample_ct_tre(estimate: np.ndarray, truth: np.ndarray, n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """TRE (mm) of a fixed -> moving matrix against the truth on ``n`` random points of the sample CT's central
     region; returns the points (LPS) and their errors (needs SimpleITK)."""

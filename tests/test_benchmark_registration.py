@@ -88,19 +88,25 @@ def test_case_image_moves_a_ball_to_the_case_transform():
     assert np.linalg.norm(_bright_centroid(moving) - apply_matrix(offset, ball)[0]) < 1.0
 
 
+def _write_ct_and_mr(tmp_path, ct, reference):
+    """The "MR" (the CT resampled on a 3 mm grid so that the CT point p shows at reference(p), air 0 like an MR)
+    and the two files; returns ``(mr, ct_path, mr_path)``."""
+    corners = apply_matrix(reference, bc.box_corners(*bc.grid_box(ct)))
+    mr = bc.case_image(ct + 1000.0, reference, corners.min(0), corners.max(0), 3.0)
+    ct_path, mr_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz")
+    sitk.WriteImage(ct, ct_path)
+    sitk.WriteImage(mr, mr_path)
+    return mr, ct_path, mr_path
+
+
 def test_make_cases_truth_composes_offset_and_reference(tmp_path):
     """A bright ball at p in the fixed image appears in each case's moving image at T_case(p) = D(T_ref(p))."""
     ball = np.array([-5.0, 8.0, -4.0])
     ct = _synthetic_ct(ball)
     reference = rigid_matrix(axis_angle_rotation([0, 1, 0], 180.0) @ axis_angle_rotation([1, 0, 0], 8.0),
                                 translation=(6.0, -9.0, 4.0))
-    # the "MR": the CT resampled so that the CT point p shows at reference(p)
-    corners = apply_matrix(reference, bc.box_corners(*bc.grid_box(ct)))
-    mr = bc.case_image(ct + 1000.0, reference, corners.min(0), corners.max(0), 3.0)  # air 0, like an MR
+    mr, ct_path, mr_path = _write_ct_and_mr(tmp_path, ct, reference)
     assert np.linalg.norm(_bright_centroid(mr, 2500) - apply_matrix(reference, ball)[0]) < 1.0
-    ct_path, mr_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz")
-    sitk.WriteImage(ct, ct_path)
-    sitk.WriteImage(mr, mr_path)
     cases = bc.make_cases(3, seed=1, reference=reference, work_dir=str(tmp_path / "cases"), ct_path=ct_path,
                           mr_path=mr_path, keep_range=(0.9, 0.95), tre_spacing_mm=6.0, min_points=20)
     assert len(cases) == 3
@@ -117,16 +123,42 @@ def test_make_cases_truth_composes_offset_and_reference(tmp_path):
         assert case.info["rotation_deg"] <= 20.0 and np.all(np.abs(case.info["translation_mm"]) <= 40.0)
 
 
+def test_slab_cases_cut_the_moving_scan_to_an_axial_slab(tmp_path):
+    """``slab_mm``: the moving image spans only the drawn thickness along z (LPS), and the truth still composes."""
+    ball = np.array([-5.0, 8.0, -4.0])
+    ct = _synthetic_ct(ball)
+    reference = rigid_matrix(axis_angle_rotation([1, 0, 0], 8.0), translation=(6.0, -9.0, 4.0))
+    mr, ct_path, mr_path = _write_ct_and_mr(tmp_path, ct, reference)
+    cases = bc.make_cases(2, seed=3, reference=reference, work_dir=str(tmp_path / "cases"), ct_path=ct_path,
+                          mr_path=mr_path, slab_mm=(30.0, 40.0), tre_spacing_mm=6.0, min_points=20, spacing_mm=3.0)
+    for case in cases:
+        thickness = case.info["crop_keep"]["slab_mm"]
+        assert 30.0 <= thickness <= 40.0 and set(case.info["crop_keep"]) == {"slab_mm"}
+        lo, hi = bc.grid_box(sitk.ReadImage(case.moving_path))
+        assert thickness - 3.0 <= hi[2] - lo[2] <= thickness + 3.0 + 1e-6  # one 3 mm voxel of rounding either side
+        assert np.allclose(case.truth, case.offset @ reference)
+        assert bc.image_box_contains(sitk.ReadImage(case.moving_path), apply_matrix(case.truth, case.points), 0.0).all()
+
+
+def test_case_sets_draw_what_their_names_say(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(bc, "make_cases", lambda n, seed, reference, work_dir, **kw: drawn.setdefault(kw["prefix"], kw) and [])
+    reference = rigid_matrix(axis_angle_rotation([0, 1, 0], 178.0), translation=(1.0, 2.0, 3.0))
+    for kind in ("aligned", "acquired", "slab", "hard"):
+        bc.make_case_set(kind, 2, 0, reference, "/unused", "ct.nii.gz", "mr.nii.gz")
+    assert drawn["acquired_"]["pre_rotation"] is None and drawn["aligned_"]["pre_rotation"] is not None
+    assert drawn["slab_"]["slab_mm"] == (30.0, 60.0) and "max_rotation_deg" not in drawn["slab_"]
+    assert drawn["hard_"]["max_rotation_deg"] == 45.0 and drawn["hard_"]["max_translation_mm"] == 80.0
+    with pytest.raises(ValueError, match="case set must be one of"):
+        bc.make_case_set("sideways", 2, 0, reference, "/unused", "ct.nii.gz", "mr.nii.gz")
+
+
 def test_native_case_is_the_pair_as_it_comes(tmp_path):
     """The 'native' set: no offset and no crop, so the truth is the reference and the moving image spans the MR."""
     ball = np.array([-5.0, 8.0, -4.0])
     ct = _synthetic_ct(ball)
     reference = rigid_matrix(axis_angle_rotation([0, 1, 0], 180.0), translation=(6.0, -9.0, 4.0))
-    corners = apply_matrix(reference, bc.box_corners(*bc.grid_box(ct)))
-    mr = bc.case_image(ct + 1000.0, reference, corners.min(0), corners.max(0), 3.0)
-    ct_path, mr_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "mr.nii.gz")
-    sitk.WriteImage(ct, ct_path)
-    sitk.WriteImage(mr, mr_path)
+    mr, ct_path, mr_path = _write_ct_and_mr(tmp_path, ct, reference)
     (case,) = bc.make_cases(1, seed=0, reference=reference, work_dir=str(tmp_path / "cases"), ct_path=ct_path,
                             mr_path=mr_path, max_rotation_deg=0.0, max_translation_mm=0.0, crop=False,
                             tre_spacing_mm=6.0, min_points=20, spacing_mm=3.0)

@@ -1,6 +1,7 @@
-"""The ``samv2`` registration pipeline (``samv2_components.registration``: candidates, intensity_refinement,
-selection, pipeline): each step against known transforms, the refusal rules on constructed candidates, and the
-no-overlap refusal. The bundle's end-to-end run with this default is ``test_adareg.py``'s known rigid transform;
+"""The ``samv2`` registration pipeline (``samv2_components.registration``: candidates, turn_search,
+intensity_refinement, selection, pipeline): each step against known transforms (the footprint refinement and score
+on a slab of the sample CT, the translation vote, the coarse turn ranking on the sample CT turned by 180 deg), the
+refusal rules on constructed candidates, and the no-overlap refusal. The bundle's end-to-end run with this default is ``test_adareg.py``'s known rigid transform;
 the no-overlap run through ``samv2 register`` is ``slow``."""
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from samv2_components.registration import (  # noqa: E402
     select_candidate,
 )
 from samv2_components.registration.intensity_baselines import sitk_transform_to_matrix  # noqa: E402
-from samv2_components.registration.intensity_refinement import mattes_mi, overlap_mask  # noqa: E402
+from samv2_components.registration.candidates import translation_vote  # noqa: E402
+from samv2_components.registration.intensity_refinement import footprint_mi, overlap_mask  # noqa: E402
 from samv2_components.registration.pipeline import fov_gap_mm  # noqa: E402
 from samv2_components.sample_data import sample_path  # noqa: E402
 
-from helpers import rigid, sample_ct_tre, sitk_affine  # noqa: E402
+from helpers import rigid, sample_ct_tre, sitk_affine, turned_sample_ct  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +73,61 @@ def test_overlap_mask_and_fraction_follow_the_transform(ct_pair):
     assert sitk.GetArrayViewFromImage(dilated).sum() > sitk.GetArrayViewFromImage(mask).sum()
 
 
-def test_refiner_recovers_a_known_transform_and_scores_it_higher(ct_pair):
+@pytest.fixture(scope="module")
+def slab_pair(ct_pair):
+    """The ``ct_pair`` with the moving scan cut to a 40 mm axial slab through the middle: the small-FOV case."""
     pair, truth = ct_pair
+    moving = pair.moving
+    size = list(moving.GetSize())
+    thickness = int(round(40.0 / moving.GetSpacing()[2]))
+    start = [0, 0, (size[2] - thickness) // 2]
+    slab = sitk.RegionOfInterest(moving, [size[0], size[1], thickness], start)
+    body = sitk.Cast(slab > -300.0, sitk.sitkUInt8)
+    return ScanPair(pair.fixed, slab, pair.fixed_body, body, small="moving"), truth
+
+
+def test_refiner_recovers_a_known_transform_on_a_slab_and_scores_it_higher(slab_pair):
+    """Refined on the slab's footprint, a start 5 deg / 10 mm off lands on the truth; the truth refined stays there
+    (sampling on the large scan let it slide off the anatomy: 54 mm on the phantom benchmark)."""
+    pair, truth = slab_pair
     refiner = IntensityRefiner(shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 1.0))
-    common = refiner.common_mask(pair)
     start = rigid(5.0, (0.0, 1.0, 0.3), (-7.0, 6.0, -4.0)) @ truth
-    refined = refiner(pair, "start", start, common)
-    assert not refined.error and sample_ct_tre(refined.fixed_to_moving, truth)[1].mean() < 1.5
-    mi_start = mattes_mi(pair.fixed, pair.moving, start, common)
+    refined = refiner(pair, "start", start)
+    assert not refined.error and sample_ct_tre(refined.fixed_to_moving, truth)[1].mean() < 2.0
+    stay = refiner(pair, "truth", truth)
+    assert sample_ct_tre(stay.fixed_to_moving, truth)[1].mean() < 1.5
+    mi_start = footprint_mi(pair, start, pair.footprint(refiner.overlap_margin_mm))
     assert refined.mi > mi_start + 0.05 and refined.overlap_fraction > 0.9
     # a start with no overlap is not refined and says why
-    far = refiner(pair, "far", rigid(0.0, (0, 0, 1), (0.0, 0.0, 3000.0)), common)
+    far = refiner(pair, "far", rigid(0.0, (0, 0, 1), (0.0, 0.0, 3000.0)), min_overlap=0.0)
     assert far.error.startswith("body overlap 0.00") and np.isnan(far.mi)
+
+
+def test_footprint_score_uses_the_same_samples_and_penalises_leaving_the_large_scan(slab_pair):
+    """The slab placed at its true height scores higher than the slab slid 60 mm along the body, and a pose that
+    maps it outside the CT scores nothing (those voxels meet the background)."""
+    pair, truth = slab_pair
+    footprint = pair.footprint(10.0)
+    right = footprint_mi(pair, truth, footprint)
+    slid = footprint_mi(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 60.0)) @ truth, footprint)
+    outside = footprint_mi(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 400.0)) @ truth, footprint)
+    assert right > slid + 0.05 and slid > outside and outside == 0.0
+    # small and large swap roles: the score is the same map seen from the other side
+    swapped = ScanPair(pair.moving, pair.fixed, pair.moving_body, pair.fixed_body, small="fixed")
+    assert footprint_mi(swapped, np.linalg.inv(truth), footprint) == pytest.approx(right, rel=1e-6)
+
+
+def test_translation_vote_finds_the_shift_one_match_in_ten_agrees_on():
+    rng = np.random.default_rng(0)
+    rotation = rigid(30.0, (0.2, 0.3, 1.0), (0, 0, 0))[:3, :3]
+    shift = np.array([12.0, -40.0, 25.0])
+    fixed = rng.uniform(-120, 120, (600, 3))
+    moving = fixed @ rotation.T + shift + rng.normal(0.0, 1.5, (600, 3))
+    wrong = rng.random(600) >= 0.1  # nine in ten matches land anywhere
+    moving[wrong] = rng.uniform(-150, 150, (int(wrong.sum()), 3))
+    t, count = translation_vote(MatchSet("m", fixed, moving, np.ones(600)), rotation, bandwidth_mm=10.0)
+    assert np.linalg.norm(t - shift) < 1.5 and count >= 0.08 * 600
+    assert translation_vote(MatchSet("none", np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0)), rotation)[1] == 0
 
 
 def test_header_candidate_aligns_the_body_centres():
@@ -150,6 +195,19 @@ def test_selection_refuses_without_overlap_or_support():
     assert sel.success and sel.winner.name == "a"
 
 
+def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
+    """Rule 5: a candidate turned 180 deg that leads the best upright answer by less than turn_margin is a refusal
+    (a thin slab looks alike turned about the anterior axis); by more, it wins."""
+    turned = lambda name, mi: ScoredCandidate(name, rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), mi, 0.3, 0.9)  # noqa: E731
+    sel = select_candidate([turned("turned", 0.54), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
+    assert not sel.success and "turned 180 deg" in sel.reason and sel.record["rival"] == "upright"
+    sel = select_candidate([turned("turned", 0.60), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
+    assert sel.success and sel.winner.name == "turned"
+    # an upright winner needs only the ordinary margin over a turned rival
+    sel = select_candidate([_candidate("upright", mi=0.54), turned("turned", 0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
+    assert sel.success and sel.winner.name == "upright"
+
+
 def test_fov_gap_of_scans_two_metres_apart():
     image = MetaTensor(torch.zeros(1, 10, 10, 10), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64)))
     far_affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
@@ -180,3 +238,25 @@ def test_scans_without_overlap_are_refused_with_exit_3(tmp_path, capsys):
     assert sorted(os.listdir(folder)) == ["summary.json"]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["confidence"]["success"] is False and summary["confidence"]["pipeline"] == "samv2"
+
+
+def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
+    """The sample CT turned head-to-foot (180 deg about y, plus 7 deg and a shift) and preprocessed by the bundle:
+    the coarse intensity ranking puts the true turn first, with a coarse pose close enough for the refinement."""
+    from samv2_components.geometry import body_mask
+    from samv2_components.inference import BundlePipeline
+    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.registration.turn_search import IntensityTurnSearch
+
+    path, truth = turned_sample_ct(str(tmp_path / "ct_turned.nii.gz"), np.diag([-1.0, 1.0, -1.0]))
+    bundle = BundlePipeline(os.path.join(os.path.dirname(__file__), "..", "bundles", "crosssam_registration"))
+    fixed, moving = bundle.preprocess(sample_path("ct_abdomen"), "ct"), bundle.preprocess(path, "ct")
+    pair = ScanPair.from_metatensors(fixed, body_mask(fixed), moving, body_mask(moving))
+    ranked, record = IntensityTurnSearch()(pair, moving, IntensityRefiner())
+    assert len(ranked) == 24 and len({c.index for c in ranked}) == 24 and record["level_mm"] == pytest.approx(8.0)
+    best = ranked[0]
+    assert best.registered and rotation_angle_deg(np.linalg.inv(truth) @ best.fixed_to_moving) < 15.0
+    assert sample_ct_tre(best.fixed_to_moving, truth)[1].mean() < 20.0
+    # the header orientation (turn 0) is far from it
+    (upright,) = [c for c in ranked if c.index == 0]
+    assert rotation_angle_deg(np.linalg.inv(truth) @ upright.fixed_to_moving) > 90.0

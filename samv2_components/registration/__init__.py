@@ -27,16 +27,18 @@ from samv2_components.registration.orientation import (
     register_rigid_with_orientation_search,
     rotate_volume,
 )
-from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_support
+from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_support, translation_vote
 from samv2_components.registration.intensity_refinement import IntensityRefiner, RefinedCandidate, ScanPair
 from samv2_components.registration.pipeline import PIPELINES, SAMv2RigidPipeline
 from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
+from samv2_components.registration.turn_search import IntensityTurnSearch, TurnCandidate
 from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
 from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
 
 __all__ = [
     "AdaReg",
     "IntensityRefiner",
+    "IntensityTurnSearch",
     "MatchSet",
     "PIPELINES",
     "RefinedCandidate",
@@ -45,9 +47,11 @@ __all__ = [
     "ScanPair",
     "ScoredCandidate",
     "Selection",
+    "TurnCandidate",
     "header_candidate",
     "match_support",
     "select_candidate",
+    "translation_vote",
     "AdaRegWorkflow",
     "RegistrationFailed",
     "RigidRegistration",

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "BODY_HU",
+    "CASE_SETS",
     "Case",
     "apply_matrix",
     "axis_angle_rotation",
@@ -41,6 +42,7 @@ __all__ = [
     "grid_box",
     "image_box_contains",
     "largest_component",
+    "make_case_set",
     "make_cases",
     "mask_centroid",
     "matrix_to_sitk_transform",
@@ -228,6 +230,7 @@ def make_cases(
     pre_rotation: np.ndarray | None = None,
     prefix: str = "case",
     crop: bool = True,
+    slab_mm: tuple[float, float] | None = None,
 ) -> list[Case]:
     """Draw ``n`` cases (seeded) of the CT ``ct_path`` against the MR ``mr_path`` and write their moving images
     to ``work_dir`` (NIfTI; default a new temporary folder).
@@ -248,6 +251,8 @@ def make_cases(
     headers agree up to the random offset). ``T_case = D @ T_ref`` holds for either.
 
     ``crop=False`` keeps the whole (offset) MR grid (the "native" set: no offset, no crop, the pair as it comes).
+    ``slab_mm=(a, b)`` crops instead to an axial slab (along LPS z, the scanner's table axis) of thickness
+    ``U(a, b)`` mm at a random height within the (offset) MR body: the small-FOV case of the paper.
     """
     if reference is None:
         raise ValueError("make_cases needs the reference fixed -> moving matrix")
@@ -277,8 +282,13 @@ def make_cases(
         lo, hi = content.min(0), content.max(0)
         body = apply_matrix(offset, body_corners)
         b_lo, b_hi = body.min(0), body.max(0)
-        axes = sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist()) if crop else []
+        axes = sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist()) if crop and not slab_mm else []
         kept = {}
+        if slab_mm:
+            thickness = float(rng.uniform(*slab_mm))
+            start = b_lo[2] + rng.uniform(0.0, 1.0) * max(0.0, b_hi[2] - b_lo[2] - thickness)
+            lo[2], hi[2] = max(lo[2], start), min(hi[2], start + thickness)
+            kept["slab_mm"] = round(thickness, 1)
         for ax in axes:
             keep = float(rng.uniform(*keep_range))
             length = (b_hi[ax] - b_lo[ax]) * keep
@@ -298,8 +308,36 @@ def make_cases(
                 "rotation_deg": round(abs(angle), 1),
                 "axis": np.round(axis, 3).tolist(),
                 "translation_mm": np.round(translation, 1).tolist(),
-                "crop_keep": kept,
+                "crop_keep": kept,  # kept fraction of the body extent per axis, or the slab thickness
                 "moving_size": list(moving.GetSize()),
             })
         )
     return cases
+
+
+#: the benchmark's case sets: what each draws (``make_case_set``)
+CASE_SETS = {
+    "native": "the pair as it comes (the MR 2 mm as acquired, head-to-foot reversed relative to the CT; no offset, "
+    "no crop; one case)",
+    "acquired": "the MR as acquired (head-to-foot reversed relative to the CT: the reference rotates by ~180 deg)",
+    "aligned": "the MR pre-rotated by the axis-aligned rotation that undoes the reversal (headers agree up to the "
+    "random offset); the same random offsets and crops",
+    "slab": "the MR aligned as in 'aligned', offset as there (up to 20 deg, 40 mm) and cut to an axial slab of 30-60 mm "
+    "(the paper's small-FOV case)",
+    "hard": "the MR aligned, offset by up to 45 deg about a random axis and 80 mm per axis, and cut to an axial slab of "
+    "30-60 mm",
+}
+
+
+def make_case_set(kind: str, n: int, seed: int, reference: np.ndarray, work_dir: str, ct_path: str, mr_path: str,
+                  tre_spacing_mm: float = 8.0) -> list[Case]:
+    """Draw one of :data:`CASE_SETS` (``n`` cases, seeded; ``native`` is one case) with :func:`make_cases`."""
+    if kind not in CASE_SETS:
+        raise ValueError(f"case set must be one of {', '.join(CASE_SETS)}, got {kind!r}")
+    files = {"ct_path": ct_path, "mr_path": mr_path, "tre_spacing_mm": tre_spacing_mm, "prefix": f"{kind}_"}
+    if kind == "native":  # no offset, no crop
+        return make_cases(1, seed, reference, work_dir, max_rotation_deg=0.0, max_translation_mm=0.0, crop=False, **files)
+    flip = None if kind == "acquired" else undo_axis_aligned_rotation(reference)  # nearest axis-aligned inverse
+    extra = {"slab": {"slab_mm": (30.0, 60.0)},
+             "hard": {"slab_mm": (30.0, 60.0), "max_rotation_deg": 45.0, "max_translation_mm": 80.0}}.get(kind, {})
+    return make_cases(n, seed, reference, work_dir, pre_rotation=flip, **extra, **files)

@@ -1,14 +1,20 @@
 """Rigid starting points of the ``samv2`` registration pipeline: what SAM proposes before intensity refines.
 
-Three kinds of candidate, all sharing one embedding of each scan (the orientation search embeds the moving scan
-once per turn, the candidates it yields reuse those):
+Kinds of candidate, all sharing one embedding of each scan (the moving scan is embedded once more for each turn
+the pipeline looks at):
 
 * ``header``: the scans' headers trusted for the orientation (identity rotation) and the body centres aligned
   (a pure translation): the start an intensity registration takes;
 * ``adareg``: AdaReg's robust rigid fit of the embedding matches at the header orientation
   (:meth:`~samv2_components.registration.adareg.AdaReg.rigid`);
-* ``orientation_<k>``: the best few successful fits of the orientation search over the 24 axis-aligned turns of
-  the moving scan (:class:`~samv2_components.registration.orientation.OrientationSearch`, scored as there).
+* ``vote``: the translation most embedding matches agree on, the rotation given (:func:`translation_vote`). One
+  correct match in ten is enough: a translation has three unknowns and every match proposes it alone, so the
+  correct ones pile up at one spot while wrong ones scatter; AdaReg's rigid fit needs 3 matches at once to be
+  right and fails first when the embeddings of two modalities agree poorly;
+* ``turn_<k>``, ``adareg_turn_<k>``, ``vote_turn_<k>``: the same for the moving scan turned by the ``k``-th of the
+  24 axis-aligned rotations that the coarse intensity ranking
+  (:class:`~samv2_components.registration.turn_search.IntensityTurnSearch`) puts first: its coarse pose, AdaReg's
+  fit and the translation vote of the turned scan's matches.
 
 Every candidate's embedding matches are kept as a :class:`MatchSet`, so a refined transform can later be checked
 against what SAM saw (:func:`match_support`), whichever candidate it came from.
@@ -29,7 +35,7 @@ from monai.data import MetaTensor
 from samv2_components.geometry import affine_and_space, apply_matrix, voxel_to_world
 from samv2_components.registration.adareg import RigidRegistration
 
-__all__ = ["MatchSet", "RigidCandidate", "body_centre", "header_candidate", "match_set", "match_support"]
+__all__ = ["MatchSet", "RigidCandidate", "body_centre", "header_candidate", "match_set", "match_support", "translation_vote", "vote_candidate"]
 
 
 @dataclass
@@ -53,7 +59,8 @@ class RigidCandidate:
     """A rigid starting point.
 
     Attributes:
-        name: ``"header"``, ``"adareg"`` or ``"orientation_<k>"`` (``k``: the search's rotation index).
+        name: ``"header"``, ``"adareg"``, ``"vote"``, ``"turn_<k>"``, ``"adareg_turn_<k>"`` or ``"vote_turn_<k>"``
+            (``k``: the turn's index in the 24 axis-aligned rotations).
         fixed_to_moving: 4x4 LPS mm, fixed point -> moving point.
         info: what produced it (JSON-ready: inliers, search score, ...).
     """
@@ -108,3 +115,37 @@ def match_support(fixed_to_moving: np.ndarray, match_sets: list[MatchSet], toler
         if fraction > best:
             best, name = fraction, s.name
     return best, name
+
+
+def translation_vote(matches: MatchSet, rotation: np.ndarray, bandwidth_mm: float = 10.0,
+                     chunk: int = 512) -> tuple[np.ndarray, int]:
+    """The translation most matches agree on, the rotation given.
+
+    Each match ``(f, m)`` votes ``t = m - R f``; the vote with the most others within ``bandwidth_mm`` wins and
+    the mean of those is the answer (one mean-shift step from the densest vote).
+
+    Args:
+        matches: fixed/moving point pairs ``(N, 3)`` (LPS mm).
+        rotation: 3x3 rotation of the fixed -> moving map.
+        bandwidth_mm: votes this close agree.
+        chunk: rows of the pairwise distance matrix computed at once (memory bound).
+
+    Returns:
+        ``(translation (3,), number of agreeing votes)``; ``(zeros, 0)`` without matches.
+    """
+    votes = np.asarray(matches.moving_points, dtype=np.float64) - np.asarray(matches.fixed_points, dtype=np.float64) @ np.asarray(rotation, dtype=np.float64).T
+    if len(votes) == 0:
+        return np.zeros(3), 0
+    counts = np.concatenate([(np.linalg.norm(votes[i:i + chunk, None] - votes[None], axis=2) <= bandwidth_mm).sum(1)
+                             for i in range(0, len(votes), chunk)])
+    best = int(np.argmax(counts))
+    near = np.linalg.norm(votes - votes[best], axis=1) <= bandwidth_mm
+    return votes[near].mean(0), int(counts[best])
+
+
+def vote_candidate(name: str, matches: MatchSet, rotation: np.ndarray, bandwidth_mm: float) -> RigidCandidate:
+    """A candidate with ``rotation`` (3x3, fixed -> moving) and the translation of :func:`translation_vote`."""
+    translation, count = translation_vote(matches, rotation, bandwidth_mm)
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation, translation
+    return RigidCandidate(name, matrix, {"votes": count, "of": int(len(matches.fixed_points))})

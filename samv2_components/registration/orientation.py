@@ -41,6 +41,7 @@ __all__ = [
     "ORIENTATION_SEARCH_MODES",
     "axis_aligned_rotations",
     "rotate_volume",
+    "turn_world_rotation",
     "OrientationCandidate",
     "OrientationSearch",
     "register_rigid_with_orientation_search",
@@ -102,6 +103,14 @@ def rotate_volume(image: MetaTensor, voxel_rotation: np.ndarray) -> tuple[MetaTe
     return rotated, world_map
 
 
+def turn_world_rotation(image: MetaTensor, voxel_rotation: np.ndarray) -> np.ndarray:
+    """The 3x3 world rotation (LPS) that :func:`rotate_volume` applies to ``image`` for ``voxel_rotation``:
+    ``A S A^-1`` with ``A`` the affine's linear part (a rotation when the voxels are cubes)."""
+    affine, space = affine_and_space(image)
+    linear = convert_affine(affine, space, "LPS")[:3, :3]
+    return linear @ np.asarray(voxel_rotation, dtype=np.float64) @ np.linalg.inv(linear)
+
+
 @dataclass
 class OrientationCandidate:
     """One tried orientation: ``rotation`` (3x3, the world rotation applied to the moving scan), its rigid result
@@ -161,10 +170,12 @@ class OrientationSearch:
             ratio = (adareg.grid_spacing_mm / self.scoring.grid_spacing_mm) ** 3
             self.scoring.min_inliers = max(6, int(round(adareg.min_inliers * ratio)))
 
-    def _candidate(self, index, s, fixed_image, fixed_heads, moving_image, adareg: AdaReg | None = None,
+    def try_turn(self, index, s, fixed_image, fixed_heads, moving_image, adareg: AdaReg | None = None,
                    embedded: tuple | None = None) -> tuple[OrientationCandidate, tuple]:
-        """Register the moving scan turned by ``s``; returns the candidate and ``(rotated, heads, world_map)``
-        (``embedded``: that triple from an earlier call, to refit without embedding again)."""
+        """Register the moving scan turned by ``s`` (AdaReg's fit on the search grid, or ``adareg``'s own); returns
+        the candidate, its result composed back to the moving scan (matched points in the moving scan's space
+        too), and ``(rotated, heads, world_map)`` (``embedded``: that triple from an earlier call, to refit
+        without embedding again)."""
         t0 = time.perf_counter()
         if embedded is None:
             rotated, world_map = rotate_volume(moving_image, s)
@@ -202,7 +213,7 @@ class OrientationSearch:
         candidates, kept = [], None  # kept: (score, embedded) of the best successful candidate, for its refit
         for i, s in enumerate(rotations):
             embedded = (moving_image, moving_heads, np.eye(4)) if i == 0 and moving_heads is not None else None
-            candidate, embedded = self._candidate(i, s, fixed_image, fixed_heads, moving_image, embedded=embedded)
+            candidate, embedded = self.try_turn(i, s, fixed_image, fixed_heads, moving_image, embedded=embedded)
             if candidate.result.success and (kept is None or candidate.score > kept[0]):
                 kept = (candidate.score, embedded)
             candidates.append(candidate)
@@ -238,7 +249,7 @@ class OrientationSearch:
                 return failed, candidates
         final = best
         if self.scoring.grid_spacing_mm != self.adareg.grid_spacing_mm:  # refit the winner with the full settings
-            final, _ = self._candidate(best.index, rotations[best.index], fixed_image, fixed_heads, moving_image,
+            final, _ = self.try_turn(best.index, rotations[best.index], fixed_image, fixed_heads, moving_image,
                                        self.adareg, embedded=kept[1])
         record["seconds"] = round(time.perf_counter() - t0, 2)
         final.result.summary["orientation_search"] = record

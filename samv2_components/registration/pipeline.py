@@ -4,16 +4,19 @@ intensity refines, the bundle checks.
 1. **Preconditions.** Both scans have a body; their fields of view, as the headers place them, come within
    ``header_overlap_margin_mm`` of each other (scans two metres apart are refused, not "registered" by anatomy
    alone; set a large margin for headers in unrelated frames of reference).
-2. **Candidates** (:mod:`~samv2_components.registration.candidates`): the header start (identity rotation, body
-   centres aligned) and AdaReg's robust rigid fit at the header orientation; with the orientation search
-   (``orientation_search``: ``"auto"``: only when these give no confident answer, ``"always"``, ``"off"``) also
-   the ``search_top_k`` best successful turns of the 24 axis-aligned orientations of the moving scan.
-3. **Refinement** (:mod:`~samv2_components.registration.intensity_refinement`): rigid Mattes-MI registration from
-   every candidate on the region both scans cover under it.
-4. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on a
-   common mask and by the support of SAM's matches (within ``support_tolerance_mm``); the best wins, or the run
-   refuses when the best two answers disagree and neither clearly wins, when nothing overlaps, or when SAM
-   supports none of them.
+2. **Candidates at the header orientation** (:mod:`~samv2_components.registration.candidates`): the header start
+   (identity rotation, body centres aligned), AdaReg's robust rigid fit of the embedding matches, and the
+   translation those matches vote for.
+3. **Candidates at other orientations**, under ``orientation_search`` (``"auto"``: only when step 2 gives no
+   well-supported answer, ``"always"``, ``"off"``): the 24 axis-aligned turns of the moving scan ranked cheaply by
+   intensity at a coarse level (:mod:`~samv2_components.registration.turn_search`); the ``search_top_k`` best are
+   embedded and give their coarse pose, AdaReg's fit and the translation vote of their matches.
+4. **Refinement** (:mod:`~samv2_components.registration.intensity_refinement`): rigid Mattes-MI registration from
+   every candidate on the small-FOV scan's footprint.
+5. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on the
+   small scan's footprint (the same samples for all) and by the support of SAM's matches (within
+   ``support_tolerance_mm``); the best wins, or the run refuses when the best two answers disagree and neither
+   clearly wins, when nothing overlaps, or when SAM supports none of them.
 
 The result is a :class:`~samv2_components.registration.adareg.RigidRegistration` (the workflow crops and refines
 deformably from it as from AdaReg's); ``summary["candidates"]`` names every candidate, its refined scores and the
@@ -32,9 +35,17 @@ from monai.data import MetaTensor
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import apply_matrix, body_box_corners, body_mask
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
-from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_set, match_support
+from samv2_components.registration.candidates import (
+    MatchSet,
+    RigidCandidate,
+    header_candidate,
+    match_set,
+    match_support,
+    vote_candidate,
+)
 from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair
 from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
+from samv2_components.registration.turn_search import IntensityTurnSearch
 
 __all__ = ["PIPELINES", "SAMv2RigidPipeline", "fov_gap_mm"]
 
@@ -61,29 +72,30 @@ class SAMv2RigidPipeline:
     """Candidates from the embeddings, intensity refinement, selection with refusal (module docstring).
 
     Args:
-        adareg: the AdaReg settings (body masks, matches, its candidate; the orientation search's fits).
+        adareg: the AdaReg settings (body masks, matches, its fits).
         orientation_search: ``"auto"``, ``"always"`` or ``"off"``.
-        search_top_k: best successful turns of the search that become candidates.
-        search_grid_spacing_mm: point grid of the search's fits.
-        search_below_support: under ``"auto"``, search when the header candidates' winner is supported by less
-            than this fraction of the matches (or when they give no winner).
+        search_top_k: turns of the coarse intensity ranking that are embedded and give candidates.
+        search_below_support: under ``"auto"``, look at other orientations when the header orientation's winner is
+            supported by less than this fraction of the matches (or when it gives no winner).
+        vote_bandwidth_mm: translation votes this close agree (:func:`~samv2_components.registration.candidates.translation_vote`).
         support_tolerance_mm: a match supports a transform when it maps within this distance.
-        agreement_mm, mi_margin, support_margin, min_support, min_overlap: the selection rules
+        agreement_mm, mi_margin, support_margin, min_support, min_overlap, turn_deg, turn_margin: the selection rules
             (:func:`~samv2_components.registration.selection.select_candidate`); ``min_support`` applies to a pair
             of one modality, ``min_support_cross_modality`` to a CT-MR pair, whose embeddings agree far less.
             Measured with the shipped weights: a wrong CT-CT answer (a CT turned by 180 deg, search off, refined
             from the header) had 7.4 % support, right CT-MR phantom answers 8-15.5 %.
         header_overlap_margin_mm: the headers' fields of view must come this close (mm).
         refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
+        turn_search: arguments of :class:`~samv2_components.registration.turn_search.IntensityTurnSearch`.
     """
 
     def __init__(
         self,
         adareg: AdaReg,
         orientation_search: str = "auto",
-        search_top_k: int = 3,
-        search_grid_spacing_mm: float = 24.0,
+        search_top_k: int = 5,
         search_below_support: float = 0.2,
+        vote_bandwidth_mm: float = 10.0,
         support_tolerance_mm: float = 10.0,
         agreement_mm: float = 8.0,
         mi_margin: float = 0.05,
@@ -91,25 +103,30 @@ class SAMv2RigidPipeline:
         min_support: float = 0.2,
         min_support_cross_modality: float = 0.05,
         min_overlap: float = 0.3,
+        turn_deg: float = 60.0,
+        turn_margin: float = 0.1,
         header_overlap_margin_mm: float = 100.0,
         refinement: dict[str, Any] | None = None,
+        turn_search: dict[str, Any] | None = None,
     ):
         if orientation_search not in ("auto", "always", "off"):
             raise SAMv2InputError("orientation_search", f"must be one of auto, always, off; got {orientation_search!r}")
         self.adareg, self.orientation_search = adareg, orientation_search
-        self.search_top_k, self.search_grid_spacing_mm = int(search_top_k), float(search_grid_spacing_mm)
+        self.search_top_k, self.vote_bandwidth_mm = int(search_top_k), float(vote_bandwidth_mm)
         self.search_below_support, self.support_tolerance_mm = float(search_below_support), float(support_tolerance_mm)
         self.rules = {"agreement_mm": float(agreement_mm), "mi_margin": float(mi_margin), "support_margin": float(support_margin),
-                      "min_support": float(min_support), "min_overlap": float(min_overlap)}
+                      "min_support": float(min_support), "min_overlap": float(min_overlap),
+                      "turn_deg": float(turn_deg), "turn_margin": float(turn_margin)}
         self.min_support_cross_modality = float(min_support_cross_modality)
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.refiner = IntensityRefiner(**dict(refinement or {}))
+        self.turn_search = IntensityTurnSearch(**dict(turn_search or {}))
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _score(self, pair: ScanPair, common, candidates: list[RigidCandidate], match_sets: list[MatchSet]) -> list[ScoredCandidate]:
+    def _score(self, pair: ScanPair, candidates: list[RigidCandidate], match_sets: list[MatchSet]) -> list[ScoredCandidate]:
         scored = []
         for c in candidates:
-            refined = self.refiner(pair, c.name, c.fixed_to_moving, common, min_overlap=0.0)
+            refined = self.refiner(pair, c.name, c.fixed_to_moving, min_overlap=0.0)
             support, source = match_support(refined.fixed_to_moving, match_sets, self.support_tolerance_mm)
             moved = float(np.max(np.linalg.norm(apply_matrix(refined.fixed_to_moving, _centre_points(pair))
                                                  - apply_matrix(c.fixed_to_moving, _centre_points(pair)), axis=1)))
@@ -125,23 +142,41 @@ class SAMv2RigidPipeline:
             rules["min_support"] = self.min_support_cross_modality
         return select_candidate(scored, corners_fixed, **rules)
 
-    def _search(self, fixed_image, fixed_heads, moving_image, moving_heads, embed) -> tuple[list[RigidCandidate], list[MatchSet], dict]:
+    def _header_candidates(self, adareg: RigidRegistration, fixed_image, fixed_mask, moving_image, moving_mask):
+        """Step 2: ``header``, ``adareg`` (when its fit passed its checks) and ``vote``; and the header match set."""
+        candidates = [header_candidate(fixed_image, fixed_mask, moving_image, moving_mask)]
+        if adareg.success:
+            candidates.append(RigidCandidate("adareg", adareg.fixed_to_moving.copy(), {"n_inliers": adareg.summary.get("n_inliers")}))
+        matches = match_set("adareg", adareg, self.adareg.min_match_score)
+        if matches is None:
+            return candidates, []
+        candidates.append(vote_candidate("vote", matches, np.eye(3), self.vote_bandwidth_mm))
+        return candidates, [matches]
+
+    def _turn_candidates(self, pair: ScanPair, fixed_image, fixed_heads, moving_image, embed) -> tuple[list[RigidCandidate], list[MatchSet], dict]:
+        """Step 3: the coarse intensity ranking of the 24 turns; the best ``search_top_k`` embedded."""
         from samv2_components.registration.orientation import OrientationSearch
 
         t0 = time.perf_counter()
-        search = OrientationSearch(self.adareg, embed, search_grid_spacing_mm=self.search_grid_spacing_mm)
-        _, tried = search(fixed_image, fixed_heads, moving_image, moving_heads)
-        good = [c for c in tried if c.result.success and c.index != 0][: self.search_top_k]  # turn 0 is AdaReg's
+        ranked, record = self.turn_search(pair, moving_image, self.refiner)
+        fits = OrientationSearch(self.adareg, embed, search_grid_spacing_mm=None)  # AdaReg's own settings per turn
         candidates, sets = [], []
-        for c in good:
-            name = f"orientation_{c.index}"
-            candidates.append(RigidCandidate(name, c.result.fixed_to_moving.copy(), {"search_score": round(c.score, 3),
-                                                                                  "rotation": np.round(c.rotation, 3).tolist()}))
-            s = match_set(name, c.result, self.adareg.min_match_score)
-            if s is not None:
-                sets.append(s)
-        return candidates, sets, {"seconds": round(time.perf_counter() - t0, 2), "n_turns": len(tried),
-                                  "kept": [c.name for c in candidates]}
+        for turn in ranked[: self.search_top_k]:
+            k = turn.index
+            candidates.append(RigidCandidate(f"turn_{k}", turn.fixed_to_moving.copy(), {"coarse_score": round(turn.score, 4)}))
+            if k == 0:  # the header orientation: its matches are already there (step 2)
+                continue
+            tried, _ = fits.try_turn(k, turn.voxel_rotation, fixed_image, fixed_heads, moving_image, adareg=self.adareg)
+            if tried.result.success:
+                candidates.append(RigidCandidate(f"adareg_turn_{k}", tried.result.fixed_to_moving.copy(),
+                                                 {"n_inliers": tried.result.summary.get("n_inliers")}))
+            matches = match_set(f"turn_{k}", tried.result, self.adareg.min_match_score)
+            if matches is not None:
+                sets.append(matches)
+                # the turned scan is embedded in the fixed scan's orientation: its rotation back is the turn's inverse
+                candidates.append(vote_candidate(f"vote_turn_{k}", matches, tried.rotation.T, self.vote_bandwidth_mm))
+        record.update({"seconds": round(time.perf_counter() - t0, 2), "embedded_turns": [t.index for t in ranked[: self.search_top_k] if t.index]})
+        return candidates, sets, record
 
     # ------------------------------------------------------------------------------------------------ run
     def rigid(self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor, moving_heads: dict,
@@ -151,7 +186,7 @@ class SAMv2RigidPipeline:
         Args:
             fixed_image, moving_image: preprocessed scans ``(1, D, H, W)`` (network input, with affines).
             fixed_heads, moving_heads: their embeddings ``{head: (C, d, h, w)}``.
-            embed: ``embed(image) -> heads`` for the orientation search (None: no search).
+            embed: ``embed(image) -> heads`` for the turned moving scan (None: header orientation only).
             same_modality: both scans of one modality (``min_support`` applies, else ``min_support_cross_modality``).
         """
         t0 = time.perf_counter()
@@ -177,26 +212,19 @@ class SAMv2RigidPipeline:
         fixed_mask, moving_mask = body_mask(fixed_image, self.adareg.body_threshold), body_mask(moving_image, self.adareg.body_threshold)
         images, masks = {"fixed": fixed_image, "moving": moving_image}, {"fixed": fixed_mask, "moving": moving_mask}
         small_corners = body_box_corners(images[small], masks[small])
-        pair = ScanPair.from_metatensors(fixed_image, fixed_mask, moving_image, moving_mask)
-        common = self.refiner.common_mask(pair)
+        pair = ScanPair.from_metatensors(fixed_image, fixed_mask, moving_image, moving_mask, small=small)
 
-        candidates = [header_candidate(fixed_image, fixed_mask, moving_image, moving_mask)]
-        match_sets = []
-        s = match_set("adareg", adareg, self.adareg.min_match_score)
-        if s is not None:
-            match_sets.append(s)
-        if adareg.success:
-            candidates.append(RigidCandidate("adareg", adareg.fixed_to_moving.copy(), {"n_inliers": adareg.summary.get("n_inliers")}))
-        scored = self._score(pair, common, candidates, match_sets)
+        candidates, match_sets = self._header_candidates(adareg, fixed_image, fixed_mask, moving_image, moving_mask)
+        scored = self._score(pair, candidates, match_sets)
         corners = self._corners(small, small_corners, scored)
         selection = self._select(scored, corners, same_modality)
         weak = not selection.success or selection.winner.support < self.search_below_support
         if embed is not None and (self.orientation_search == "always" or (self.orientation_search == "auto" and weak)):
-            found, sets, record = self._search(fixed_image, fixed_heads, moving_image, moving_heads, embed)
+            found, sets, record = self._turn_candidates(pair, fixed_image, fixed_heads, moving_image, embed)
             summary["orientation_search"] = record
             match_sets += sets
             # the earlier candidates' support is re-measured with the new match sets too: the same footing
-            scored = [self._rescore(c, match_sets) for c in scored] + self._score(pair, common, found, match_sets)
+            scored = [self._rescore(c, match_sets) for c in scored] + self._score(pair, found, match_sets)
             corners = self._corners(small, small_corners, scored)
             selection = self._select(scored, corners, same_modality)
         summary["candidates"] = selection.record

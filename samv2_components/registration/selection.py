@@ -18,6 +18,12 @@ Rules (a refusal is better than a confident wrong transform):
 4. With a rival, the winner must **clearly win**: ``mi`` higher by at least the factor ``1 + mi_margin``, or
    ``support`` higher by at least ``support_margin``; and the rival's support must not be higher by
    ``support_margin`` (the two scores disagreeing is no clear win). Otherwise: refusal naming both.
+5. **Overturning the headers takes more.** A winner whose rotation is more than ``turn_deg`` from the headers'
+   orientation (identity) must beat the best eligible answer *at* the headers' orientation by the factor
+   ``1 + turn_margin`` in ``mi``; otherwise: refusal. A thin slab of a roughly left-right symmetric body looks
+   the same turned by 180 deg about the anterior axis, to mutual information and to the embeddings alike (on the
+   phantom benchmark such a turned answer, 200 mm wrong, scored 7-9 % above the right one and had more SAM
+   support); the headers are the only evidence left, and a turned answer must clearly outweigh them.
 
 Matrices are 4x4 rigid **fixed -> moving**, LPS mm; corners ``(8, 3)`` are in the fixed scan's space.
 """
@@ -32,7 +38,7 @@ import numpy as np
 
 from samv2_components.geometry import apply_matrix
 
-__all__ = ["ScoredCandidate", "Selection", "select_candidate", "transforms_agree"]
+__all__ = ["ScoredCandidate", "Selection", "rotation_angle_deg", "select_candidate", "transforms_agree"]
 
 
 @dataclass
@@ -82,6 +88,12 @@ class Selection:
     record: dict[str, Any]
 
 
+def rotation_angle_deg(matrix: np.ndarray) -> float:
+    """The rotation angle (degrees, 0-180) of a 4x4 (or 3x3) rigid matrix."""
+    r = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+
+
 def transforms_agree(a: np.ndarray, b: np.ndarray, corners: np.ndarray, agreement_mm: float) -> bool:
     """Whether two fixed -> moving matrices map every point of ``corners`` ``(N, 3)`` (fixed space, LPS mm) within
     ``agreement_mm`` of each other."""
@@ -96,6 +108,8 @@ def select_candidate(
     support_margin: float = 0.1,
     min_support: float = 0.05,
     min_overlap: float = 0.3,
+    turn_deg: float = 60.0,
+    turn_margin: float = 0.1,
 ) -> Selection:
     """Choose the best refined candidate or refuse (module docstring for the rules).
 
@@ -108,13 +122,15 @@ def select_candidate(
         support_margin: support lead (fraction of matches) that is a clear win, or a clear loss.
         min_support: least support of an eligible candidate.
         min_overlap: least body overlap fraction of an eligible candidate.
+        turn_deg, turn_margin: rule 5 (a winner turned more than ``turn_deg`` from the headers must beat the best
+            answer at the headers' orientation by the factor ``1 + turn_margin`` in MI).
     """
     corners = np.asarray(corners, dtype=np.float64).reshape(-1, 3)
     # highest MI first, equal MI broken by the higher support
     ranked = sorted(candidates, key=lambda c: (-c.mi if math.isfinite(c.mi) else math.inf, -c.support))
     record: dict[str, Any] = {
         "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
-                  "min_support": min_support, "min_overlap": min_overlap},
+                  "min_support": min_support, "min_overlap": min_overlap, "turn_deg": turn_deg, "turn_margin": turn_margin},
         "candidates": [c.describe() for c in ranked],
     }
 
@@ -146,6 +162,16 @@ def select_candidate(
                 f"no clear winner: {winner.name} (MI {winner.mi:.3f}, support {100 * winner.support:.0f} %) and "
                 f"{rival.name} (MI {rival.mi:.3f}, support {100 * rival.support:.0f} %) disagree by more than "
                 f"{agreement_mm:g} mm", rival=rival,
+            )
+    if rotation_angle_deg(winner.fixed_to_moving) > turn_deg:
+        upright = next((c for c in eligible if rotation_angle_deg(c.fixed_to_moving) <= turn_deg
+                        and not transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, corners, agreement_mm)), None)
+        if upright is not None and not winner.mi >= upright.mi * (1.0 + turn_margin):
+            record["rival"] = upright.name
+            return refuse(
+                f"no clear winner: {winner.name}, turned {rotation_angle_deg(winner.fixed_to_moving):.0f} deg from the "
+                f"headers' orientation (MI {winner.mi:.3f}), does not beat {upright.name} at the headers' orientation "
+                f"(MI {upright.mi:.3f}) by {100 * turn_margin:.0f} %", rival=upright,
             )
     record.update({"winner": winner.name, "reason": ""})
     return Selection(True, "", winner, rival, record)

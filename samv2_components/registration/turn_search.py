@@ -1,0 +1,145 @@
+"""Cheap coarse ranking of the 24 axis-aligned turns of the moving scan by intensity: which orientations are worth
+SAM's full look.
+
+The ``samv2`` pipeline cannot trust the headers' orientation (a phantom scanned feet-first, a prone patient, a
+mislabelled header), and neither the embeddings (trained on rotations of about ±20°) nor an intensity registration
+started from the headers recover a turn of 90° or 180°. Embedding the moving scan in all 24 orientations costs 24
+network passes; this search ranks the turns first, at a coarse level of the intensity pyramid (``shrink_factor``
+of the 2 mm scans, 8 mm by default), so that only the best few are embedded:
+
+1. For turn ``k`` (a signed permutation ``S_k`` of the moving scan's array axes, world rotation ``W_k``, the one
+   :func:`~samv2_components.registration.orientation.rotate_volume` applies), the rotation of the fixed -> moving
+   map is ``W_k^T``.
+2. **Translation scan**: the small-FOV scan's body centre is placed at points of the large scan's body along its
+   longest principal axis (``±shift_range_mm`` every ``shift_step_mm``: a cropped or slab scan may lie anywhere
+   along the body) and each pose is scored by :func:`~samv2_components.registration.intensity_refinement.footprint_mi`
+   on the coarse scans; the best shift is kept.
+3. The ``register_top`` best turns by that score are registered rigidly at the coarse level (Mattes MI on the
+   small scan's footprint, ``iterations``) and scored again: the ranking returned, best first.
+
+Conventions: world points and matrices are LPS mm; every matrix is a 4x4 rigid **fixed -> moving** map.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from monai.data import MetaTensor
+
+from samv2_components.errors import SAMv2InputError
+from samv2_components.registration.intensity_baselines import _sitk
+from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair, footprint_mi
+from samv2_components.registration.orientation import axis_aligned_rotations, turn_world_rotation
+
+__all__ = ["IntensityTurnSearch", "TurnCandidate", "body_axis"]
+
+
+@dataclass
+class TurnCandidate:
+    """One turn of the moving scan after the coarse search.
+
+    Attributes:
+        index: position in :func:`~samv2_components.registration.orientation.axis_aligned_rotations` (0: none).
+        voxel_rotation: that 3x3 signed permutation of the moving scan's array axes.
+        fixed_to_moving: 4x4 LPS mm, the coarse pose (after the coarse registration when it ran).
+        score: footprint MI at the coarse level (nats).
+        shift_mm: the translation scan's best shift along the large body's axis.
+        registered: whether the coarse registration ran for it.
+    """
+
+    index: int
+    voxel_rotation: np.ndarray
+    fixed_to_moving: np.ndarray
+    score: float
+    shift_mm: float
+    registered: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"turn": self.index, "score": round(self.score, 4), "shift_mm": self.shift_mm, "registered": self.registered}
+
+
+def body_axis(mask) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid ``(3,)`` and unit longest principal axis ``(3,)`` (LPS mm) of a SimpleITK body mask (uint8)."""
+    sitk = _sitk()
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(np.float64)  # (x, y, z) indices
+    if len(idx) < 4:
+        raise SAMv2InputError("body", f"needs a body of at least 4 voxels to take its axis, got {len(idx)}")
+    direction = np.asarray(mask.GetDirection(), dtype=np.float64).reshape(3, 3)
+    points = np.asarray(mask.GetOrigin()) + (idx * np.asarray(mask.GetSpacing())) @ direction.T
+    centre = points.mean(0)
+    _, vectors = np.linalg.eigh(np.cov((points - centre).T))
+    return centre, vectors[:, -1]
+
+
+class IntensityTurnSearch:
+    """Rank the 24 turns of the moving scan at a coarse intensity level (module docstring).
+
+    Args:
+        shrink_factor, smoothing_sigma_mm: the coarse level (of the 2 mm preprocessed scans).
+        shift_range_mm, shift_step_mm: the translation scan along the large body's axis.
+        register_top: turns registered at the coarse level after the scan (the rest keep their scan score).
+        iterations, sampling_percentage, min_step_mm: that coarse registration.
+    """
+
+    def __init__(
+        self,
+        shrink_factor: int = 4,
+        smoothing_sigma_mm: float = 4.0,
+        shift_range_mm: float = 80.0,
+        shift_step_mm: float = 10.0,
+        register_top: int = 8,
+        iterations: int = 40,
+        sampling_percentage: float = 0.2,
+        min_step_mm: float = 0.05,
+    ):
+        if int(shrink_factor) < 1 or float(shift_step_mm) <= 0 or float(shift_range_mm) < 0 or int(register_top) < 0:
+            raise SAMv2InputError("turn_search", "needs shrink_factor >= 1, shift_step_mm > 0, shift_range_mm >= 0, register_top >= 0")
+        self.shrink_factor, self.smoothing_sigma_mm = int(shrink_factor), float(smoothing_sigma_mm)
+        self.shifts = np.arange(-float(shift_range_mm), float(shift_range_mm) + 1e-6, float(shift_step_mm))
+        self.register_top, self.iterations = int(register_top), int(iterations)
+        self.sampling_percentage, self.min_step_mm = float(sampling_percentage), float(min_step_mm)
+
+    def __call__(self, pair: ScanPair, moving_image: MetaTensor, refiner: IntensityRefiner) -> tuple[list[TurnCandidate], dict]:
+        """Rank the turns; returns ``(all 24 candidates best first, a JSON-ready record)``.
+
+        Args:
+            pair: the two preprocessed scans (:class:`~samv2_components.registration.intensity_refinement.ScanPair`).
+            moving_image: the preprocessed moving scan ``(1, D, H, W)`` (its affine gives the turns' world rotations).
+            refiner: supplies the footprint margin, the histogram bins and the registration.
+        """
+        t0 = time.perf_counter()
+        coarse = pair.coarse(self.shrink_factor, self.smoothing_sigma_mm)
+        footprint = coarse.footprint(refiner.overlap_margin_mm)
+        small_centre, _ = body_axis(pair.small_body)
+        large_centre, axis = body_axis(pair.large_body)
+        candidates = []
+        for index, voxel_rotation in enumerate(axis_aligned_rotations()):
+            world = turn_world_rotation(moving_image, voxel_rotation)  # moving -> turned moving
+            small_to_large_rotation = world if pair.small == "moving" else world.T
+            best = None
+            for shift in self.shifts:
+                g = np.eye(4)
+                g[:3, :3] = small_to_large_rotation
+                g[:3, 3] = large_centre + shift * axis - small_to_large_rotation @ small_centre
+                matrix = pair.fixed_to_moving(g)
+                score = footprint_mi(coarse, matrix, footprint, refiner.bins)
+                if np.isfinite(score) and (best is None or score > best[0]):
+                    best = (score, matrix, float(shift))
+            if best is not None:
+                candidates.append(TurnCandidate(index, voxel_rotation, best[1], best[0], best[2]))
+        candidates.sort(key=lambda c: -c.score)
+        for c in candidates[: self.register_top]:
+            try:
+                c.fixed_to_moving = refiner.register(coarse, c.fixed_to_moving, shrink_factors=[1], smoothing_sigmas_mm=[0.0],
+                                                     iterations=self.iterations, sampling_percentage=self.sampling_percentage,
+                                                     min_step_mm=self.min_step_mm)
+                c.score, c.registered = footprint_mi(coarse, c.fixed_to_moving, footprint, refiner.bins), True
+            except SAMv2InputError:  # every sample left the large scan: keep the scan's pose and score
+                pass
+        candidates.sort(key=lambda c: (not c.registered, -c.score if np.isfinite(c.score) else np.inf))
+        record = {"seconds": round(time.perf_counter() - t0, 2), "level_mm": round(float(coarse.small_image.GetSpacing()[0]), 2),
+                  "ranked": [c.describe() for c in candidates[: max(self.register_top, 3)]]}
+        return candidates, record
