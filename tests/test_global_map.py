@@ -118,3 +118,50 @@ def test_resampling_through_a_known_turn_puts_the_query_back_in_the_template_fra
     shifted = resample_through(query, template, np.eye(4))  # without undoing the turn: far off
     assert np.median(np.abs(np.asarray(shifted[0])[region] - np.asarray(template[0])[region])) > 4 * np.median(diff)
     assert isinstance(back, MetaTensor) and torch.equal(torch.as_tensor(back.affine), torch.as_tensor(template.affine))
+
+
+def test_align_then_match_maps_every_answer_back_through_the_known_turn():
+    """With a global map turned 45 deg, the query is resampled into the template's frame, matched there, and every
+    position of the answer (match, NN, unrestricted, global prediction) comes back through that map exactly; a
+    map turned less than ``min_rotation_deg`` keeps the first match."""
+    from types import SimpleNamespace
+
+    import torch
+    from monai.data import MetaTensor
+
+    from samv2_components.geometry import apply_matrix, axis_angle_rotation, rigid_matrix
+    from samv2_components.matching.align_then_match import align_then_match
+
+    turn = rigid_matrix(axis_angle_rotation([0.0, 0.0, 1.0], 45.0), translation=(6.0, -9.0, 3.0), centre=(10.0, 20.0, 30.0))
+    points = np.array([[0.0, 0.0, 0.0], [40.0, -25.0, 12.0], [-7.5, 3.0, 60.0]])
+    image = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.diag(torch.tensor([4.0, 4.0, 4.0, 1.0], dtype=torch.float64)))
+
+    class TemplateFrameMatcher:
+        """Answers every point where it is (the aligned query lies as the template does); counts its calls."""
+
+        calls = 0
+
+        def prepare(self, heads):
+            return heads
+
+        def match(self, template_scan, query_scan, pts):
+            TemplateFrameMatcher.calls += 1
+            pts = np.asarray(pts, dtype=np.float64)
+            return SimpleNamespace(points_lps=pts.copy(), nn_points_lps=pts + 1.0, unrestricted_points_lps=pts - 1.0,
+                                   global_prediction_lps=pts + 2.0, predicted_inside=None, global_map=None)
+
+    first = SimpleNamespace(global_map=SimpleNamespace(valid=True, matrix=turn), predicted_inside=np.array([True, True, False]))
+    embedded = []
+    result, aligned = align_then_match(TemplateFrameMatcher(), None, image, image, points, lambda im: embedded.append(im) or {},
+                                       first_result=first, min_rotation_deg=15.0)
+    assert aligned and TemplateFrameMatcher.calls == 1 and len(embedded) == 1
+    np.testing.assert_allclose(result.points_lps, apply_matrix(turn, points), atol=1e-9)
+    np.testing.assert_allclose(result.nn_points_lps, apply_matrix(turn, points + 1.0), atol=1e-9)
+    np.testing.assert_allclose(result.unrestricted_points_lps, apply_matrix(turn, points - 1.0), atol=1e-9)
+    np.testing.assert_allclose(result.global_prediction_lps, apply_matrix(turn, points + 2.0), atol=1e-9)
+    np.testing.assert_array_equal(result.predicted_inside, first.predicted_inside)  # the query's own field of view
+    # a small turn: the first match stands, nothing embedded again
+    small = rigid_matrix(axis_angle_rotation([0.0, 0.0, 1.0], 10.0))
+    kept, aligned = align_then_match(TemplateFrameMatcher(), None, image, image, points, lambda im: embedded.append(im) or {},
+                                     first_result=SimpleNamespace(global_map=SimpleNamespace(valid=True, matrix=small)))
+    assert not aligned and len(embedded) == 1 and kept.global_map.matrix is small
