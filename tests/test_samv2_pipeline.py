@@ -260,3 +260,27 @@ def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
     # the header orientation (turn 0) is far from it
     (upright,) = [c for c in ranked if c.index == 0]
     assert rotation_angle_deg(np.linalg.inv(truth) @ upright.fixed_to_moving) > 90.0
+
+
+def test_only_the_best_distinct_answers_get_the_finest_level(ct_pair):
+    """``refine_top_k`` 2: the finest pyramid level runs for the best answer and the best *different* one; a
+    candidate agreeing with a better one, and the rest, keep their coarse refinement."""
+    from samv2_components.registration import SAMv2RigidPipeline
+    from samv2_components.registration.intensity_refinement import RefinedCandidate
+
+    pair, _ = ct_pair
+    pipeline = SAMv2RigidPipeline(adareg=None, refine_top_k=2)
+    calls = []
+
+    def finest_level(pair_, name, initial, min_overlap=0.0, levels=slice(None)):
+        calls.append((name, levels))
+        return RefinedCandidate(name, initial, initial, 0.9, 1.0, 0.5)
+
+    pipeline.refiner = finest_level
+    scored = [ScoredCandidate(name, rigid(0.0, (0, 0, 1), (shift, 0.0, 0.0)), mi, 0.1, 0.9, "",
+                              {"finest_level": False, "refinement_seconds": 1.0}, start=np.eye(4))
+              for name, shift, mi in (("a", 0.0, 0.5), ("b", 3.0, 0.45), ("c", 30.0, 0.4), ("d", 60.0, 0.3))]
+    pipeline._finish(pair, scored, CORNERS, [])
+    assert calls == [("a", slice(-1, None)), ("c", slice(-1, None))]
+    assert [c.info["finest_level"] for c in scored] == [True, False, True, False]
+    assert scored[0].mi == 0.9 and scored[1].mi == 0.45 and scored[0].info["refinement_seconds"] == 1.5

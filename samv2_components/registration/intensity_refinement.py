@@ -260,18 +260,22 @@ class IntensityRefiner:
         )
         return pair.fixed_to_moving(sitk_transform_to_matrix(result.transform))
 
-    def __call__(self, pair: ScanPair, name: str, initial: np.ndarray, min_overlap: float = 0.0) -> RefinedCandidate:
+    def __call__(self, pair: ScanPair, name: str, initial: np.ndarray, min_overlap: float = 0.0,
+                 levels: slice = slice(None)) -> RefinedCandidate:
         """Refine one candidate (``initial``: fixed -> moving 4x4 LPS) and score it. A candidate whose overlap
-        fraction is at most ``min_overlap`` is not refined (nothing to refine on)."""
+        fraction is at most ``min_overlap`` is not refined (nothing to refine on). ``levels``: the part of the
+        pyramid to run (``slice(0, -1)``: all but the finest level; ``slice(-1, None)``: the finest alone, to
+        finish a candidate refined so far)."""
         t0 = time.perf_counter()
         initial = np.asarray(initial, dtype=np.float64)
         _, fraction = overlap_mask(pair, initial, 0.0)
         error, matrix = "", initial
+        shrink, sigmas = self.shrink_factors[levels], self.smoothing_sigmas_mm[levels]
         if fraction <= min_overlap:
             error = f"body overlap {fraction:.2f} at the start"
-        else:
+        elif shrink:
             try:
-                matrix = self.register(pair, initial)
+                matrix = self.register(pair, initial, shrink_factors=shrink, smoothing_sigmas_mm=sigmas)
             except SAMv2InputError as exc:  # e.g. every sample left the large scan
                 error = str(exc)
         mi, fraction = self.score(pair, matrix)

@@ -53,6 +53,7 @@ class ScoredCandidate:
         overlap_fraction: shared body volume / smaller body volume.
         error: why its refinement failed ("" if it did not).
         info: anything else for the record.
+        start: 4x4 the refinement started from (not in the record), if known.
     """
 
     name: str
@@ -62,6 +63,7 @@ class ScoredCandidate:
     overlap_fraction: float
     error: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    start: np.ndarray | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record."""
