@@ -254,3 +254,26 @@ def test_derive_reference_recovers_a_known_rigid_transform(tmp_path):
     assert bc.tre(found, truth, points) < 2.0
     assert bc.rotation_angle_deg(found[:3, :3].T @ truth[:3, :3]) < 2.0
     assert len(ref["starts"]) == 24 and ref["fiducial_check"]["possible"]  # the 3000 HU ball is a "marker"
+
+
+def test_summary_merges_runs_and_counts_refusals_apart_from_wrong_transforms(tmp_path):
+    """``scripts/summarize_registration_benchmark.py``: two runs' CSVs over the same cases become one table per
+    set and method; a refusal is not a wrong transform; the same case twice is an error."""
+    import subprocess
+    import sys
+
+    header = "set,case,method,tre_mm,success,reported_failure,wall_s,offset_rotation_deg,offset_translation_mm,crop_keep,n_points,note\n"
+    a = tmp_path / "a.csv"
+    a.write_text(header + "aligned,aligned_00,identity (no registration),50.0,,0,,1.0,0 0 0,,100,\n"
+                 "aligned,aligned_00,m,2.0,1,0,10.0,1.0,0 0 0,,100,\n"
+                 "aligned,aligned_01,m,60.0,0,1,20.0,1.0,0 0 0,,100,refused\n")
+    b = tmp_path / "b.csv"
+    b.write_text(header + "aligned,aligned_02,m,30.0,0,0,30.0,1.0,0 0 0,,100,\n"
+                 "slab,slab_00,m,4.0,1,0,5.0,1.0,0 0 0,,100,\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "summarize_registration_benchmark.py")
+    out = subprocess.run([sys.executable, script, "--csv", f"{a},{b}"], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| aligned") or line.startswith("| slab")]
+    # aligned: 1 of 3 within 10 mm (33 %), its TRE 2.0, 1 refusal, 1 wrong transform written, 20 s per case
+    assert rows == ["| aligned | m | 3 | 33 | 2.0 | 1 | 1 | 20.0 |", "| slab | m | 1 | 100 | 4.0 | 0 | 0 | 5.0 |"]
+    overlap = subprocess.run([sys.executable, script, "--csv", f"{a},{a}"], capture_output=True, text=True)
+    assert overlap.returncode == 2 and overlap.stderr.startswith("ERROR: --csv: case aligned_00") and "appears twice" in overlap.stderr
