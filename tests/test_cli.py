@@ -116,11 +116,17 @@ def test_wrong_modality_is_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_registration_not_confident_exits_3_with_summary_and_no_transform(tmp_path):
-    # an inlier count no fit can reach: AdaReg must refuse rather than write a transform
+@pytest.mark.parametrize(
+    "pipeline, impossible",
+    [
+        ("adareg", ("--adareg#min_inliers", "100000")),  # an inlier count no fit can reach: AdaReg must refuse
+        ("samv2", ("--samv2_pipeline#min_overlap", "1.01")),  # an overlap no candidate can reach: the pipeline too
+    ],
+)
+def test_registration_not_confident_exits_3_with_summary_and_no_transform(tmp_path, pipeline, impossible):
     result = samv2("register", "--fixed", sample_path("phantom_ct"), "--moving", sample_path("phantom_mr"),
                    "--output_dir", "reg", "--deformable", "false", "--orientation_search", "off",
-                   "--adareg#min_inliers", "100000", cwd=tmp_path)
+                   "--pipeline", pipeline, *impossible, cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-2000:]
     (line,) = error_lines(result)
     assert "registration failed" in line and "summary.json" in line
