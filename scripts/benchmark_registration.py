@@ -85,6 +85,7 @@ from samv2_components.registration.benchmark_methods import (
     SimpleITKMethod,
     UncheckedAdaRegMethod,
     ants_available,
+    method_stats,
     run_cases,
 )
 from samv2_components.registration.benchmark_reference import load_or_derive_reference, phantom_files
@@ -98,26 +99,6 @@ ANTS_HELPER = os.path.join(REPO, "scripts", "_ants_rigid.py")
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _stats(rows: list[dict], success_mm: float) -> dict:
-    t = np.array([r["tre_mm"] for r in rows], dtype=np.float64)
-    w = np.array([r["wall_s"] for r in rows if r["wall_s"] is not None], dtype=np.float64)
-    failed = np.array([bool(r["failed"]) for r in rows], dtype=bool)
-    hit = t < success_mm
-    return {
-        # a transform written although it is off by success_mm or more: what a refusal exists to prevent
-        "wrong_written": int(np.sum(~hit & ~failed)) if len(t) else 0,
-        "success_mean": float(np.mean(t[hit])) if hit.any() else float("nan"),
-        "n": len(rows),
-        "success": 100.0 * float(np.mean(t < success_mm)) if len(t) else float("nan"),
-        "mean": float(np.mean(t)) if len(t) else float("nan"),
-        "std": float(np.std(t)) if len(t) else float("nan"),
-        "median": float(np.median(t)) if len(t) else float("nan"),
-        "max": float(np.max(t)) if len(t) else float("nan"),
-        "wall": float(np.mean(w)) if len(w) else None,
-        "reported_failures": sum(bool(r["failed"]) for r in rows),
-    }
-
-
 def _reference_lines(ref: dict, path: str | None) -> list[str]:
     fid = ref.get("fiducial_check", {})
     spread = ref.get("spread_mm_within_2pct_metric", {})
@@ -172,7 +153,7 @@ def _result_lines(title: str, cases: list[Case], rows: list[dict], method_names:
         "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, v in by_method.items():
-        s = _stats(v, success_mm)
+        s = method_stats(v, success_mm)
         wall = "-" if s["wall"] is None else f"{s['wall']:.1f}"
         succ = "-" if m == IDENTITY else f"{s['success']:.0f}"
         hits = "-" if m == IDENTITY or not np.isfinite(s["success_mean"]) else f"{s['success_mean']:.1f}"

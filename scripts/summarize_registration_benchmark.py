@@ -19,9 +19,12 @@ from collections import defaultdict
 
 import fire
 
+from samv2_components.registration.benchmark_methods import method_stats
+
 
 def summarize(rows: list[dict], success_mm: float = 10.0) -> dict[tuple[str, str], dict]:
-    """``{(set, method): figures}`` of benchmark CSV rows (dicts with the CSV's columns)."""
+    """``{(set, method): figures}`` (:func:`~samv2_components.registration.benchmark_methods.method_stats`) of
+    benchmark CSV rows (dicts with the CSV's columns)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     seen = set()
     for r in rows:
@@ -29,22 +32,9 @@ def summarize(rows: list[dict], success_mm: float = 10.0) -> dict[tuple[str, str
         if key in seen:
             raise ValueError(f"case {r['case']} of set {r['set']} appears twice for {r['method']}: the runs overlap")
         seen.add(key)
-        groups[(r["set"], r["method"])].append(r)
-    out = {}
-    for key, group in groups.items():
-        tre = [float(r["tre_mm"]) for r in group]
-        refused = [r["reported_failure"] == "1" for r in group]
-        hits = [t for t in tre if t < success_mm]
-        walls = [float(r["wall_s"]) for r in group if r["wall_s"]]
-        out[key] = {
-            "cases": len(group),
-            "success_pct": 100.0 * len(hits) / len(group),
-            "success_tre_mean": sum(hits) / len(hits) if hits else math.nan,
-            "refused": sum(refused),
-            "wrong_written": sum(t >= success_mm and not f for t, f in zip(tre, refused)),
-            "wall_mean_s": sum(walls) / len(walls) if walls else math.nan,
-        }
-    return out
+        groups[(r["set"], r["method"])].append({"tre_mm": r["tre_mm"], "wall_s": r["wall_s"] or None,
+                                                 "failed": r["reported_failure"] == "1"})
+    return {key: method_stats(group, success_mm) for key, group in groups.items()}
 
 
 def main(csv: str | tuple = "", success_mm: float = 10.0) -> None:
@@ -72,9 +62,10 @@ def main(csv: str | tuple = "", success_mm: float = 10.0) -> None:
           "wrong transforms written | mean time per case (s) |")
     print("|:---|:---|---:|---:|---:|---:|---:|---:|")
     for (case_set, method), s in sorted(table.items()):
-        hits = "-" if math.isnan(s["success_tre_mean"]) else f"{s['success_tre_mean']:.1f}"
-        print(f"| {case_set} | {method} | {s['cases']} | {s['success_pct']:.0f} | {hits} | {s['refused']} | "
-              f"{s['wrong_written']} | {s['wall_mean_s']:.1f} |")
+        hits = "-" if math.isnan(s["success_mean"]) else f"{s['success_mean']:.1f}"
+        wall = "-" if s["wall"] is None else f"{s['wall']:.1f}"
+        print(f"| {case_set} | {method} | {s['n']} | {s['success']:.0f} | {hits} | {s['reported_failures']} | "
+              f"{s['wrong_written']} | {wall} |")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,32 @@ def test_only_the_best_distinct_answers_get_the_finest_level(ct_pair):
     assert calls == [("a", slice(-1, None)), ("c", slice(-1, None))]
     assert [c.info["finest_level"] for c in scored] == [True, False, True, False]
     assert scored[0].mi == 0.9 and scored[1].mi == 0.45 and scored[0].info["refinement_seconds"] == 1.5
+
+
+def test_turn_rotation_is_the_rotate_volume_world_map_and_body_axis_follows_the_header():
+    """Geometry of the turn search: ``turn_world_rotation`` is the linear part of the exact world map
+    ``rotate_volume`` applies (an oblique RAS header with cubic voxels), a proper rotation; ``body_axis`` of a box
+    elongated along one index axis of an oblique SimpleITK mask is that axis in LPS, centred where ITK puts it."""
+    from samv2_components.geometry import axis_angle_rotation
+    from samv2_components.registration.orientation import axis_aligned_rotations, rotate_volume, turn_world_rotation
+    from samv2_components.registration.turn_search import body_axis
+
+    oblique = axis_angle_rotation([0.3, 1.0, 0.2], 25.0)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = 2.0 * oblique, (10.0, -20.0, 30.0)
+    image = MetaTensor(torch.zeros(1, 6, 8, 10), affine=torch.as_tensor(affine))
+    for s in axis_aligned_rotations():
+        rotation = turn_world_rotation(image, s)
+        np.testing.assert_allclose(rotation, rotate_volume(image, s)[1][:3, :3], atol=1e-9)
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-9)
+        assert np.linalg.det(rotation) == pytest.approx(1.0)
+
+    mask = sitk.Image([40, 12, 10], sitk.sitkUInt8)
+    mask.SetSpacing((1.5, 1.5, 2.0))
+    mask.SetOrigin((-5.0, 7.0, 3.0))
+    mask.SetDirection(oblique.flatten().tolist())
+    mask[2:38, 3:9, 2:8] = 1  # long along the first index axis
+    centre, axis = body_axis(mask)
+    expected = np.array(mask.TransformContinuousIndexToPhysicalPoint([19.5, 5.5, 4.5]))
+    np.testing.assert_allclose(centre, expected, atol=1e-9)
+    assert abs(float(axis @ oblique[:, 0])) == pytest.approx(1.0, abs=1e-9)

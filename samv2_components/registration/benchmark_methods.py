@@ -50,6 +50,7 @@ __all__ = [
     "ants_available",
     "ants_rigid",
     "elastix_to_matrix",
+    "method_stats",
     "run_cases",
 ]
 
@@ -300,6 +301,31 @@ class AntsMethod:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             return MethodResult(None, time.perf_counter() - t0, True, str(exc))
         return MethodResult(np.asarray(out["fixed_to_moving"], dtype=np.float64), float(out["wall_time_s"]))
+
+
+def method_stats(rows: list[dict], success_mm: float) -> dict:
+    """The figures of one method on one case set, from rows with ``tre_mm`` (mm), ``wall_s`` (s or None) and
+    ``failed`` (a reported failure, i.e. a refusal): ``n``, ``success`` (% with TRE below ``success_mm``),
+    ``success_mean`` (mean TRE of those), ``wrong_written`` (TRE at or above ``success_mm`` and not refused: what a
+    refusal exists to prevent), ``reported_failures``, the TRE's ``mean``, ``std``, ``median``, ``max`` and the mean
+    ``wall`` time (None without times)."""
+    t = np.array([float(r["tre_mm"]) for r in rows], dtype=np.float64)
+    w = np.array([float(r["wall_s"]) for r in rows if r["wall_s"] is not None], dtype=np.float64)
+    failed = np.array([bool(r["failed"]) for r in rows], dtype=bool)
+    hit = t < success_mm
+    nan = float("nan")
+    return {
+        "n": len(rows),
+        "success": 100.0 * float(np.mean(hit)) if len(t) else nan,
+        "success_mean": float(np.mean(t[hit])) if hit.any() else nan,
+        "wrong_written": int(np.sum(~hit & ~failed)),
+        "reported_failures": int(failed.sum()),
+        "mean": float(np.mean(t)) if len(t) else nan,
+        "std": float(np.std(t)) if len(t) else nan,
+        "median": float(np.median(t)) if len(t) else nan,
+        "max": float(np.max(t)) if len(t) else nan,
+        "wall": float(np.mean(w)) if len(w) else None,
+    }
 
 
 def run_cases(cases: list[Case], runners: list, success_mm: float, log=print) -> list[dict]:
