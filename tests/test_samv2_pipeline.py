@@ -313,3 +313,63 @@ def test_turn_rotation_is_the_rotate_volume_world_map_and_body_axis_follows_the_
     expected = np.array(mask.TransformContinuousIndexToPhysicalPoint([19.5, 5.5, 4.5]))
     np.testing.assert_allclose(centre, expected, atol=1e-9)
     assert abs(float(axis @ oblique[:, 0])) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_histogram_mi_of_independent_and_identical_images():
+    from samv2_components.registration.translation_search import histogram_mi
+
+    independent = np.full((4, 4), 10)  # uniform joint histogram: the marginals explain it
+    identical = np.diag([10, 10, 10, 10])
+    assert histogram_mi(independent) == pytest.approx(0.0, abs=1e-12)
+    assert histogram_mi(identical) == pytest.approx(np.log(4.0))
+    assert histogram_mi(np.stack([independent, identical])).shape == (2,)
+
+
+def test_translation_search_finds_a_slab_slid_along_the_body(slab_pair):
+    """The slab started 48 mm too high and 20 mm to the side (the rotation right): the best pose of the search is
+    within one step (6 mm) of the truth, keeps the start's rotation, and scores higher than the start; seen from
+    the other side (the slab as the fixed scan) the search finds the same pose."""
+    from samv2_components.registration.translation_search import TranslationSearch
+
+    pair, truth = slab_pair
+    start = rigid(0.0, (0, 0, 1), (20.0, 0.0, 48.0)) @ truth
+    assert sample_ct_tre(start, truth)[1].mean() > 50.0
+    search = TranslationSearch(shrink_factor=1, smoothing_sigma_mm=1.5, range_mm=60.0, step_mm=6.0, peaks=3)
+    peaks = search(pair, start)
+    assert len(peaks) == 3 and peaks[0].score > peaks[1].score >= peaks[2].score
+    best = peaks[0]
+    assert sample_ct_tre(best.fixed_to_moving, truth)[1].mean() < 6.0
+    np.testing.assert_allclose(best.fixed_to_moving[:3, :3], start[:3, :3], atol=1e-9)
+    assert np.linalg.norm(best.shift_mm) > 40.0  # it moved from the start, along the turned grid's axes
+    # distinct peaks only: no two closer than the separation
+    assert all(np.linalg.norm(a.shift_mm - b.shift_mm) >= search.peak_separation_mm for a in peaks for b in peaks if a is not b)
+    swapped = ScanPair(pair.moving, pair.fixed, pair.moving_body, pair.fixed_body, small="fixed")
+    back = search(swapped, np.linalg.inv(start))[0]
+    np.testing.assert_allclose(np.linalg.inv(back.fixed_to_moving), best.fixed_to_moving, atol=1e-6)
+
+
+def test_translation_candidates_come_from_distinct_rotations_best_peaks_first(ct_pair):
+    """``search_rotations`` 2: the search runs for the best candidate and the best one turned more than 10 deg from
+    it (a candidate 3 deg from the best, a failed one, and the rest are skipped); the best ``translation_top_k``
+    peaks over both rotations become ``shift_*`` candidates, best first."""
+    from samv2_components.registration import SAMv2RigidPipeline
+    from samv2_components.registration.translation_search import TranslationPeak
+
+    pair, _ = ct_pair
+    pipeline = SAMv2RigidPipeline(adareg=None, search_rotations=2, translation_top_k=3)
+    calls = []
+
+    def search(pair_, start):
+        calls.append(start)
+        base = 0.5 if len(calls) == 1 else 0.55
+        return [TranslationPeak(start, base, np.zeros(3)), TranslationPeak(start, base - 0.2, np.array([40.0, 0, 0]))]
+
+    pipeline.translation_search = search
+    candidates = [("a", rigid(0.0, (0, 0, 1), (0, 0, 0)), 0.6, ""), ("b", rigid(3.0, (0, 0, 1), (5, 0, 0)), 0.58, ""),
+                  ("bad", rigid(40.0, (1, 0, 0), (0, 0, 0)), 0.9, "failed"), ("c", rigid(30.0, (1, 0, 0), (0, 0, 0)), 0.4, ""),
+                  ("d", rigid(60.0, (0, 1, 0), (0, 0, 0)), 0.3, "")]
+    scored = [ScoredCandidate(n, m, mi if not err else float("nan"), 0.1, 0.9, err, {}) for n, m, mi, err in candidates]
+    found, record = pipeline._translation_candidates(pair, scored)
+    assert record["rotations_from"] == ["a", "c"] and len(calls) == 2
+    assert [c.name for c in found] == ["shift_c_0", "shift_a_0", "shift_c_1"]
+    assert found[0].info["search_score"] == pytest.approx(0.55)

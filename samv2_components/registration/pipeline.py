@@ -12,9 +12,13 @@ intensity refines, the bundle checks.
    intensity at a coarse level (:mod:`~samv2_components.registration.turn_search`); the ``search_top_k`` best are
    embedded and give their coarse pose, AdaReg's fit and the translation vote of their matches.
 4. **Refinement** (:mod:`~samv2_components.registration.intensity_refinement`): rigid Mattes-MI registration from
-   every candidate on the small-FOV scan's footprint, on the coarser pyramid levels; the finest level for the
-   ``refine_top_k`` best distinct answers.
-5. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on the
+   every candidate on the small-FOV scan's footprint, on the coarser pyramid levels.
+5. **Translation search** (:mod:`~samv2_components.registration.translation_search`): for the rotations of the
+   ``search_rotations`` best distinct refined candidates, every translation within ±80 mm is scored by MI at 4 mm;
+   the ``translation_top_k`` best poses of all become candidates too and are refined from the 4 mm level (the
+   embeddings give the rotation roughly, intensity registration cannot cross the 2-5 cm a loose candidate leaves).
+   Then the finest level for the ``refine_top_k`` best distinct answers.
+6. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on the
    small scan's footprint (the same samples for all) and by the support of SAM's matches (within
    ``support_tolerance_mm``); the best wins, or the run refuses when the best two answers disagree and neither
    clearly wins, when nothing overlaps, or when SAM supports none of them.
@@ -46,7 +50,14 @@ from samv2_components.registration.candidates import (
     vote_candidate,
 )
 from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair
-from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate, transforms_agree
+from samv2_components.registration.selection import (
+    ScoredCandidate,
+    Selection,
+    rotation_angle_deg,
+    select_candidate,
+    transforms_agree,
+)
+from samv2_components.registration.translation_search import TranslationSearch
 from samv2_components.registration.turn_search import IntensityTurnSearch
 
 __all__ = ["PIPELINES", "SAMv2RigidPipeline", "fov_gap_mm"]
@@ -80,6 +91,9 @@ class SAMv2RigidPipeline:
         refine_top_k: every candidate is refined on the coarser pyramid levels; the finest level runs for this many
             best distinct answers only (the others stay as they are: they lose no race they could have won by more
             than the last level's polish, and the refinement costs a third of what it did).
+        search_rotations: the translation search runs for the rotations of this many best refined candidates whose
+            rotations differ by more than ``rotation_separation_deg`` (0: no translation search).
+        translation_top_k: the best poses of the translation search (over all its rotations) that become candidates.
         search_below_support: under ``"auto"``, look at other orientations when the header orientation's winner is
             supported by less than this fraction of the matches (or when it gives no winner).
         vote_bandwidth_mm: translation votes this close agree (:func:`~samv2_components.registration.candidates.translation_vote`).
@@ -94,6 +108,7 @@ class SAMv2RigidPipeline:
         header_overlap_margin_mm: the headers' fields of view must come this close (mm).
         refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
         turn_search: arguments of :class:`~samv2_components.registration.turn_search.IntensityTurnSearch`.
+        translation_search: arguments of :class:`~samv2_components.registration.translation_search.TranslationSearch`.
     """
 
     def __init__(
@@ -102,6 +117,9 @@ class SAMv2RigidPipeline:
         orientation_search: str = "auto",
         search_top_k: int = 5,
         refine_top_k: int = 3,
+        search_rotations: int = 4,
+        rotation_separation_deg: float = 10.0,
+        translation_top_k: int = 3,
         search_below_support: float = 0.2,
         vote_bandwidth_mm: float = 10.0,
         support_tolerance_mm: float = 10.0,
@@ -116,6 +134,7 @@ class SAMv2RigidPipeline:
         header_overlap_margin_mm: float = 100.0,
         refinement: dict[str, Any] | None = None,
         turn_search: dict[str, Any] | None = None,
+        translation_search: dict[str, Any] | None = None,
     ):
         if orientation_search not in ("auto", "always", "off"):
             raise SAMv2InputError("orientation_search", f"must be one of auto, always, off; got {orientation_search!r}")
@@ -130,14 +149,21 @@ class SAMv2RigidPipeline:
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.refiner = IntensityRefiner(**dict(refinement or {}))
         self.turn_search = IntensityTurnSearch(**dict(turn_search or {}))
+        self.translation_search = TranslationSearch(**dict(translation_search or {}))
+        self.search_rotations, self.translation_top_k = int(search_rotations), int(translation_top_k)
+        self.rotation_separation_deg = float(rotation_separation_deg)
+        # the translation search's poses are refined from the pyramid level at or below its own voxel size
+        self._shift_levels = slice(next((i for i, f in enumerate(self.refiner.shrink_factors)
+                                         if f <= self.translation_search.shrink_factor), 0), -1)
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _score(self, pair: ScanPair, candidates: list[RigidCandidate], match_sets: list[MatchSet]) -> list[ScoredCandidate]:
-        """Refine every candidate on all but the finest pyramid level and score it (:meth:`_finish` does the rest
-        for the best few)."""
+    def _score(self, pair: ScanPair, candidates: list[RigidCandidate], match_sets: list[MatchSet],
+               levels: slice = slice(0, -1)) -> list[ScoredCandidate]:
+        """Refine every candidate on ``levels`` of the pyramid (all but the finest by default) and score it
+        (:meth:`_finish` does the rest for the best few)."""
         scored = []
         for c in candidates:
-            refined = self.refiner(pair, c.name, c.fixed_to_moving, min_overlap=0.0, levels=slice(0, -1))
+            refined = self.refiner(pair, c.name, c.fixed_to_moving, min_overlap=0.0, levels=levels)
             support, source = match_support(refined.fixed_to_moving, match_sets, self.support_tolerance_mm)
             scored.append(ScoredCandidate(c.name, refined.fixed_to_moving, refined.mi, support, refined.overlap_fraction,
                                           refined.error, {**c.info, "support_from": source, "finest_level": False,
@@ -162,6 +188,32 @@ class SAMv2RigidPipeline:
             c.support, c.info["support_from"] = match_support(c.fixed_to_moving, match_sets, self.support_tolerance_mm)
             c.info.update({"finest_level": True, "refinement_moved_mm": _moved_mm(pair, c.start, c.fixed_to_moving),
                            "refinement_seconds": round(c.info["refinement_seconds"] + refined.seconds, 2)})
+
+    def _translation_candidates(self, pair: ScanPair, scored: list[ScoredCandidate]) -> tuple[list[RigidCandidate], dict]:
+        """Step 5: the translation search for the rotations of the best distinct refined candidates; the
+        ``translation_top_k`` best poses over all of them, as candidates named ``shift_<source>_<peak>``."""
+        t0 = time.perf_counter()
+        ranked = sorted((c for c in scored if not c.error and math.isfinite(c.mi)), key=lambda c: -c.mi)
+        sources: list[ScoredCandidate] = []
+        for c in ranked:
+            if len(sources) == self.search_rotations:
+                break
+            if all(rotation_angle_deg(c.fixed_to_moving[:3, :3] @ s.fixed_to_moving[:3, :3].T) > self.rotation_separation_deg
+                   for s in sources):
+                sources.append(c)
+        peaks = []
+        for c in sources:
+            try:
+                peaks += [(p, c.name, k) for k, p in enumerate(self.translation_search(pair, c.fixed_to_moving))]
+            except SAMv2InputError:  # no footprint at the search's level: the other candidates stand
+                break
+        peaks.sort(key=lambda t: -t[0].score)
+        candidates = [RigidCandidate(f"shift_{name}_{k}", p.fixed_to_moving, {"search_score": round(p.score, 4),
+                                                                              "shift_mm": np.round(p.shift_mm, 1).tolist()})
+                      for p, name, k in peaks[: self.translation_top_k]]
+        record = {"seconds": round(time.perf_counter() - t0, 2), "rotations_from": [c.name for c in sources],
+                  "best": [c.name for c in candidates]}
+        return candidates, record
 
     def _select(self, scored: list[ScoredCandidate], corners_fixed: np.ndarray, same_modality: bool) -> Selection:
         rules = dict(self.rules)
@@ -253,9 +305,12 @@ class SAMv2RigidPipeline:
             match_sets += sets
             # the earlier candidates' support is re-measured with the new match sets too: the same footing
             scored = [self._rescore(c, match_sets) for c in scored] + self._score(pair, found, match_sets)
-            corners = self._corners(small, small_corners, scored)
-            self._finish(pair, scored, corners, match_sets)
-            selection = self._select(scored, corners, same_modality)
+        if self.search_rotations > 0 and self.translation_top_k > 0:
+            shifted, summary["translation_search"] = self._translation_candidates(pair, scored)
+            scored += self._score(pair, shifted, match_sets, levels=self._shift_levels)
+        corners = self._corners(small, small_corners, scored)
+        self._finish(pair, scored, corners, match_sets)
+        selection = self._select(scored, corners, same_modality)
         summary["candidates"] = selection.record
         if not selection.success:
             return failed(selection.reason)

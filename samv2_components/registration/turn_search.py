@@ -10,10 +10,12 @@ of the 2 mm scans, 8 mm by default), so that only the best few are embedded:
 1. For turn ``k`` (a signed permutation ``S_k`` of the moving scan's array axes, world rotation ``W_k``, the one
    :func:`~samv2_components.registration.orientation.rotate_volume` applies), the rotation of the fixed -> moving
    map is ``W_k^T``.
-2. **Translation scan**: the small-FOV scan's body centre is placed at points of the large scan's body along its
-   longest principal axis (``±shift_range_mm`` every ``shift_step_mm``: a cropped or slab scan may lie anywhere
-   along the body) and each pose is scored by :func:`~samv2_components.registration.intensity_refinement.footprint_mi`
-   on the coarse scans; the best shift is kept.
+2. **Translation search** (:class:`~samv2_components.registration.translation_search.TranslationSearch`): from
+   the small-FOV scan's body centre placed on the large scan's, every translation within ``±shift_range_mm``
+   (every ``shift_step_mm``, in 3D: a cropped or slab scan may lie anywhere along the body, and off its axis)
+   is scored by histogram MI on the small scan's footprint at the coarse level; the best is kept. (Until 0.5 a
+   scan along the large body's axis alone: on the benchmark's validation draw it ranked the true turn of a
+   reversed, cropped MR outside the best 5.)
 3. The ``register_top`` best turns by that score are registered rigidly at the coarse level (Mattes MI on the
    small scan's footprint, ``iterations``) and scored again: the ranking returned, best first.
 
@@ -32,6 +34,7 @@ from monai.data import MetaTensor
 from samv2_components.errors import SAMv2InputError
 from samv2_components.registration.intensity_baselines import _sitk
 from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair, footprint_mi
+from samv2_components.registration.translation_search import TranslationSearch
 from samv2_components.registration.orientation import axis_aligned_rotations, turn_world_rotation
 
 __all__ = ["IntensityTurnSearch", "TurnCandidate", "body_axis"]
@@ -45,8 +48,10 @@ class TurnCandidate:
         index: position in :func:`~samv2_components.registration.orientation.axis_aligned_rotations` (0: none).
         voxel_rotation: that 3x3 signed permutation of the moving scan's array axes.
         fixed_to_moving: 4x4 LPS mm, the coarse pose (after the coarse registration when it ran).
-        score: footprint MI at the coarse level (nats).
-        shift_mm: the translation scan's best shift along the large body's axis.
+        score: at the coarse level (nats): the translation search's histogram MI, or after the coarse registration
+            :func:`~samv2_components.registration.intensity_refinement.footprint_mi`.
+        shift_mm: the translation search's best shift from the body centres' alignment (mm, along the small scan's
+            grid axes turned into the large scan).
         registered: whether the coarse registration ran for it.
     """
 
@@ -54,7 +59,7 @@ class TurnCandidate:
     voxel_rotation: np.ndarray
     fixed_to_moving: np.ndarray
     score: float
-    shift_mm: float
+    shift_mm: list[float]
     registered: bool = False
 
     def describe(self) -> dict[str, Any]:
@@ -79,7 +84,7 @@ class IntensityTurnSearch:
 
     Args:
         shrink_factor, smoothing_sigma_mm: the coarse level (of the 2 mm preprocessed scans).
-        shift_range_mm, shift_step_mm: the translation scan along the large body's axis.
+        shift_range_mm, shift_step_mm: the translation search (3D, around the body centres' alignment).
         register_top: turns registered at the coarse level after the scan (the rest keep their scan score).
         iterations, sampling_percentage, min_step_mm: that coarse registration.
     """
@@ -89,7 +94,7 @@ class IntensityTurnSearch:
         shrink_factor: int = 4,
         smoothing_sigma_mm: float = 4.0,
         shift_range_mm: float = 80.0,
-        shift_step_mm: float = 10.0,
+        shift_step_mm: float = 16.0,
         register_top: int = 8,
         iterations: int = 40,
         sampling_percentage: float = 0.2,
@@ -98,7 +103,8 @@ class IntensityTurnSearch:
         if int(shrink_factor) < 1 or float(shift_step_mm) <= 0 or float(shift_range_mm) < 0 or int(register_top) < 0:
             raise SAMv2InputError("turn_search", "needs shrink_factor >= 1, shift_step_mm > 0, shift_range_mm >= 0, register_top >= 0")
         self.shrink_factor, self.smoothing_sigma_mm = int(shrink_factor), float(smoothing_sigma_mm)
-        self.shifts = np.arange(-float(shift_range_mm), float(shift_range_mm) + 1e-6, float(shift_step_mm))
+        self.translation = TranslationSearch(self.shrink_factor, self.smoothing_sigma_mm, range_mm=float(shift_range_mm),
+                                             step_mm=float(shift_step_mm), peaks=1)
         self.register_top, self.iterations = int(register_top), int(iterations)
         self.sampling_percentage, self.min_step_mm = float(sampling_percentage), float(min_step_mm)
 
@@ -114,22 +120,20 @@ class IntensityTurnSearch:
         coarse = pair.coarse(self.shrink_factor, self.smoothing_sigma_mm)
         footprint = coarse.footprint(refiner.overlap_margin_mm)
         small_centre, _ = body_axis(pair.small_body)
-        large_centre, axis = body_axis(pair.large_body)
+        large_centre, _ = body_axis(pair.large_body)
         candidates = []
         for index, voxel_rotation in enumerate(axis_aligned_rotations()):
             world = turn_world_rotation(moving_image, voxel_rotation)  # moving -> turned moving
             small_to_large_rotation = world if pair.small == "moving" else world.T
-            best = None
-            for shift in self.shifts:
-                g = np.eye(4)
-                g[:3, :3] = small_to_large_rotation
-                g[:3, 3] = large_centre + shift * axis - small_to_large_rotation @ small_centre
-                matrix = pair.fixed_to_moving(g)
-                score = footprint_mi(coarse, matrix, footprint, refiner.bins)
-                if np.isfinite(score) and (best is None or score > best[0]):
-                    best = (score, matrix, float(shift))
-            if best is not None:
-                candidates.append(TurnCandidate(index, voxel_rotation, best[1], best[0], best[2]))
+            g = np.eye(4)
+            g[:3, :3] = small_to_large_rotation
+            g[:3, 3] = large_centre - small_to_large_rotation @ small_centre
+            try:
+                (best,) = self.translation(pair, pair.fixed_to_moving(g))
+            except SAMv2InputError:  # no footprint left at the coarse level: nothing to rank
+                break
+            candidates.append(TurnCandidate(index, voxel_rotation, best.fixed_to_moving, best.score,
+                                            np.round(best.shift_mm, 1).tolist()))
         candidates.sort(key=lambda c: -c.score)
         for c in candidates[: self.register_top]:
             try:
