@@ -82,6 +82,7 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     from samv2_components.matching.patch_affine import AffineLevel
     from samv2_components.matching.refinement import LocalIntensityRefiner
     from samv2_components.registration import AdaReg, IntensityRefiner, IntensityTurnSearch, SAMv2RigidPipeline
+    from samv2_components.registration.translation_search import TranslationSearch
 
     def normal(value):
         if isinstance(value, (list, tuple)):
@@ -100,9 +101,11 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     for cls, entry in ((SAMv2Matcher, matching["matcher"]), (LocalIntensityRefiner, matching["refiner"]),
                        (SAMv2Matcher, registration_matcher), (AdaReg, registration["adareg"]),
                        # the samv2 pipeline (the registration default) and its intensity refinement
-                       (SAMv2RigidPipeline, {k: v for k, v in registration["samv2_pipeline"].items() if k not in ("refinement", "turn_search")}),
+                       (SAMv2RigidPipeline, {k: v for k, v in registration["samv2_pipeline"].items()
+                                             if k not in ("refinement", "turn_search", "translation_search")}),
                        (IntensityRefiner, registration["samv2_pipeline"]["refinement"]),
-                       (IntensityTurnSearch, registration["samv2_pipeline"]["turn_search"])):
+                       (IntensityTurnSearch, registration["samv2_pipeline"]["turn_search"]),
+                       (TranslationSearch, registration["samv2_pipeline"]["translation_search"])):
         parameters = inspect.signature(cls.__init__).parameters
         for key, value in _literal_settings(entry).items():
             if key == "global_map_kwargs":  # None in the class: estimate_global_map's own defaults, written out

@@ -31,6 +31,7 @@ from samv2_components.registration.candidates import MatchSet, RigidCandidate, h
 from samv2_components.registration.intensity_refinement import IntensityRefiner, RefinedCandidate, ScanPair
 from samv2_components.registration.pipeline import PIPELINES, SAMv2RigidPipeline
 from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
+from samv2_components.registration.translation_search import TranslationPeak, TranslationSearch
 from samv2_components.registration.turn_search import IntensityTurnSearch, TurnCandidate
 from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
 from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
@@ -47,6 +48,8 @@ __all__ = [
     "ScanPair",
     "ScoredCandidate",
     "Selection",
+    "TranslationPeak",
+    "TranslationSearch",
     "TurnCandidate",
     "header_candidate",
     "match_support",

@@ -83,13 +83,13 @@ class TranslationSearch:
 
     def __init__(
         self,
-        shrink_factor: int = 4,
-        smoothing_sigma_mm: float = 4.0,
+        shrink_factor: int = 2,
+        smoothing_sigma_mm: float = 2.0,
         range_mm: float = 80.0,
         step_mm: float = 8.0,
         bins: int = 32,
         footprint_margin_mm: float = 10.0,
-        peaks: int = 3,
+        peaks: int = 2,
         peak_separation_mm: float = 24.0,
         max_samples: int = 20_000,
         max_samples_per_chunk: int = 8_000_000,
