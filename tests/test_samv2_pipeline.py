@@ -346,6 +346,14 @@ def test_translation_search_finds_a_slab_slid_along_the_body(slab_pair):
     swapped = ScanPair(pair.moving, pair.fixed, pair.moving_body, pair.fixed_body, small="fixed")
     back = search(swapped, np.linalg.inv(start))[0]
     np.testing.assert_allclose(np.linalg.inv(back.fixed_to_moving), best.fixed_to_moving, atol=1e-6)
+    # anisotropic voxels (3 x 3 x 6 mm): steps and range are counted per axis, the answer is the same place
+    slab = pair.moving
+    size = [slab.GetSize()[0], slab.GetSize()[1], slab.GetSize()[2] // 2]
+    thick = sitk.Resample(slab, size, sitk.Transform(), sitk.sitkLinear, slab.GetOrigin(),
+                          (slab.GetSpacing()[0], slab.GetSpacing()[1], 2 * slab.GetSpacing()[2]), slab.GetDirection(), -1024.0)
+    coarse_pair = ScanPair(pair.fixed, thick, pair.fixed_body, sitk.Cast(thick > -300.0, sitk.sitkUInt8), small="moving")
+    anisotropic = search(coarse_pair, start)[0]
+    assert sample_ct_tre(anisotropic.fixed_to_moving, truth)[1].mean() < 6.0
 
 
 def test_translation_candidates_come_from_distinct_rotations_best_peaks_first(ct_pair):

@@ -113,8 +113,8 @@ class TranslationSearch:
         footprint = sitk.GetArrayViewFromImage(coarse.footprint(self.footprint_margin_mm)) > 0  # (z, y, x)
         if not footprint.any():
             raise SAMv2InputError("body", "the small scan's footprint is empty at the coarse level")
-        spacing = np.asarray(small.GetSpacing(), dtype=np.float64)
-        pad = int(np.ceil(self.range_mm / spacing.max()))
+        spacing = np.asarray(small.GetSpacing(), dtype=np.float64)  # (x, y, z)
+        pad = np.ceil(self.range_mm / spacing).astype(np.int64)  # voxels of range per axis
         s2l = pair.small_to_large(start).copy()
         u, _, vt = np.linalg.svd(s2l[:3, :3])  # the nearest proper rotation (a start read back from JSON is rounded)
         s2l[:3, :3] = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
@@ -137,12 +137,12 @@ class TranslationSearch:
         small_values = sitk.GetArrayViewFromImage(small)[tuple(zyx.T)].astype(np.float64)
         a = _bin(small_values, small_values.min(), small_values.max(), self.bins)
         b = _bin(resampled, float(resampled.min()), float(resampled.max()), self.bins).ravel()
-        zyx = zyx + pad  # in the padded grid
+        zyx = zyx + pad[::-1]  # in the padded grid
         strides = np.array([size[1] * size[0], size[0], 1], dtype=np.int64)
         base = zyx @ strides
-        step = max(1, int(round(self.step_mm / spacing.max())))
-        steps = np.arange(-pad, pad + 1, step)
-        shifts_xyz = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)  # (K, 3) x, y, z
+        step = np.maximum(1, np.round(self.step_mm / spacing)).astype(np.int64)
+        axes = [np.arange(-p, p + 1, st) for p, st in zip(pad, step)]
+        shifts_xyz = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (K, 3) voxels along x, y, z
         offsets = shifts_xyz[:, ::-1] @ strides
         joint_index = a * self.bins
         chunk = max(1, self.max_samples_per_chunk // len(base))
