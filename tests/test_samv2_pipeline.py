@@ -381,39 +381,3 @@ def test_translation_candidates_come_from_distinct_rotations_best_peaks_first(ct
     assert record["rotations_from"] == ["a", "c"] and len(calls) == 2
     assert [c.name for c in found] == ["shift_c_0", "shift_a_0", "shift_c_1"]
     assert found[0].info["search_score"] == pytest.approx(0.55)
-
-
-def test_rescue_searches_the_source_rotations_turned_about_each_axis(ct_pair):
-    """The rescue's starts: each source rotation as it is and turned by ±20 deg about x, y and z through the small
-    body's centre (which the turn leaves in place); the turn is right-handed."""
-    from samv2_components.registration import SAMv2RigidPipeline
-    from samv2_components.registration.pipeline import _turn_about
-    from samv2_components.registration.selection import rotation_angle_deg
-    from samv2_components.registration.translation_search import TranslationPeak
-    from samv2_components.registration.turn_search import body_axis
-
-    pair, _ = ct_pair
-    centre, _ = body_axis(pair.small_body)
-    turn = _turn_about(centre, 2, 90.0)
-    np.testing.assert_allclose(turn[:3, :3] @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)  # x -> y about z
-    np.testing.assert_allclose(turn[:3, :3] @ centre + turn[:3, 3], centre, atol=1e-9)
-    np.testing.assert_allclose(_turn_about(centre, 1, 90.0)[:3, :3] @ [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], atol=1e-12)  # z -> x about y
-
-    pipeline = SAMv2RigidPipeline(adareg=None, translation_top_k=2)
-    starts = []
-
-    def search(pair_, start):
-        starts.append(start)
-        return [TranslationPeak(start, float(len(starts)), np.zeros(3))]
-
-    pipeline.translation_search = search
-    source = rigid(10.0, (0, 0, 1), (5.0, 0.0, 0.0))
-    scored = [ScoredCandidate("a", source, 0.5, 0.1, 0.9, "", {})]
-    found, record = pipeline._translation_candidates(pair, scored, 1, 20.0, prefix="rescue")
-    assert record["searched_rotations"] == 7 and len(starts) == 7
-    np.testing.assert_allclose(starts[0], source)
-    for start in starts[1:]:  # moving is the small scan: the turn acts on the small (moving) side
-        assert rotation_angle_deg(start @ np.linalg.inv(source)) == pytest.approx(20.0, abs=1e-6)
-        moved = np.linalg.inv(start) @ np.append(centre, 1.0)
-        np.testing.assert_allclose(moved[:3], (np.linalg.inv(source) @ np.append(centre, 1.0))[:3], atol=1e-6)
-    assert [c.name for c in found] == ["rescue_a_z-_0", "rescue_a_z+_0"]

@@ -58,7 +58,7 @@ from samv2_components.registration.selection import (
     transforms_agree,
 )
 from samv2_components.registration.translation_search import TranslationSearch
-from samv2_components.registration.turn_search import IntensityTurnSearch, body_axis
+from samv2_components.registration.turn_search import IntensityTurnSearch
 
 __all__ = ["PIPELINES", "SAMv2RigidPipeline", "fov_gap_mm"]
 
@@ -94,10 +94,6 @@ class SAMv2RigidPipeline:
         search_rotations: the translation search runs for the rotations of this many best refined candidates whose
             rotations differ by more than ``rotation_separation_deg`` (0: no translation search).
         translation_top_k: the best poses of the translation search (over all its rotations) that become candidates.
-        rescue_turn_deg, rescue_sources: when the selection refuses (not for want of overlap), the translation search
-            runs once more from the ``rescue_sources`` best distinct rotations, each also turned by ±``rescue_turn_deg``
-            about each axis through the small body's centre, and the selection is repeated with its best poses
-            (``rescue_*`` candidates); 0 turns it off.
         search_below_support: under ``"auto"``, look at other orientations when the header orientation's winner is
             supported by less than this fraction of the matches (or when it gives no winner).
         vote_bandwidth_mm: translation votes this close agree (:func:`~samv2_components.registration.candidates.translation_vote`).
@@ -124,8 +120,6 @@ class SAMv2RigidPipeline:
         search_rotations: int = 4,
         rotation_separation_deg: float = 10.0,
         translation_top_k: int = 3,
-        rescue_turn_deg: float = 20.0,
-        rescue_sources: int = 2,
         search_below_support: float = 0.2,
         vote_bandwidth_mm: float = 10.0,
         support_tolerance_mm: float = 10.0,
@@ -158,7 +152,6 @@ class SAMv2RigidPipeline:
         self.translation_search = TranslationSearch(**dict(translation_search or {}))
         self.search_rotations, self.translation_top_k = int(search_rotations), int(translation_top_k)
         self.rotation_separation_deg = float(rotation_separation_deg)
-        self.rescue_turn_deg, self.rescue_sources = float(rescue_turn_deg), int(rescue_sources)
         # the translation search's poses are refined from the pyramid level at or below its own voxel size
         self._shift_levels = slice(next((i for i, f in enumerate(self.refiner.shrink_factors)
                                          if f <= self.translation_search.shrink_factor), 0), -1)
@@ -196,47 +189,30 @@ class SAMv2RigidPipeline:
             c.info.update({"finest_level": True, "refinement_moved_mm": _moved_mm(pair, c.start, c.fixed_to_moving),
                            "refinement_seconds": round(c.info["refinement_seconds"] + refined.seconds, 2)})
 
-    def _distinct_rotations(self, scored: list[ScoredCandidate], n: int) -> list[ScoredCandidate]:
-        """The ``n`` best refined candidates (by MI) whose rotations differ by more than ``rotation_separation_deg``."""
+    def _translation_candidates(self, pair: ScanPair, scored: list[ScoredCandidate]) -> tuple[list[RigidCandidate], dict]:
+        """Step 5: the translation search for the rotations of the best distinct refined candidates; the
+        ``translation_top_k`` best poses over all of them, as candidates named ``shift_<source>_<peak>``."""
+        t0 = time.perf_counter()
         ranked = sorted((c for c in scored if not c.error and math.isfinite(c.mi)), key=lambda c: -c.mi)
         sources: list[ScoredCandidate] = []
         for c in ranked:
-            if len(sources) == n:
+            if len(sources) == self.search_rotations:
                 break
             if all(rotation_angle_deg(c.fixed_to_moving[:3, :3] @ s.fixed_to_moving[:3, :3].T) > self.rotation_separation_deg
                    for s in sources):
                 sources.append(c)
-        return sources
-
-    def _translation_candidates(self, pair: ScanPair, scored: list[ScoredCandidate], n_sources: int | None = None,
-                                turns_deg: float = 0.0, prefix: str = "shift") -> tuple[list[RigidCandidate], dict]:
-        """Step 5: the translation search for the rotations of the best distinct refined candidates
-        (``search_rotations`` of them unless ``n_sources``); the ``translation_top_k`` best poses over all of them,
-        as candidates named ``<prefix>_<source>_<peak>``. With ``turns_deg`` > 0 each source rotation is also
-        turned by ±``turns_deg`` about each axis through the small body's centre (step 6's rescue)."""
-        t0 = time.perf_counter()
-        sources = self._distinct_rotations(scored, self.search_rotations if n_sources is None else n_sources)
-        starts = []
-        for c in sources:
-            starts.append((c.name, c.fixed_to_moving))
-            if turns_deg > 0:
-                centre, _ = body_axis(pair.small_body)
-                small_to_large = pair.small_to_large(c.fixed_to_moving)
-                for axis, sign in ((a, s) for a in range(3) for s in (1, -1)):
-                    turn = _turn_about(centre, axis, sign * turns_deg)
-                    starts.append((f"{c.name}_{'xyz'[axis]}{'+' if sign > 0 else '-'}", pair.fixed_to_moving(small_to_large @ turn)))
         peaks = []
-        for name, start in starts:
+        for c in sources:
             try:
-                peaks += [(p, name, k) for k, p in enumerate(self.translation_search(pair, start))]
+                peaks += [(p, c.name, k) for k, p in enumerate(self.translation_search(pair, c.fixed_to_moving))]
             except SAMv2InputError:  # no footprint at the search's level: the other candidates stand
                 break
         peaks.sort(key=lambda t: -t[0].score)
-        candidates = [RigidCandidate(f"{prefix}_{name}_{k}", p.fixed_to_moving, {"search_score": round(p.score, 4),
-                                                                                  "shift_mm": np.round(p.shift_mm, 1).tolist()})
+        candidates = [RigidCandidate(f"shift_{name}_{k}", p.fixed_to_moving, {"search_score": round(p.score, 4),
+                                                                              "shift_mm": np.round(p.shift_mm, 1).tolist()})
                       for p, name, k in peaks[: self.translation_top_k]]
         record = {"seconds": round(time.perf_counter() - t0, 2), "rotations_from": [c.name for c in sources],
-                  "searched_rotations": len(starts), "best": [c.name for c in candidates]}
+                  "best": [c.name for c in candidates]}
         return candidates, record
 
     def _select(self, scored: list[ScoredCandidate], corners_fixed: np.ndarray, same_modality: bool) -> Selection:
@@ -335,15 +311,6 @@ class SAMv2RigidPipeline:
         corners = self._corners(small, small_corners, scored)
         self._finish(pair, scored, corners, match_sets)
         selection = self._select(scored, corners, same_modality)
-        if not selection.success and self.rescue_turn_deg > 0 and self.rescue_sources > 0 and "overlap" not in selection.reason:
-            # step 6's rescue: the candidates' rotations may be 20-45 deg off (the translation search is only as good as
-            # the rotation it is given); search again from the best rotations turned about each axis
-            rescued, summary["rotation_rescue"] = self._translation_candidates(pair, scored, self.rescue_sources,
-                                                                               self.rescue_turn_deg, prefix="rescue")
-            scored += self._score(pair, rescued, match_sets, levels=self._shift_levels)
-            corners = self._corners(small, small_corners, scored)
-            self._finish(pair, scored, corners, match_sets)
-            selection = self._select(scored, corners, same_modality)
         summary["candidates"] = selection.record
         if not selection.success:
             return failed(selection.reason)
@@ -369,18 +336,6 @@ class SAMv2RigidPipeline:
 
         best = max(scored, key=lambda c: c.mi if math.isfinite(c.mi) else -math.inf)
         return apply_matrix(np.linalg.inv(best.fixed_to_moving), small_corners)
-
-
-def _turn_about(centre: np.ndarray, axis: int, angle_deg: float) -> np.ndarray:
-    """4x4 rotation by ``angle_deg`` about world axis ``axis`` (0, 1, 2: x, y, z) through ``centre`` (LPS mm)."""
-    a = math.radians(angle_deg)
-    c, s = math.cos(a), math.sin(a)
-    i, j = (axis + 1) % 3, (axis + 2) % 3  # cyclic: a right-handed turn about x, y or z
-    rotation = np.eye(3)
-    rotation[i, i], rotation[i, j], rotation[j, i], rotation[j, j] = c, -s, s, c
-    turn = np.eye(4)
-    turn[:3, :3], turn[:3, 3] = rotation, centre - rotation @ centre
-    return turn
 
 
 def _moved_mm(pair: ScanPair, before: np.ndarray, after: np.ndarray) -> float:
