@@ -335,7 +335,7 @@ def test_translation_search_finds_a_slab_slid_along_the_body(slab_pair):
     start = rigid(0.0, (0, 0, 1), (20.0, 0.0, 48.0)) @ truth
     assert sample_ct_tre(start, truth)[1].mean() > 50.0
     search = TranslationSearch(shrink_factor=1, smoothing_sigma_mm=1.5, range_mm=60.0, step_mm=6.0, peaks=3)
-    peaks = search(pair, start)
+    peaks = search(pair, start, 10.0)
     assert len(peaks) == 3 and peaks[0].score > peaks[1].score >= peaks[2].score
     best = peaks[0]
     assert sample_ct_tre(best.fixed_to_moving, truth)[1].mean() < 6.0
@@ -344,7 +344,7 @@ def test_translation_search_finds_a_slab_slid_along_the_body(slab_pair):
     # distinct peaks only: no two closer than the separation
     assert all(np.linalg.norm(a.shift_mm - b.shift_mm) >= search.peak_separation_mm for a in peaks for b in peaks if a is not b)
     swapped = ScanPair(pair.moving, pair.fixed, pair.moving_body, pair.fixed_body, small="fixed")
-    back = search(swapped, np.linalg.inv(start))[0]
+    back = search(swapped, np.linalg.inv(start), 10.0)[0]
     np.testing.assert_allclose(np.linalg.inv(back.fixed_to_moving), best.fixed_to_moving, atol=1e-6)
     # anisotropic voxels (3 x 3 x 6 mm): steps and range are counted per axis, the answer is the same place
     slab = pair.moving
@@ -352,7 +352,7 @@ def test_translation_search_finds_a_slab_slid_along_the_body(slab_pair):
     thick = sitk.Resample(slab, size, sitk.Transform(), sitk.sitkLinear, slab.GetOrigin(),
                           (slab.GetSpacing()[0], slab.GetSpacing()[1], 2 * slab.GetSpacing()[2]), slab.GetDirection(), -1024.0)
     coarse_pair = ScanPair(pair.fixed, thick, pair.fixed_body, sitk.Cast(thick > -300.0, sitk.sitkUInt8), small="moving")
-    anisotropic = search(coarse_pair, start)[0]
+    anisotropic = search(coarse_pair, start, 10.0)[0]
     assert sample_ct_tre(anisotropic.fixed_to_moving, truth)[1].mean() < 6.0
 
 
@@ -367,7 +367,8 @@ def test_translation_candidates_come_from_distinct_rotations_best_peaks_first(ct
     pipeline = SAMv2RigidPipeline(adareg=None, search_rotations=2, translation_top_k=3)
     calls = []
 
-    def search(pair_, start):
+    def search(pair_, start, footprint_margin_mm):
+        assert footprint_margin_mm == pipeline.refiner.overlap_margin_mm  # the refinement's footprint, not a copy
         calls.append(start)
         base = 0.5 if len(calls) == 1 else 0.55
         return [TranslationPeak(start, base, np.zeros(3)), TranslationPeak(start, base - 0.2, np.array([40.0, 0, 0]))]

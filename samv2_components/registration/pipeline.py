@@ -175,9 +175,8 @@ class SAMv2RigidPipeline:
     def _finish(self, pair: ScanPair, scored: list[ScoredCandidate], corners: np.ndarray, match_sets: list[MatchSet]) -> None:
         """Run the finest pyramid level for the ``refine_top_k`` best *distinct* answers (by MI; candidates within
         ``agreement_mm`` of a better one are the same answer and wait), in place."""
-        ranked = sorted((c for c in scored if not c.error and math.isfinite(c.mi)), key=lambda c: -c.mi)
         distinct: list[ScoredCandidate] = []
-        for c in ranked:
+        for c in _by_mi(scored):
             if not any(transforms_agree(c.fixed_to_moving, d.fixed_to_moving, corners, self.rules["agreement_mm"]) for d in distinct):
                 distinct.append(c)
         for c in distinct[: self.refine_top_k]:
@@ -193,9 +192,8 @@ class SAMv2RigidPipeline:
         """Step 5: the translation search for the rotations of the best distinct refined candidates; the
         ``translation_top_k`` best poses over all of them, as candidates named ``shift_<source>_<peak>``."""
         t0 = time.perf_counter()
-        ranked = sorted((c for c in scored if not c.error and math.isfinite(c.mi)), key=lambda c: -c.mi)
         sources: list[ScoredCandidate] = []
-        for c in ranked:
+        for c in _by_mi(scored):
             if len(sources) == self.search_rotations:
                 break
             if all(rotation_angle_deg(c.fixed_to_moving[:3, :3] @ s.fixed_to_moving[:3, :3].T) > self.rotation_separation_deg
@@ -204,7 +202,8 @@ class SAMv2RigidPipeline:
         peaks = []
         for c in sources:
             try:
-                peaks += [(p, c.name, k) for k, p in enumerate(self.translation_search(pair, c.fixed_to_moving))]
+                found = self.translation_search(pair, c.fixed_to_moving, self.refiner.overlap_margin_mm)
+                peaks += [(p, c.name, k) for k, p in enumerate(found)]
             except SAMv2InputError:  # no footprint at the search's level: the other candidates stand
                 break
         peaks.sort(key=lambda t: -t[0].score)
@@ -336,6 +335,11 @@ class SAMv2RigidPipeline:
 
         best = max(scored, key=lambda c: c.mi if math.isfinite(c.mi) else -math.inf)
         return apply_matrix(np.linalg.inv(best.fixed_to_moving), small_corners)
+
+
+def _by_mi(scored: list[ScoredCandidate]) -> list[ScoredCandidate]:
+    """The candidates whose refinement ran and scored, best MI first."""
+    return sorted((c for c in scored if not c.error and math.isfinite(c.mi)), key=lambda c: -c.mi)
 
 
 def _moved_mm(pair: ScanPair, before: np.ndarray, after: np.ndarray) -> float:

@@ -72,7 +72,6 @@ class TranslationSearch:
         range_mm: the search covers ``±range_mm`` along each axis of the turned grid around the start pose.
         step_mm: the grid's step (rounded to whole coarse voxels, at least one).
         bins: histogram bins per image.
-        footprint_margin_mm: the small scan's body dilated by this much is the footprint (as the refinement's).
         peaks: how many local maxima to return (best first); maxima closer than ``peak_separation_mm`` to a better
             one are the same answer.
         max_samples: at most this many footprint voxels carry the histogram (a seeded random subset of a large
@@ -88,7 +87,6 @@ class TranslationSearch:
         range_mm: float = 80.0,
         step_mm: float = 8.0,
         bins: int = 32,
-        footprint_margin_mm: float = 10.0,
         peaks: int = 2,
         peak_separation_mm: float = 24.0,
         max_samples: int = 20_000,
@@ -99,20 +97,36 @@ class TranslationSearch:
             raise SAMv2InputError("translation_search", "needs shrink_factor >= 1, step_mm > 0, range_mm >= 0, bins >= 2, peaks >= 1")
         self.shrink_factor, self.smoothing_sigma_mm = int(shrink_factor), float(smoothing_sigma_mm)
         self.range_mm, self.step_mm, self.bins = float(range_mm), float(step_mm), int(bins)
-        self.footprint_margin_mm, self.peaks, self.peak_separation_mm = float(footprint_margin_mm), int(peaks), float(peak_separation_mm)
+        self.peaks, self.peak_separation_mm = int(peaks), float(peak_separation_mm)
         self.max_samples, self.max_samples_per_chunk, self.seed = int(max_samples), int(max_samples_per_chunk), int(seed)
 
-    def __call__(self, pair: ScanPair, start: np.ndarray) -> list[TranslationPeak]:
+    def _footprint_samples(self, coarse: ScanPair, footprint_margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        """The small scan's side, the same for every rotation: footprint voxels ``(n, 3)`` (z, y, x; a seeded
+        subset of at most ``max_samples``) and their intensity bins ``(n,)``. Cached on the coarse pair."""
+        key = ("translation_samples", float(footprint_margin_mm), self.max_samples, self.seed, self.bins)
+        if key not in coarse.cache:
+            sitk = _sitk()
+            footprint = sitk.GetArrayViewFromImage(coarse.footprint(footprint_margin_mm)) > 0  # (z, y, x)
+            if not footprint.any():
+                raise SAMv2InputError("body", "the small scan's footprint is empty at the coarse level")
+            zyx = np.argwhere(footprint)
+            if len(zyx) > self.max_samples:
+                zyx = zyx[np.sort(np.random.default_rng(self.seed).choice(len(zyx), self.max_samples, replace=False))]
+            values = sitk.GetArrayViewFromImage(coarse.small_image)[tuple(zyx.T)].astype(np.float64)
+            coarse.cache[key] = (zyx, _bin(values, values.min(), values.max(), self.bins))
+        return coarse.cache[key]
+
+    def __call__(self, pair: ScanPair, start: np.ndarray, footprint_margin_mm: float) -> list[TranslationPeak]:
         """The best translations for the rotation of ``start`` (fixed -> moving 4x4 LPS), best first.
 
         The shifts are measured from ``start``'s own translation, so the search is centred on the start pose.
+        ``footprint_margin_mm``: the small scan's body dilated by this much is the footprint (the refiner's
+        ``overlap_margin_mm``, so that the search and the refinement look at the same region).
         """
         sitk = _sitk()
         coarse = pair.coarse(self.shrink_factor, self.smoothing_sigma_mm)
         small, large = coarse.small_image, coarse.large_image
-        footprint = sitk.GetArrayViewFromImage(coarse.footprint(self.footprint_margin_mm)) > 0  # (z, y, x)
-        if not footprint.any():
-            raise SAMv2InputError("body", "the small scan's footprint is empty at the coarse level")
+        zyx, a = self._footprint_samples(coarse, footprint_margin_mm)
         spacing = np.asarray(small.GetSpacing(), dtype=np.float64)  # (x, y, z)
         pad = np.ceil(self.range_mm / spacing).astype(np.int64)  # voxels of range per axis
         s2l = pair.small_to_large(start).copy()
@@ -131,11 +145,6 @@ class TranslationSearch:
         background = coarse.background()
         resampled = sitk.GetArrayFromImage(sitk.Resample(large, reference, sitk.Transform(3, sitk.sitkIdentity),
                                                          sitk.sitkLinear, background, sitk.sitkFloat32))  # (z, y, x)
-        zyx = np.argwhere(footprint)  # footprint voxels, (z, y, x)
-        if len(zyx) > self.max_samples:
-            zyx = zyx[np.sort(np.random.default_rng(self.seed).choice(len(zyx), self.max_samples, replace=False))]
-        small_values = sitk.GetArrayViewFromImage(small)[tuple(zyx.T)].astype(np.float64)
-        a = _bin(small_values, small_values.min(), small_values.max(), self.bins)
         b = _bin(resampled, float(resampled.min()), float(resampled.max()), self.bins).ravel()
         zyx = zyx + pad[::-1]  # in the padded grid
         strides = np.array([size[1] * size[0], size[0], 1], dtype=np.int64)

@@ -129,7 +129,7 @@ class IntensityTurnSearch:
             g[:3, :3] = small_to_large_rotation
             g[:3, 3] = large_centre - small_to_large_rotation @ small_centre
             try:
-                (best,) = self.translation(pair, pair.fixed_to_moving(g))
+                (best,) = self.translation(pair, pair.fixed_to_moving(g), refiner.overlap_margin_mm)
             except SAMv2InputError:  # no footprint left at the coarse level: nothing to rank
                 break
             candidates.append(TurnCandidate(index, voxel_rotation, best.fixed_to_moving, best.score,
