@@ -155,6 +155,11 @@ class CoarseToFineSearch:
         pair_score = torch.empty(len(pair_cell), dtype=torch.float32, device=cells.device)
         pair_index = torch.empty(len(pair_cell), dtype=torch.long, device=cells.device)
         flat = self.map.flat
+        window_voxels = len(self._window_offsets)
+        # one buffer for the windows of every batch: a fresh tensor of tens of MB per batch is returned to the OS and
+        # faulted in again each time, which cost more than the gather itself (lung2: 1,000 points 0.61 -> 0.20 s)
+        windows = torch.empty(min(self.cells_per_batch, len(unique)) * window_voxels, flat.shape[1],
+                              dtype=flat.dtype, device=flat.device)
         for c0 in range(0, len(unique), self.cells_per_batch):
             c1 = min(c0 + self.cells_per_batch, len(unique))
             pairs = order[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
@@ -162,7 +167,9 @@ class CoarseToFineSearch:
             padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), flat.shape[1], dtype=flat.dtype, device=flat.device)
             padded[local_cell, rank] = descriptors[pair_point[pairs]]
             window_index = self._window_indices(unique[c0:c1])  # (G, W)
-            scores = torch.bmm(padded, flat[window_index].transpose(1, 2))  # (G, P_max, W)
+            gathered = windows[: window_index.numel()]
+            torch.index_select(flat, 0, window_index.reshape(-1), out=gathered)
+            scores = torch.bmm(padded, gathered.view(c1 - c0, window_voxels, -1).transpose(1, 2))  # (G, P_max, W)
             best_score, best_pos = scores.max(dim=2)
             pair_score[pairs] = best_score[local_cell, rank].float()
             pair_index[pairs] = window_index[local_cell, best_pos[local_cell, rank]]
