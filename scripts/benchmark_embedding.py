@@ -75,8 +75,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_inferer(bf16: bool, max_tile_voxels: int | None) -> SAMv2Inferer:
-    # fp32 rows use the plain layout; channels_last_3d is part of the bf16 fast path being measured
-    return SAMv2Inferer(bf16=bf16, channels_last=bf16, max_tile_voxels=max_tile_voxels)
+    # fp32 rows: plain layout, float32 maps (the full-precision reference); bf16 rows: the bundles' fast path,
+    # channels_last_3d and float16 maps
+    return SAMv2Inferer(bf16=bf16, channels_last=bf16, max_tile_voxels=max_tile_voxels,
+                        output_dtype="float16" if bf16 else "float32")
 
 
 def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +137,18 @@ def run_configuration(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- parent process
+def _speed_ratio(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """One line comparing the fastest untiled bf16 row with the full-width untiled fp32 row of the same run."""
+    untiled = [(statistics.median(r["seconds"]), c) for c, r in results if "error" not in r and c["tile_voxels"] is None]
+    full = [t for t, c in untiled if not c["bf16"] and math.isclose(c["width"], 1.0)]
+    fast = [(t, c["width"]) for t, c in untiled if c["bf16"]]
+    if not full or not fast:
+        return []
+    seconds, width = min(fast)
+    return ["", f"Speed-up in this run: width {width:g} in bf16 ({seconds:.2f} s) is {full[0] / seconds:.1f}x faster than "
+                f"the full-width fp32 pass ({full[0]:.2f} s)."]
+
+
 def _parse_list(value: Any, kind: type) -> list:
     """Accept what ``fire`` hands over for ``1,2,3``: a tuple/list, a single number, or a string."""
     if isinstance(value, (list, tuple)):
@@ -168,7 +182,7 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
 
 def _row(config: dict[str, Any], result: dict[str, Any]) -> str:
     width = f"{config['width']:g}"
-    precision = "bf16 + channels_last" if config["bf16"] else "fp32"
+    precision = "bf16 + channels_last, float16 maps" if config["bf16"] else "fp32"
     if "error" in result:  # e.g. out of memory: keep the row so the table shows what could not run
         error = result["error"].replace("|", "/")
         return f"| {width} | — | {precision} | — | failed: {error} | — | — | — |"
@@ -236,13 +250,14 @@ def main(
     if tile_voxels is not None and not any(math.isclose(w, tile_width) for w in width_list):
         print(f"note: tile_width {tile_width} is not among --widths; no tiled rows", file=sys.stderr)
 
-    rows = []
+    rows, results = [], []
     child_threads = set()
     for i, config in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {config}", file=sys.stderr, flush=True)
         result = _run_child(config)
         child_threads.add(result.get("threads"))
         rows.append(_row(config, result))
+        results.append((config, result))
     # subprocesses inherit the environment, so they should match; say so if they do not
     child_threads.discard(None)
     threads = str(torch.get_num_threads())
@@ -286,6 +301,7 @@ def main(
         "Cosine: per fine-grid voxel, between the row's fine-head embedding and the fp32 whole-volume one of the "
         "same network and input (for tiled fp32 rows it measures the tiling error alone); random weights, so trained "
         "weights may give different values.",
+        *_speed_ratio(results),
     ]
     table = "\n".join(lines) + "\n"
     print(table, end="")

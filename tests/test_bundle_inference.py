@@ -50,7 +50,8 @@ def test_writes_every_head_preview_and_summary(sample_ct_run):
     fine = nib.load(case / "fine.nii")
     assert fine.shape[-1] == 128 and fine.shape[:3] == tuple(summary["heads"]["fine"]["shape"])
     data = np.asarray(fine.dataobj[..., :])
-    np.testing.assert_allclose(np.linalg.norm(data, axis=-1), 1.0, atol=1e-4)
+    # float16 maps (the bundles' default), written as float32: unit length to float16 precision
+    np.testing.assert_allclose(np.linalg.norm(data, axis=-1), 1.0, atol=5e-4)
 
 
 @pytest.mark.slow

@@ -44,6 +44,9 @@ def test_hit_equals_computed_and_keys_change(tmp_path):
     moved.affine[0, 3] += 1.0
     assert cached.key(moved, net) != key  # same voxels elsewhere in space
     assert CachedEmbeddingInferer(SAMv2Inferer(bf16=True), tmp_path / "cache").key(_image(), net) != key
+    other_dtype = "float32" if inner.output_dtype == torch.float16 else "float16"
+    other = CachedEmbeddingInferer(CountingInferer(bf16=False, max_tile_voxels=None, output_dtype=other_dtype), tmp_path / "cache")
+    assert other.key(_image(), net) != key  # a float32 entry is not served as a float16 one
 
 
 def test_key_follows_the_weights_not_the_network_object(tmp_path):

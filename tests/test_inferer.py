@@ -67,7 +67,7 @@ def test_tiled_pass_equals_whole_volume_pass(net):
     assert len(tiles) > 1
     tiled = tiled_inferer(x, net)
     for name in whole:
-        cosine = (whole[name] * tiled[name]).sum(1)
+        cosine = (whole[name].float() * tiled[name].float()).sum(1)
         assert float(cosine.mean()) > 0.999, name
         assert float(torch.quantile(cosine.flatten(), 0.01)) > 0.99, name
 
@@ -75,11 +75,24 @@ def test_tiled_pass_equals_whole_volume_pass(net):
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no fast bf16")
 def test_bf16_embeddings_within_cosine_099_of_fp32(net):
     x = smooth_volume((32, 64, 64))
-    fp32 = SAMv2Inferer(bf16=False)(x, net)
-    bf16 = SAMv2Inferer(bf16=True)(x, net)
+    fp32 = SAMv2Inferer(bf16=False, output_dtype="float32")(x, net)
+    bf16 = SAMv2Inferer(bf16=True, output_dtype="float32")(x, net)
     for name in fp32:
         assert bf16[name].dtype == torch.float32
         assert float((fp32[name] * bf16[name]).sum(1).min()) > 0.99, name
+
+
+def test_float16_maps_are_unit_vectors_within_cosine_09999_of_float32(net):
+    x = smooth_volume((32, 64, 64))
+    full = SAMv2Inferer(bf16=False, output_dtype="float32")(x, net)
+    half = SAMv2Inferer(bf16=False)(x, net)  # float16 is the default
+    for name in full:
+        assert half[name].dtype == torch.float16 and half[name].shape == full[name].shape, name
+        assert half[name].stride() == full[name].stride(), name  # same (channels-last) layout
+        h = half[name].float()
+        np.testing.assert_allclose(h.norm(dim=1).numpy(), 1.0, atol=5e-4)
+        np.testing.assert_allclose(full[name].norm(dim=1).numpy(), 1.0, atol=1e-5)
+        assert float(torch.nn.functional.cosine_similarity(full[name], h, dim=1).min()) > 0.9999, name
 
 
 def test_bad_arguments():
@@ -87,5 +100,7 @@ def test_bad_arguments():
         SAMv2Inferer(halo=(3, 16, 16))
     with pytest.raises(ValueError):
         SAMv2Inferer(bf16="sometimes")  # true/false/1/0/yes/no and "auto" are accepted
+    with pytest.raises(ValueError, match="output_dtype"):
+        SAMv2Inferer(output_dtype="bfloat16")
     with pytest.raises(ValueError):
         SAMv2Inferer()(torch.zeros(1, 2, 8, 16, 16), SAMv2Net(width=0.25))

@@ -105,7 +105,7 @@ def test_descriptor_map_matches_network_forward():
     x = torch.randn(1, 1, 16, 64, 64) * 50
     affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
     image = MetaTensor(x, affine=affine, meta={"space": "RAS"})
-    heads = SAMv2Inferer(bf16=False, channels_last=False)(image, net)
+    heads = SAMv2Inferer(bf16=False, channels_last=False, output_dtype="float32")(image, net)
     with torch.no_grad():
         expected = net(x)[0]
     torch.testing.assert_close(query_descriptor_map(heads).descriptors, expected, atol=1e-4, rtol=0)

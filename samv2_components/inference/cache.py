@@ -41,7 +41,8 @@ class CachedEmbeddingInferer(Inferer):
         cache_dir: folder of the cache entries (created on first write); ``None`` disables caching.
 
     Only single-scan batches (``B == 1``) are cached; larger batches pass through. An entry is one ``.pt`` file of
-    float32 maps plus their affines (about 3 x 128 x 4 bytes per fine voxel: large for big scans).
+    the maps as the inferer returns them plus their affines (with the bundles' float16 maps about 3 x 128 x 2 bytes
+    per fine voxel).
     """
 
     def __init__(self, inferer: Inferer, cache_dir: str | os.PathLike | None = None):
@@ -58,7 +59,8 @@ class CachedEmbeddingInferer(Inferer):
         with the same weights is the same key.
         """
         digest = hashlib.sha256(network_fingerprint(network).encode())
-        settings = {k: v for k, v in vars(self.inferer).items() if isinstance(v, (bool, int, float, str, tuple))}
+        settings = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(self.inferer).items()
+                    if isinstance(v, (bool, int, float, str, tuple, torch.dtype))}  # output_dtype is a torch.dtype
         digest.update(repr(sorted(settings.items())).encode())
         data = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).detach().float().cpu().contiguous()
         digest.update(repr(tuple(data.shape)).encode())

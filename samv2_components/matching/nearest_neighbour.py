@@ -190,7 +190,8 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
 
     Channels: ``fine``; ``coarse`` upsampled to the fine grid with :func:`upsample_to_fine_grid` (physically
     aligned, border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine
-    grid). The result equals ``SAMv2Net.forward`` of the same scan.
+    grid). The result equals ``SAMv2Net.forward`` of the same scan (up to float16 rounding where the inferer
+    returned float16 maps, the bundles' default; the map itself is float32 with unit-length heads).
 
     Raises:
         ValueError: the coarse grid is not a strided sub-grid of the fine one sharing its first voxel centre, or
@@ -218,7 +219,13 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
         # (C, d, h, w) -> rows of voxels; copies straight from the inferer's channels-last layout
-        flat[:, h * n_channels : (h + 1) * n_channels] = vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels)
+        columns = flat[:, h * n_channels : (h + 1) * n_channels]
+        columns.copy_(vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels))
+        if name != "coarse" and heads[name].dtype != torch.float32:
+            # float16 maps are unit length only to ~3e-4: re-normalised, so that a voxel scores exactly 1 with itself
+            # and a map row equals descriptor_at_points at its voxel centre
+            for rows in columns.split(1 << 16):
+                rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))
     descriptors = flat.view(*size, -1).permute(3, 0, 1, 2)
     return DescriptorMap(descriptors, flat, fine_affine, space, names)
 

@@ -138,14 +138,17 @@ class FPNEmbeddingHead(nn.Module):
         self.lateral_convs = nn.ModuleList([nn.Conv3d(c, fpn_channels, 1) for c in in_channels])
         self.output_conv = nn.Conv3d(fpn_channels, embedding_dim, 3, padding=1)
 
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: List[torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """``normalize=False`` returns the output conv's raw vectors (the inferer normalises them in float32 in
+        cache-sized blocks, cheaper than one pass over a whole map)."""
         laterals: List[torch.Tensor] = []
         for i, lateral in enumerate(self.lateral_convs):
             laterals.append(lateral(features[i]))
         x = laterals[-1]
         for i in range(len(laterals) - 2, -1, -1):
             x = laterals[i] + F.interpolate(x, size=laterals[i].shape[2:], mode="nearest")
-        return F.normalize(self.output_conv(x), dim=1)
+        x = self.output_conv(x)
+        return F.normalize(x, dim=1) if normalize else x
 
 
 def upsample_to_fine_grid(coarse: torch.Tensor, fine_size: List[int], ratios: List[float]) -> torch.Tensor:
@@ -222,15 +225,18 @@ class SAMv2Net(nn.Module):
         """Channels of :meth:`forward`'s descriptor: ``embedding_dim`` per head."""
         return self.embedding_dim * len(self.head_names)
 
-    def forward_heads(self, x: torch.Tensor, heads: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+    def forward_heads(
+        self, x: torch.Tensor, heads: Optional[List[str]] = None, normalize: bool = True
+    ) -> Dict[str, torch.Tensor]:
         """Each head's L2-normalised embedding on its own grid (see :data:`HEAD_GRIDS`); ``heads`` picks a subset
-        (a training step needs only the heads its loss uses: each FPN head costs about a third of the pass)."""
+        (a training step needs only the heads its loss uses: each FPN head costs about a third of the pass);
+        ``normalize=False`` leaves the vectors unnormalised (:class:`~samv2_components.inference.SAMv2Inferer`)."""
         features = self.encoder(x)
         out: Dict[str, torch.Tensor] = {}
         for name, head in self.heads.items():
             if heads is None or name in heads:  # (TorchScript unrolls this loop: no `continue`)
                 levels = self.head_levels[name]
-                out[name] = head([features[i] for i in levels])
+                out[name] = head([features[i] for i in levels], normalize)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
