@@ -39,8 +39,10 @@ def _itk_loader() -> LoadImage:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+                # dtype None: the file's own type; load_scan converts to float32 once ITK's buffer is gone (a
+                # conversion here would hold ITK's buffer, a float32 copy and a contiguous copy of it at once)
                 _itk_loader_instance = LoadImage(reader=ITKReader(), image_only=True, ensure_channel_first=True,
-                                                 dtype=torch.float32)
+                                                 dtype=None)
         finally:
             plugin_logger.setLevel(level)
     return _itk_loader_instance
@@ -232,6 +234,8 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
         image = loader(path)
     except Exception as exc:  # ITK/MONAI raise many types; the user needs the file and the reason
         raise SAMv2InputError(path, f"cannot be read as an image ({_short(exc)})") from exc
+    if image.dtype != torch.float32:
+        image = image.float()
     validate_scan(image, path, check_intensities=check_intensities)
     return image
 
