@@ -96,7 +96,8 @@ def present_heads(heads: Mapping[str, torch.Tensor]) -> tuple:
 
 
 def _volume_and_affine(name: str, head: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, str]:
-    """``(C, d, h, w)`` float tensor (no meta), its 4x4 affine and the affine's space."""
+    """``(C, d, h, w)`` tensor (no meta, the head's own dtype: no float32 copy of a large map), its 4x4 affine
+    and the affine's space."""
     if not hasattr(head, "affine"):
         raise ValueError(f"head {name!r} must be a MetaTensor carrying its grid's affine (as SAMv2Inferer returns)")
     affine, space = affine_and_space(head)
@@ -107,7 +108,9 @@ def _volume_and_affine(name: str, head: torch.Tensor) -> tuple[torch.Tensor, np.
         vol = vol[0]
     if vol.ndim != 4:
         raise ValueError(f"head {name!r}: expected (1, C, d, h, w) or (C, d, h, w), got shape {tuple(vol.shape)}")
-    return vol.float(), affine, space
+    if not torch.is_floating_point(vol):
+        raise ValueError(f"head {name!r} must hold floating-point embeddings, got {vol.dtype}")
+    return vol, affine, space
 
 
 def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
@@ -181,7 +184,7 @@ def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch
     for name in present_heads(heads):
         vol, affine, space = _volume_and_affine(name, heads[name])
         voxels = world_to_voxel(pts, affine, affine_space=space, world_space="LPS")
-        parts.append(F.normalize(_sample_trilinear(vol, voxels), dim=1))
+        parts.append(F.normalize(_sample_trilinear(vol.float(), voxels), dim=1))
     return torch.cat(parts, dim=1)
 
 
@@ -214,7 +217,7 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
                 fine_to_head[:3, 3], 0.0, atol=1e-3
             ):
                 raise ValueError("the coarse grid is not aligned with the fine grid (are the heads from one scan?)")
-            vol = F.normalize(upsample_to_fine_grid(vol[None], size, [float(r) for r in ratios])[0], dim=0)
+            vol = F.normalize(upsample_to_fine_grid(vol[None].float(), size, [float(r) for r in ratios])[0], dim=0)
         elif name != "fine":
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
