@@ -26,6 +26,7 @@ Sections (each uses the ``samv2_matching`` bundle's preprocessing, network, weig
 Example::
 
     python scripts/benchmark_matching.py --output bundles/samv2_matching/docs/benchmark.md
+    python scripts/benchmark_matching.py --speed_only      # section 4 alone (issue 20's rows), about a minute
 
 Errors are world LPS mm; MEDx/y/z along LPS x/y/z; CPM@10: % of points within 10 mm.
 """
@@ -101,21 +102,36 @@ def _accuracy_table(rows: list[dict], radius_column: bool = False) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, absent_image: str | None,
-                  max_rotation_deg: float = 10.0, max_translation_mm: float = 20.0, refine: bool = True):
-    refiner = pipe.parsed("refiner")  # the bundle's settings, used whether or not "refine" is on
+def known_transform_case(pipe: BundlePipeline, image: str, num_points: int, seed: int, max_rotation_deg: float = 10.0,
+                         max_translation_mm: float = 20.0, refine: bool = True) -> dict:
+    """The scan against a known transform of itself: template points, their true positions, both scans embedded.
+
+    Returns a dict with ``template`` (as read), ``tf`` and ``disp`` (the transform), ``points`` / ``truth`` (LPS mm),
+    ``template_heads`` / ``query_heads``, ``query_native`` (the query as the bundle reads it, for the intensity
+    refinement) and ``query_image`` (the preprocessed query, only without ``refine``: the hard set aligns it).
+    """
     template = load_scan(image)
     tf = known.random_transform(seed, known.grid_centre_lps(template), max_rotation_deg=max_rotation_deg,
                                 max_translation_mm=max_translation_mm)
     query, disp = known.resample_query(template, tf)
     points = known.sample_template_points(template, num_points, seed)
-    truth = tf.template_to_query(points)
+    case = {"template": template, "tf": tf, "disp": disp, "points": points, "truth": tf.template_to_query(points)}
     with tempfile.TemporaryDirectory(prefix="samv2_bench_") as tmp:
         query_path = known.save_nifti(query, os.path.join(tmp, "query.nii"))
         del query
-        template_heads, query_heads = pipe.embed(image), pipe.embed(query_path)
-        query_native = load_scan(query_path)  # as the bundle reads it, for the intensity refinement
-        query_image = None if refine else pipe.preprocess(query_path)  # the hard set aligns it (below)
+        case["template_heads"], case["query_heads"] = pipe.embed(image), pipe.embed(query_path)
+        case["query_native"] = load_scan(query_path)
+        case["query_image"] = None if refine else pipe.preprocess(query_path)
+    return case
+
+
+def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, absent_image: str | None,
+                  max_rotation_deg: float = 10.0, max_translation_mm: float = 20.0, refine: bool = True):
+    refiner = pipe.parsed("refiner")  # the bundle's settings, used whether or not "refine" is on
+    case = known_transform_case(pipe, image, num_points, seed, max_rotation_deg, max_translation_mm, refine)
+    template, tf, disp, points, truth = (case[k] for k in ("template", "tf", "disp", "points", "truth"))
+    template_heads, query_heads = case["template_heads"], case["query_heads"]
+    query_native, query_image = case["query_native"], case["query_image"]
     matcher, local = matcher_of(pipe), matcher_of(pipe, global_consistency=False)
     (tp, qp), prep_s = _timed(lambda: (matcher.prepare(template_heads), matcher.prepare(query_heads)))
     (exhaustive, _), ex_s = _timed(match_nearest_neighbour, template_heads, query_heads, points)
@@ -283,6 +299,7 @@ def main(
     ckpt: str | None = None,
     output: str | None = None,
     device: str = "cpu",
+    speed_only: bool = False,
 ):
     """Run the four sections and print the tables (see the module docstring).
 
@@ -298,11 +315,26 @@ def main(
         ckpt: weights (default: the bundle's ``models/model.pt``).
         output: also write the Markdown there.
         device: torch device.
+        speed_only: only section 4 (speed after embedding) on the intra-subject pair; a minute instead of many.
     """
     from samv2_components.sample_data import sample_path
 
     command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv else "scripts/benchmark_matching.py", *sys.argv[1:]])
     pipe = BundlePipeline(BUNDLE, ckpt=ckpt, device=device)
+    if speed_only:
+        case = known_transform_case(pipe, image, num_points, seed)
+        matcher = matcher_of(pipe)
+        tp, qp = matcher.prepare(case["template_heads"]), matcher.prepare(case["query_heads"])
+        speed = speed_rows(matcher, tp, qp, case["template_heads"], case["query_heads"], case["points"], seed)
+        text = "\n".join(["# SAMv2 matching speed (section 4 only)", "", f"- Command: `{command}`",
+                          f"- Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+                          f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
+                          "| task | wall time (s) |", "|:---|---:|", *[f"| {task} | {t:.2f} |" for task, t in speed], ""])
+        print(text)
+        if output:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        return
     absent_image = absent_image or sample_path("ct_abdomen_2")
     rows, notes, fp, absent, scores, speed = intra_subject(pipe, image, num_points, seed, absent_image)
     hard_section = []

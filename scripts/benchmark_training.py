@@ -3,8 +3,8 @@
 Each row runs ``python -m monai.bundle run --config_file bundles/semantic_sam/configs/train.json`` in a fresh
 process for ``--steps`` iterations (appearance and semantic steps as configured, data pipeline included) and reads
 the throughput that the bundle's ``TrainingClock`` logs (from the first iteration on, so the dataset caching is
-not counted). Rows: the default (channels_last, jemalloc when found), glibc malloc, channels_last off, and one
-thread.
+not counted). Rows: the default (channels_last, jemalloc when found), glibc malloc, channels_last off, one
+thread, and the patch sampling and augmentation in a DataLoader worker process beside the training step.
 
 Usage::
 
@@ -56,6 +56,7 @@ def main(steps: int = 40, datalist_file: str | None = None, output: str | None =
         ("as default, glibc malloc", 2, False, []),
         ("as default, channels_last off", 2, jemalloc, ["--network", NO_CHANNELS_LAST]),
         ("as default, 1 thread", 1, jemalloc, []),
+        ("as default, augmentation in 1 loader worker", 2, jemalloc, ["--num_workers", "1"]),
     ]
     if not jemalloc:
         rows.pop(1)

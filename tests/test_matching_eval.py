@@ -239,3 +239,23 @@ def test_metrics_by_hand():
     assert summary["p90"] == pytest.approx(11.4) and summary["cpm"] == pytest.approx(75.0)
     with pytest.raises(ValueError):
         point_errors(pred[:3], truth)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 1, 4, 5), (5, 9, 8, 2)])
+def test_trilinear_sampling_equals_grid_sample_with_border_values(shape):
+    """Descriptors at points read 8 neighbours per point (no float32 copy of a float16 map); the values are those of
+    grid_sample (align_corners=True, border padding), inside, on the last voxel centre and beyond the grid."""
+    from samv2_components.geometry import voxel_to_grid_sample
+    from samv2_components.matching.nearest_neighbour import _sample_trilinear
+
+    volume = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    voxels = np.random.default_rng(0).uniform(-2, np.array(shape[1:]) + 1, (60, 3))
+    voxels[:3] = np.array(shape[1:]) - 1
+    voxels[3:6] = 0
+    grid = torch.as_tensor(voxel_to_grid_sample(voxels, shape[1:], align_corners=True), dtype=torch.float32)
+    expected = torch.nn.functional.grid_sample(volume[None], grid.view(1, 1, 1, -1, 3), mode="bilinear",
+                                               padding_mode="border", align_corners=True).view(shape[0], -1).T
+    torch.testing.assert_close(_sample_trilinear(volume, voxels), expected, atol=1e-5, rtol=0)
+    half = _sample_trilinear(volume.half(), voxels)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected, atol=2e-3, rtol=0)

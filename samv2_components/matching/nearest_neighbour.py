@@ -114,18 +114,27 @@ def _volume_and_affine(name: str, head: torch.Tensor) -> tuple[torch.Tensor, np.
 
 
 def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
-    """Trilinear samples ``(N, C)`` of ``volume`` ``(C, d, h, w)`` at fractional voxel coordinates ``(N, 3)``.
+    """Trilinear samples ``(N, C)`` float32 of ``volume`` ``(C, d, h, w)`` at fractional voxel coordinates ``(N, 3)``.
 
-    Voxel ``i`` is the centre of voxel ``i`` (``grid_sample`` with ``align_corners=True``); coordinates beyond
-    the first/last voxel centre take the border value.
+    Voxel ``i`` is the centre of voxel ``i``; coordinates beyond the first/last voxel centre take the border value
+    (``grid_sample`` with ``align_corners=True`` and border padding). Only the 8 neighbours of each point are read
+    and converted to float32: a float16 map is not copied whole.
     """
-    norm = voxel_to_grid_sample(voxels, volume.shape[1:], align_corners=True)  # (x, y, z) = (w, h, d)
-    grid = torch.as_tensor(norm, dtype=volume.dtype, device=volume.device)
-    out = F.grid_sample(
-        volume[None], grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=True
-    )
-    return out.view(volume.shape[0], -1).T
-
+    size = torch.tensor(volume.shape[1:], dtype=torch.float64)
+    coords = torch.as_tensor(np.asarray(voxels, dtype=np.float64)).reshape(-1, 3).clamp(min=torch.zeros(3), max=size - 1)
+    low = coords.floor().clamp(max=(size - 2).clamp_min(0))  # the last cell ends at the last voxel centre
+    frac = (coords - low).float()  # (N, 3) in [0, 1]
+    low = low.long()
+    high = torch.minimum(low + 1, (size - 1).long())
+    out = torch.zeros(len(coords), volume.shape[0], dtype=torch.float32, device=volume.device)
+    for corner in range(8):
+        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = [(high if p else low)[:, axis].to(volume.device) for axis, p in enumerate(pick)]
+        weight = torch.ones(len(coords))
+        for axis, p in enumerate(pick):
+            weight = weight * (frac[:, axis] if p else 1 - frac[:, axis])
+        out += weight.to(volume.device)[:, None] * volume[:, index[0], index[1], index[2]].T.float()
+    return out
 
 
 def grid_voxels(linear_index: torch.Tensor, shape) -> torch.Tensor:
@@ -184,7 +193,7 @@ def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch
     for name in present_heads(heads):
         vol, affine, space = _volume_and_affine(name, heads[name])
         voxels = world_to_voxel(pts, affine, affine_space=space, world_space="LPS")
-        parts.append(F.normalize(_sample_trilinear(vol.float(), voxels), dim=1))
+        parts.append(F.normalize(_sample_trilinear(vol, voxels), dim=1))
     return torch.cat(parts, dim=1)
 
 
