@@ -289,7 +289,8 @@ def main(
         f"1 warm-up run; each configuration in a fresh subprocess; {tiling}",
         f"- Memory: {memory}",
         f"- Device: {dev.type}; {hardware}; torch threads: {threads}; "
-        f"LD_PRELOAD: {os.environ.get('LD_PRELOAD') or 'none'}",
+        f"LD_PRELOAD: {os.environ.get('LD_PRELOAD') or 'none'}; "
+        f"THP_MEM_ALLOC_ENABLE: {os.environ.get('THP_MEM_ALLOC_ENABLE') or 'unset'} (the `samv2` command sets 1)",
         f"- Versions: torch {torch.__version__}, monai {monai.__version__}, Python {platform.python_version()}",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         "",

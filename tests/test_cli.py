@@ -40,6 +40,27 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_cli_turns_on_huge_pages_for_torch_unless_the_user_chose(given, expected):
+    """The switch must be set before torch is imported (torch reads it once): importing the CLI module in a fresh
+    process sets it, before torch is in sys.modules, and keeps a value the user gave."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    probe = ("import builtins, os\n"
+             "seen = {}\n"
+             "real_import = builtins.__import__\n"
+             "def spy(name, *a, **k):\n"
+             "    if name == 'torch' and 'torch' not in seen:\n"
+             "        seen['torch'] = os.environ.get('THP_MEM_ALLOC_ENABLE')\n"
+             "    return real_import(name, *a, **k)\n"
+             "builtins.__import__ = spy\n"
+             "import samv2_components.cli\n"
+             "print(seen.get('torch'), os.environ.get('THP_MEM_ALLOC_ENABLE'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == [expected, expected]  # set when torch is first imported, and still set
+
+
 def test_help_lists_every_command_and_the_exit_codes(tmp_path):
     result = samv2("--help", cwd=tmp_path)
     assert result.returncode == 0
