@@ -41,8 +41,8 @@ from typing import Any
 
 # Before torch is first imported (below): torch's CPU allocator then asks for transparent huge pages on large
 # tensors (its THP_MEM_ALLOC_ENABLE switch, read once per process). Fresh large tensors are otherwise faulted in
-# 4 KB page by page; measured on 2 cores: the light embedding pass 1.9 -> 1.2 s, fixed-point 3.2 -> 2.4 s. A value
-# the user set is kept; `python -m monai.bundle run` imports torch first, so there set it in the environment.
+# 4 KB page by page; measured on 2 cores, runs alternating: the light embedding pass 1.22-1.28 -> 0.86-1.01 s. A
+# value the user set is kept; `python -m monai.bundle run` imports torch first, so there set it in the environment.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from samv2_components.bundle_support import move_stdout_logs_to_stderr, result_folders as _output_folders, run_bundle  # noqa: E402

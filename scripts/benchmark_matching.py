@@ -203,6 +203,11 @@ def _global_note(result) -> str:
             f"RMS {gm.rms_residual_mm:.1f} mm; {overruled} of {len(result)} answers overruled")
 
 
+def _speed_table(speed: list[tuple[str, float]]) -> list[str]:
+    """Section 4's Markdown table."""
+    return ["| task | wall time (s) |", "|:---|---:|", *[f"| {task} | {t:.2f} |" for task, t in speed]]
+
+
 def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> list[tuple[str, float]]:
     """Timings of the local steps (the global check off) and, separately, of the global map (once per pair)."""
     from samv2_components.matching.global_map import estimate_global_map
@@ -329,7 +334,7 @@ def main(
         text = "\n".join(["# SAMv2 matching speed (section 4 only)", "", f"- Command: `{command}`",
                           f"- Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
                           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
-                          "| task | wall time (s) |", "|:---|---:|", *[f"| {task} | {t:.2f} |" for task, t in speed], ""])
+                          *_speed_table(speed), ""])
         print(text)
         if output:
             with open(output, "w", encoding="utf-8") as f:
@@ -404,9 +409,7 @@ def main(
         *amos_section,
         "## 4. Speed after embedding",
         "",
-        "| task | wall time (s) |",
-        "|:---|---:|",
-        *[f"| {task} | {t:.2f} |" for task, t in speed],
+        *_speed_table(speed),
         "",
     ]
     text = "\n".join(lines)

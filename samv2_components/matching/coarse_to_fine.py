@@ -143,9 +143,12 @@ class CoarseToFineSearch:
         start = torch.minimum((cell_pos * step - lead).clamp(min=0), shape - size)
         return (start * self._strides).sum(1, keepdim=True) + self._window_offsets[None]
 
-    def _search_windows(self, descriptors: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_windows(
+        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact best voxel inside the windows of ``cells`` ``(N, K)`` for each descriptor ``(N, C)``.
 
+        ``windows``: a ``(cells_per_batch * W, C)`` buffer for the gathered windows, reused by every batch.
         Returns ``(best_index (N,), best_raw_score (N,))``; the raw score is the dot product (``n_heads`` x score).
         """
         n, k = cells.shape
@@ -165,10 +168,6 @@ class CoarseToFineSearch:
         pair_index = torch.empty(len(pair_cell), dtype=torch.long, device=cells.device)
         flat = self.map.flat
         window_voxels = len(self._window_offsets)
-        # one buffer for the windows of every batch: a fresh tensor of tens of MB per batch is returned to the OS and
-        # faulted in again each time, which cost more than the gather itself (lung2: 1,000 points 0.61 -> 0.20 s)
-        windows = torch.empty(min(self.cells_per_batch, len(unique)) * window_voxels, flat.shape[1],
-                              dtype=flat.dtype, device=flat.device)
         for c0 in range(0, len(unique), self.cells_per_batch):
             c1 = min(c0 + self.cells_per_batch, len(unique))
             pairs = order[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
@@ -211,13 +210,19 @@ class CoarseToFineSearch:
         index = torch.empty(len(descriptors), dtype=torch.long, device=flat.device)
         score = torch.empty(len(descriptors), dtype=flat.dtype, device=flat.device)
         k = min(self.top_k, self.cell_rows.shape[0])
+        if not self.exhaustive:
+            # one buffer for the windows of every batch of every point batch: a fresh tensor of tens of MB per batch
+            # is returned to the OS and faulted in again each time, which cost more than the gather itself (lung2:
+            # 1,000 points 0.61 -> 0.20 s)
+            windows = flat.new_empty(min(self.cells_per_batch, len(descriptors) * k) * len(self._window_offsets),
+                                     flat.shape[1])
         for p0 in range(0, len(descriptors), self.points_per_batch):
             batch = descriptors[p0 : p0 + self.points_per_batch]
             if self.exhaustive:
                 best = self._search_exhaustive(batch)
             else:
                 cells = (batch.to(self.cell_dtype) @ self.cell_rows.T).topk(k, dim=1).indices
-                best = self._search_windows(batch, cells)
+                best = self._search_windows(batch, cells, windows)
             index[p0 : p0 + len(batch)], score[p0 : p0 + len(batch)] = best[0], best[1] / self.map.n_heads
         return index, score
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample, voxel_to_world, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
 from samv2_components.networks import HEAD_NAMES, upsample_to_fine_grid
 
 __all__ = [
