@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samv2_components.matching.nearest_neighbour import DescriptorMap, grid_voxels, subvoxel_offsets
+from samv2_components.matching.nearest_neighbour import _ROW_BLOCK, DescriptorMap, grid_voxels, subvoxel_offsets
 
 __all__ = ["CoarseToFineSearch"]
 
@@ -43,7 +43,8 @@ def _box_sums(x: torch.Tensor, axis: int, kernel: int, stride: int) -> torch.Ten
 
     Entries beyond either end count as zero; as many windows as ``avg_pool3d(..., ceil_mode=True)`` makes (the last
     one may hang over the end). Accumulated term by term into the (``stride`` times smaller) output: a zero-padded
-    copy of the input would be as large as the whole descriptor map (1.7 GB for a 512 x 512 x 600 CT).
+    copy of the input would be as large as the whole descriptor map (1.7 GB for a 512 x 512 x 600 CT). A float16
+    input is summed in float32.
     """
     n, pad = x.shape[axis], kernel // 2
     n_cells = -(-(n + 2 * pad - kernel) // stride) + 1
@@ -51,7 +52,7 @@ def _box_sums(x: torch.Tensor, axis: int, kernel: int, stride: int) -> torch.Ten
         n_cells -= 1
     shape = list(x.shape)
     shape[axis] = n_cells
-    out = x.new_zeros(shape)
+    out = x.new_zeros(shape, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
     for offset in range(-pad, kernel - pad):  # cell c adds entry c * stride + offset
         first = max(0, -(offset // stride)) if offset < 0 else 0
         last = min(n_cells - 1, (n - 1 - offset) // stride)
@@ -60,7 +61,14 @@ def _box_sums(x: torch.Tensor, axis: int, kernel: int, stride: int) -> torch.Ten
         count = last - first + 1
         terms = x.narrow(axis, first * stride + offset, (count - 1) * stride + 1)
         terms = terms[(slice(None),) * axis + (slice(None, None, stride),)]
-        out.narrow(axis, first, count).add_(terms)
+        target = out.narrow(axis, first, count)
+        if terms.dtype == target.dtype:
+            target.add_(terms)
+        else:  # a mixed-type add_ converts all of its operand first: a few slabs at a time keeps that copy small
+            along = 1 if axis == 0 else 0
+            for s0 in range(0, target.shape[along], 8):
+                n_slabs = min(8, target.shape[along] - s0)
+                target.narrow(along, s0, n_slabs).add_(terms.narrow(along, s0, n_slabs))
     return out
 
 
@@ -116,8 +124,9 @@ class CoarseToFineSearch:
         # per-cell sums straight from the voxel-major rows (a (C, d, h, w) pooling would first need a 1 GB transpose
         # on a chest CT); the scale of a sum does not matter, since each head is re-normalised
         sums = descriptor_map.flat.view(*shape, -1)
-        for axis, (k, st) in enumerate(zip(self._kernel, self.cell_size)):
-            sums = _box_sums(sums, axis, k, st)
+        # the axis with the largest stride first: its output, the largest intermediate, is then the smallest
+        for axis in sorted(range(3), key=lambda a: -self.cell_size[a]):
+            sums = _box_sums(sums, axis, self._kernel[axis], self.cell_size[axis])
         self.cell_grid_shape = tuple(sums.shape[:3])
         cell_rows = sums.reshape(-1, descriptor_map.n_heads, sums.shape[3] // descriptor_map.n_heads)
         # each head re-normalised: the cell's mean direction, so a varied cell (an edge) is not penalised for it
@@ -144,11 +153,12 @@ class CoarseToFineSearch:
         return (start * self._strides).sum(1, keepdim=True) + self._window_offsets[None]
 
     def _search_windows(
-        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor
+        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor, staging: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact best voxel inside the windows of ``cells`` ``(N, K)`` for each descriptor ``(N, C)``.
 
-        ``windows``: a ``(cells_per_batch * W, C)`` buffer for the gathered windows, reused by every batch.
+        ``windows``: a ``(cells_per_batch * W, C)`` float32 buffer for the gathered windows, reused by every batch;
+        ``staging``: one of the map's own type when that is not float32 (the rows are gathered there, then converted).
         Returns ``(best_index (N,), best_raw_score (N,))``; the raw score is the dot product (``n_heads`` x score).
         """
         n, k = cells.shape
@@ -172,11 +182,15 @@ class CoarseToFineSearch:
             c1 = min(c0 + self.cells_per_batch, len(unique))
             pairs = order[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
             local_cell, rank = label[pairs] - c0, rank_in_cell[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
-            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), flat.shape[1], dtype=flat.dtype, device=flat.device)
+            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), flat.shape[1], dtype=windows.dtype,
+                                 device=flat.device)
             padded[local_cell, rank] = descriptors[pair_point[pairs]]
             window_index = self._window_indices(unique[c0:c1])  # (G, W)
             gathered = windows[: window_index.numel()]
-            torch.index_select(flat, 0, window_index.reshape(-1), out=gathered)
+            if staging is None:
+                torch.index_select(flat, 0, window_index.reshape(-1), out=gathered)
+            else:
+                gathered.copy_(torch.index_select(flat, 0, window_index.reshape(-1), out=staging[: window_index.numel()]))
             scores = torch.bmm(padded, gathered.view(c1 - c0, window_voxels, -1).transpose(1, 2))  # (G, P_max, W)
             best_score, best_pos = scores.max(dim=2)
             pair_score[pairs] = best_score[local_cell, rank].float()
@@ -186,7 +200,12 @@ class CoarseToFineSearch:
         return pair_index.view(n, k)[rows, best_of_k], pair_score.view(n, k)[rows, best_of_k]
 
     def _search_exhaustive(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best_score, best_index = (descriptors @ self.map.flat.T).max(dim=1)
+        if self.map.flat.dtype == torch.float32:
+            best_score, best_index = (descriptors @ self.map.flat.T).max(dim=1)
+            return best_index, best_score
+        # a grid this small is searched whole; a float16 map is converted block by block
+        scores = torch.cat([descriptors @ rows.float().T for rows in self.map.flat.split(_ROW_BLOCK)], dim=1)
+        best_score, best_index = scores.max(dim=1)
         return best_index, best_score
 
     # ------------------------------------------------------------------------------------------------- search
@@ -206,23 +225,24 @@ class CoarseToFineSearch:
                 f"descriptors must be (N, {flat.shape[1]}) to match the map's heads {self.map.head_names}, "
                 f"got {tuple(descriptors.shape)}"
             )
-        descriptors = descriptors.to(device=flat.device, dtype=flat.dtype)
+        descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
         index = torch.empty(len(descriptors), dtype=torch.long, device=flat.device)
-        score = torch.empty(len(descriptors), dtype=flat.dtype, device=flat.device)
+        score = torch.empty(len(descriptors), dtype=torch.float32, device=flat.device)
         k = min(self.top_k, self.cell_rows.shape[0])
         if not self.exhaustive:
             # one buffer for the windows of every batch of every point batch: a fresh tensor of tens of MB per batch
             # is returned to the OS and faulted in again each time, which cost more than the gather itself (lung2:
             # 1,000 points 0.61 -> 0.20 s)
-            windows = flat.new_empty(min(self.cells_per_batch, len(descriptors) * k) * len(self._window_offsets),
-                                     flat.shape[1])
+            n_rows = min(self.cells_per_batch, len(descriptors) * k) * len(self._window_offsets)
+            windows = flat.new_empty(n_rows, flat.shape[1], dtype=torch.float32)
+            staging = None if flat.dtype == torch.float32 else flat.new_empty(n_rows, flat.shape[1])
         for p0 in range(0, len(descriptors), self.points_per_batch):
             batch = descriptors[p0 : p0 + self.points_per_batch]
             if self.exhaustive:
                 best = self._search_exhaustive(batch)
             else:
                 cells = (batch.to(self.cell_dtype) @ self.cell_rows.T).topk(k, dim=1).indices
-                best = self._search_windows(batch, cells, windows)
+                best = self._search_windows(batch, cells, windows, staging)
             index[p0 : p0 + len(batch)], score[p0 : p0 + len(batch)] = best[0], best[1] / self.map.n_heads
         return index, score
 
@@ -236,6 +256,6 @@ class CoarseToFineSearch:
         index, score = self.search_indices(descriptors)
         voxels = grid_voxels(index, self.map.grid_shape)
         if subvoxel:
-            descriptors = descriptors.to(device=self.map.flat.device, dtype=self.map.flat.dtype)
+            descriptors = descriptors.to(device=self.map.flat.device, dtype=torch.float32)
             voxels += subvoxel_offsets(descriptors, self.map.flat, index, self.map.grid_shape)
         return voxels.cpu().numpy(), score.float().cpu().numpy()

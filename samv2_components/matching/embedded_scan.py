@@ -81,7 +81,7 @@ class EmbeddedScan:
         """
         centres = np.asarray(centres_lps, dtype=np.float64).reshape(-1, 3)
         flat, shape = self.map.flat, np.array(self.map.grid_shape)
-        descriptors = descriptors.to(device=flat.device, dtype=flat.dtype)
+        descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
         voxel_mm = np.linalg.norm(self.map.affine[:3, :3], axis=0)
         reach = np.ceil(radius_mm / voxel_mm).astype(int)
         centre_voxels = self.map.world_to_voxel(centres)
@@ -100,7 +100,7 @@ class EmbeddedScan:
             if len(box) == 0:
                 continue
             rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=flat.device)
-            values = flat[rows] @ descriptors[i]
+            values = self.map.rows(rows) @ descriptors[i]
             j = int(values.argmax())
             best[i], score[i] = rows[j], float(values[j]) / self.map.n_heads
         points = np.full((len(centres), 3), np.nan)

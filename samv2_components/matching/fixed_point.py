@@ -61,12 +61,12 @@ class _MemoisedNN:
         self.source, self.target = source, target
         device = source.map.flat.device
         self.best = torch.full((source.n_voxels,), -1, dtype=torch.long, device=device)
-        self.score = torch.zeros(source.n_voxels, dtype=source.map.flat.dtype, device=device)
+        self.score = torch.zeros(source.n_voxels, dtype=torch.float32, device=device)
 
     def __call__(self, voxels: torch.Tensor) -> torch.Tensor:
         missing = torch.unique(voxels[self.best[voxels] < 0])
         if len(missing):
-            index, score = self.target.search.search_indices(self.source.map.flat[missing])
+            index, score = self.target.search.search_indices(self.source.map.rows(missing))
             self.best[missing] = index.to(self.best.device)
             self.score[missing] = score.to(self.score.device)
         return self.best[voxels]
@@ -142,7 +142,7 @@ def fixed_point_match(
     source = template.voxel_world(fixed)
     if subvoxel and len(fixed):
         voxels = torch.stack(torch.unravel_index(matched, query.map.grid_shape), dim=1).double()
-        voxels += subvoxel_offsets(template.map.flat[fixed], query.map.flat, matched, query.map.grid_shape)
+        voxels += subvoxel_offsets(template.map.rows(fixed), query.map.flat, matched, query.map.grid_shape)
         target = query.map.voxel_to_world(voxels.cpu().numpy())
     else:
         target = query.voxel_world(matched)

@@ -136,7 +136,7 @@ def sparse_mutual_matches(
     """
     voxels = _grid_voxels(template, grid_spacing_mm)
     flat_index = torch.as_tensor(np.ravel_multi_index(voxels.T, template.map.grid_shape))
-    descriptors = template.map.flat[flat_index]
+    descriptors = template.map.rows(flat_index)
     start = template.map.voxel_to_world(voxels.astype(np.float64))
     found_voxels, scores = query.search.search(descriptors, subvoxel=False)
     found = query.map.voxel_to_world(found_voxels)

@@ -43,6 +43,10 @@ __all__ = [
 
 #: the largest (points x voxels) score block held at once by :func:`nearest_neighbour_search` (128 MiB in fp32)
 MAX_SCORE_BLOCK = 32 * 1024 * 1024
+#: voxels per float32 block when a float16 map is normalised or scored (a 384-channel block: 96 MiB)
+_ROW_BLOCK = 1 << 16
+#: coarse channels upsampled to the fine grid at once
+_UPSAMPLE_CHANNELS = 16
 
 
 class DescriptorMap(NamedTuple):
@@ -52,7 +56,8 @@ class DescriptorMap(NamedTuple):
         descriptors: ``(C_total, d, h, w)`` float tensor, ``C_total = 128 * n_heads``; every head's 128 channels
             are unit length at every voxel. Stored voxel-major (a permuted view of :attr:`flat`).
         flat: the same numbers as a contiguous ``(d * h * w, C_total)`` matrix (row = voxel in C order of
-            ``(d, h, w)``), the operand of the NN search.
+            ``(d, h, w)``), the operand of the NN search. Its storage type is the heads' (float16 for the bundles'
+            maps: half the memory); every score is computed in float32 (:meth:`rows`).
         affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in :attr:`space`.
         space: ``"RAS"`` (MONAI default) or ``"LPS"``: the space of :attr:`affine`, not of any points.
         head_names: heads in channel order.
@@ -67,6 +72,19 @@ class DescriptorMap(NamedTuple):
     @property
     def n_heads(self) -> int:
         return len(self.head_names)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Descriptors ``(N, C_total)`` float32 of the voxels with linear indices ``index`` ``(N,)``, whatever the
+        map's storage type (a float16 map is converted row by row, never whole)."""
+        return self.flat[index].float()
+
+    def scores(self, descriptor: torch.Tensor) -> torch.Tensor:
+        """SAMv2 score ``(d * h * w,)`` float32 of one descriptor ``(C_total,)`` with every voxel (C order)."""
+        descriptor = descriptor.to(device=self.flat.device, dtype=torch.float32)
+        out = torch.empty(self.flat.shape[0], dtype=torch.float32, device=self.flat.device)
+        for v0 in range(0, self.flat.shape[0], _ROW_BLOCK):
+            torch.mv(self.flat[v0 : v0 + _ROW_BLOCK].float(), descriptor, out=out[v0 : v0 + _ROW_BLOCK])
+        return out.div_(self.n_heads)
 
     @property
     def grid_shape(self) -> tuple:
@@ -160,14 +178,15 @@ def subvoxel_offsets(
     shape = tuple(int(n) for n in shape)
     position = torch.stack(torch.unravel_index(best_index, shape), dim=1)
     strides = (shape[1] * shape[2], shape[2], 1)
-    centre = (descriptors * flat[best_index]).sum(1).double()
+    descriptors = descriptors.float()
+    centre = (descriptors * flat[best_index].float()).sum(1).double()
     offsets = torch.zeros(len(best_index), 3, dtype=torch.float64, device=flat.device)
     for axis in range(3):
         inside = (position[:, axis] > 0) & (position[:, axis] < shape[axis] - 1)
         lower = torch.where(inside, best_index - strides[axis], best_index)
         upper = torch.where(inside, best_index + strides[axis], best_index)
-        s_lo = (descriptors * flat[lower]).sum(1).double()
-        s_hi = (descriptors * flat[upper]).sum(1).double()
+        s_lo = (descriptors * flat[lower].float()).sum(1).double()
+        s_hi = (descriptors * flat[upper].float()).sum(1).double()
         curvature = s_lo - 2.0 * centre + s_hi
         concave = inside & (curvature < -1e-12)
         delta = torch.where(concave, 0.5 * (s_lo - s_hi) / torch.where(concave, curvature, -1.0), 0.0)
@@ -202,8 +221,10 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
 
     Channels: ``fine``; ``coarse`` upsampled to the fine grid with :func:`upsample_to_fine_grid` (physically
     aligned, border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine
-    grid). The result equals ``SAMv2Net.forward`` of the same scan (up to float16 rounding where the inferer
-    returned float16 maps, the bundles' default; the map itself is float32 with unit-length heads).
+    grid). The result equals ``SAMv2Net.forward`` of the same scan, with every head re-normalised. The map keeps
+    the heads' precision: float16 heads (the inferer's default, the bundles' maps) give a float16 map, half the
+    memory (0.75 instead of 1.5 GB for a 512 x 512 x 600 CT), normalised in float32 and rounded once; float32 heads
+    give a float32 map. Scores are computed in float32 either way.
 
     Raises:
         ValueError: the coarse grid is not a strided sub-grid of the fine one sharing its first voxel centre, or
@@ -213,11 +234,13 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
     fine, fine_affine, space = _volume_and_affine("fine", heads["fine"])
     n_channels, size = fine.shape[0], list(fine.shape[1:])
     n_voxels = int(np.prod(size))
-    flat = torch.empty((n_voxels, n_channels * len(names)), dtype=torch.float32, device=fine.device)
+    dtype = torch.float16 if fine.dtype == torch.float16 else torch.float32  # bfloat16 is too coarse for the windows
+    flat = torch.empty((n_voxels, n_channels * len(names)), dtype=dtype, device=fine.device)
     for h, name in enumerate(names):
         vol, affine, head_space = _volume_and_affine(name, heads[name])
         if head_space != space:
             raise ValueError(f"head {name!r} has a {head_space} affine but 'fine' a {space} one")
+        columns = flat[:, h * n_channels : (h + 1) * n_channels]
         # fine voxel index -> this head's voxel index
         fine_to_head = np.linalg.solve(affine, fine_affine)
         if name == "coarse":
@@ -226,18 +249,22 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
                 fine_to_head[:3, 3], 0.0, atol=1e-3
             ):
                 raise ValueError("the coarse grid is not aligned with the fine grid (are the heads from one scan?)")
-            vol = F.normalize(upsample_to_fine_grid(vol[None].float(), size, [float(r) for r in ratios])[0], dim=0)
-        elif name != "fine":
+            # a few channels at a time: the whole head upsampled in float32 would be as large as a float32 head
+            for c0 in range(0, n_channels, _UPSAMPLE_CHANNELS):
+                part = upsample_to_fine_grid(vol[None, c0 : c0 + _UPSAMPLE_CHANNELS].float(), size,
+                                             [float(r) for r in ratios])[0]
+                columns[:, c0 : c0 + part.shape[0]].copy_(part.permute(1, 2, 3, 0).reshape(n_voxels, -1))
+        else:
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
-        # (C, d, h, w) -> rows of voxels; copies straight from the inferer's channels-last layout
-        columns = flat[:, h * n_channels : (h + 1) * n_channels]
-        columns.copy_(vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels))
-        if name != "coarse" and heads[name].dtype != torch.float32:
-            # float16 maps are unit length only to ~3e-4: re-normalised, so that a voxel scores exactly 1 with itself
-            # and a map row equals descriptor_at_points at its voxel centre
-            for rows in columns.split(1 << 16):
-                rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))
+            # (C, d, h, w) -> rows of voxels; copies straight from the inferer's channels-last layout
+            columns.copy_(vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels))
+        if name == "coarse" or heads[name].dtype != torch.float32:
+            # interpolated unit vectors are shorter than 1, and float16 heads are unit length only to ~3e-4:
+            # normalised in float32 blocks, so that a voxel scores 1 with itself (to float16 rounding in a float16 map)
+            for rows in columns.split(_ROW_BLOCK):
+                block = rows.float()
+                rows.copy_(block.div_(torch.linalg.vector_norm(block, dim=1, keepdim=True).clamp_min_(1e-12)))
     descriptors = flat.view(*size, -1).permute(3, 0, 1, 2)
     return DescriptorMap(descriptors, flat, fine_affine, space, names)
 
@@ -269,18 +296,20 @@ def nearest_neighbour_search(
             f"descriptors must be (N, {flat.shape[1]}) to match the map's heads {descriptor_map.head_names}, "
             f"got {tuple(descriptors.shape)}"
         )
-    descriptors = descriptors.to(device=flat.device, dtype=flat.dtype)
+    descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
     n_points, n_voxels = descriptors.shape[0], flat.shape[0]
     batch_size = max(1, int(batch_size))
     chunk = max(1, MAX_SCORE_BLOCK // batch_size)
+    if flat.dtype != torch.float32:
+        chunk = min(chunk, _ROW_BLOCK)  # each block of a float16 map is converted to float32 first
     best_idx = torch.empty(n_points, dtype=torch.long, device=flat.device)
-    best_score = torch.empty(n_points, dtype=flat.dtype, device=flat.device)
+    best_score = torch.empty(n_points, dtype=torch.float32, device=flat.device)
     for p0 in range(0, n_points, batch_size):
         desc = descriptors[p0 : p0 + batch_size]
-        score = torch.full((desc.shape[0],), -float("inf"), dtype=flat.dtype, device=flat.device)
+        score = torch.full((desc.shape[0],), -float("inf"), dtype=torch.float32, device=flat.device)
         index = torch.zeros(desc.shape[0], dtype=torch.long, device=flat.device)
         for v0 in range(0, n_voxels, chunk):
-            block_score, block_index = (desc @ flat[v0 : v0 + chunk].T).max(dim=1)
+            block_score, block_index = (desc @ flat[v0 : v0 + chunk].float().T).max(dim=1)
             better = block_score > score
             score = torch.where(better, block_score, score)
             index = torch.where(better, block_index + v0, index)

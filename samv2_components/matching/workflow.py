@@ -162,7 +162,7 @@ class MatchingTemplate:
 
 def _heat_map(template_descriptor: torch.Tensor, query: EmbeddedScan) -> MetaTensor:
     """Similarity ``(1, d, h, w)`` of one template descriptor ``(C,)`` with every query fine voxel, on its grid."""
-    scores = (query.map.flat @ template_descriptor.to(query.map.flat)) / query.map.n_heads
+    scores = query.map.scores(template_descriptor)
     affine = convert_affine(query.map.affine, query.map.space, "RAS")
     return MetaTensor(scores.view(1, *query.map.grid_shape).cpu(), affine=torch.as_tensor(affine))
 
