@@ -74,9 +74,12 @@ class CachedEmbeddingInferer(Inferer):
         if self.cache_dir is None or inputs.shape[0] != 1:
             return self.inferer(inputs, network, *args, **kwargs)
         path = self.cache_dir / f"{self.key(inputs, network)}.pt"
-        if path.is_file():
-            self.hits += 1
+        try:
             entry = torch.load(path, map_location=inputs.device, weights_only=False)
+        except FileNotFoundError:  # not cached, or removed (a cache being cleared) since: embed it
+            entry = None
+        if entry is not None:
+            self.hits += 1
             if isinstance(inputs, MetaTensor):  # same content, maybe another file: name it after this input
                 for e in entry.values():
                     e["meta"]["filename_or_obj"] = inputs.meta.get("filename_or_obj", "")
