@@ -207,12 +207,14 @@ def validate_scan(image: torch.Tensor, source: str | os.PathLike | None, check_i
         raise SAMv2InputError(source, f"image is constant (every voxel is {lo:g}); there is nothing to embed")
 
 
-def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTensor:
+def load_scan(path: str | os.PathLike, check_intensities: bool = True, float32: bool = True) -> MetaTensor:
     """Load one 3D scan as a channel-first float ``MetaTensor`` ``(1, X, Y, Z)`` with a RAS affine.
 
     Args:
         path: an image file any ITK ImageIO reads, or a folder holding one DICOM series.
         check_intensities: reject NaN/infinite/constant images (see :func:`validate_scan`).
+        float32: convert to float32; False keeps the file's own type (an int16 CT stays half the size until
+            :class:`~samv2_components.transforms.SlabResampled` converts it slab by slab).
 
     Raises:
         SAMv2InputError: missing or unreadable file, not a single 3D volume, or bad intensities.
@@ -234,7 +236,7 @@ def load_scan(path: str | os.PathLike, check_intensities: bool = True) -> MetaTe
         image = loader(path)
     except Exception as exc:  # ITK/MONAI raise many types; the user needs the file and the reason
         raise SAMv2InputError(path, f"cannot be read as an image ({_short(exc)})") from exc
-    if image.dtype != torch.float32:
+    if float32 and image.dtype != torch.float32:
         image = image.float()
     validate_scan(image, path, check_intensities=check_intensities)
     return image
@@ -250,17 +252,22 @@ class LoadScand(MapTransform):
     Args:
         keys: keys holding file paths or in-memory images.
         check_intensities: see :func:`validate_scan` (set False for label maps).
+        float32: see :func:`load_scan` (False: the file's own type, for
+            :class:`~samv2_components.transforms.SlabResampled`; an in-memory image is kept as it is).
     """
 
-    def __init__(self, keys: KeysCollection, check_intensities: bool = True, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, check_intensities: bool = True, float32: bool = True,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.check_intensities = check_intensities
+        self.float32 = float32
 
     def _in_memory(self, image: MetaTensor) -> MetaTensor:
         source = str(image.meta.get("filename_or_obj") or "in-memory image")
         if image.ndim == 3:
             image = image[None]
-        image = image.float() if not torch.is_floating_point(image) else image
+        if self.float32 and not torch.is_floating_point(image):
+            image = image.float()
         validate_scan(image, source, check_intensities=self.check_intensities)
         return image
 
@@ -271,5 +278,5 @@ class LoadScand(MapTransform):
             if isinstance(value, MetaTensor):
                 d[key] = self._in_memory(value)
             else:
-                d[key] = load_scan(value, check_intensities=self.check_intensities)
+                d[key] = load_scan(value, check_intensities=self.check_intensities, float32=self.float32)
         return d

@@ -8,6 +8,7 @@ from samv2_components.transforms.aggressive_intensity import (
 )
 from samv2_components.transforms.intensity import MODALITIES, NormalizeIntensityByModalityd, check_modality
 from samv2_components.transforms.patch_pairs import RandPatchPaird
+from samv2_components.transforms.slab_resample import SlabResampled
 from samv2_components.transforms.synthetic_contrast import RandSynthContrastd, TissueClassesd
 from samv2_components.transforms.registered_pairs import (
     RandRegisteredPatchd,
@@ -27,6 +28,7 @@ __all__ = [
     "RandPatchPaird",
     "RandRegisteredPatchd",
     "RandSynthContrastd",
+    "SlabResampled",
     "TissueClassesd",
     "aggressive_intensity_augmentation",
     "check_modality",
