@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import SHIFT_LPS, body_fine_voxels
 from samv2_components.errors import SAMv2InputError
@@ -40,6 +41,38 @@ def test_no_map_from_too_few_matches(scans):
     assert not gm.valid and gm.summary()["valid"] is False
     with pytest.raises(ValueError, match="no global map"):
         gm([[0.0, 0.0, 0.0]])
+
+
+def test_smooth_correction_in_blocks_equals_the_formula():
+    """The Gaussian-weighted mean of the inliers' residuals (computed a block of points at a time) at points far
+    more than one block: equal to the formula written out for all points at once."""
+    rng = np.random.default_rng(0)
+    source = rng.uniform(-150, 150, (800, 3))
+    linear = np.diag([1.02, 0.97, 1.0])
+    target = source @ linear.T + 5.0 + rng.normal(0, 3, source.shape)
+    inliers = rng.random(len(source)) < 0.9
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = linear, 5.0
+    gm = GlobalMap(matrix, 800, 800, int(inliers.sum()), 3.0, source, target, inliers, smoothing_mm=25.0, prior_weight=1.0)
+    points = rng.uniform(-150, 150, (1000, 3))
+    inlier_residual = target[inliers] - (source[inliers] @ linear.T + 5.0)
+    weights = np.exp(-0.5 * ((points[:, None] - source[inliers][None]) ** 2).sum(-1) / 25.0**2)
+    expected = points @ linear.T + 5.0 + (weights @ inlier_residual) / (weights.sum(1, keepdims=True) + 1.0)
+    np.testing.assert_allclose(gm(points), expected, atol=1e-9)
+    assert np.abs(gm(points) - gm.affine(points)).max() > 0.5  # the correction is there to be checked
+
+
+def test_the_matcher_estimates_the_global_map_once_per_pair(scans, embedded):
+    """The refiner's local frames match the same pair again: the map is reused, not estimated twice; another
+    query or other settings get their own."""
+    template, query = scans
+    matcher = SAMv2Matcher()
+    first = matcher.match(template, query, template.voxel_world(torch.arange(0, 4000, 400))).global_map
+    assert matcher.global_map(template, query) is first
+    other = matcher.prepare(_unbatched(embedded["template"]))
+    assert matcher.global_map(template, other) is not first
+    matcher.global_map_kwargs["grid_spacing_mm"] = 20.0
+    assert matcher.global_map(template, query) is not first
 
 
 def test_search_within_finds_the_match_near_a_prediction_and_nothing_outside_the_scan(scans, embedded):

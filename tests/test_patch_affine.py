@@ -82,6 +82,27 @@ def test_sampling_grid_matrix_agrees_with_the_voxel_world_conversion(ct):
     assert np.all(patch_similarity(ct, points, ct, points + [3.0, 0, 0], identity, probe) < 0.999)
 
 
+@pytest.mark.parametrize("n_rows", [1, 5, 64])
+def test_sampling_on_several_threads_is_one_grid_sample_bit_for_bit(ct, n_rows):
+    """The rows dealt out to one batch entry per thread (padded to a multiple of the thread count) give the very
+    values and gradients of one plain ``grid_sample`` call."""
+    volume, to_grid = smoothed_volume(ct), lps_to_sampling_grid(ct)
+    generator = torch.Generator().manual_seed(n_rows)
+    centre = torch.as_tensor(interior_points(ct, n_rows, seed=n_rows), dtype=torch.float32)
+    world = (centre[:, None, :] + 8.0 * torch.randn(n_rows, 300, 3, generator=generator)).requires_grad_(True)
+    plain_grid = (world @ to_grid[:3, :3].T.float() + to_grid[:3, 3].float())[None, :, :, None]
+    plain = torch.nn.functional.grid_sample(volume, plain_grid, mode="bilinear", padding_mode="border",
+                                            align_corners=True)[0, 0, :, :, 0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 5 and 64 rows are not multiples of it
+    try:
+        samples = sample_world_points(volume, to_grid, world)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(samples, plain)
+    assert torch.equal(torch.autograd.grad(samples.sum(), world)[0], torch.autograd.grad(plain.sum(), world)[0])
+
+
 @pytest.mark.parametrize("similarity", ["ncc", "mind"])
 def test_a_known_affine_is_recovered(ct, affine_pair, similarity):
     query, linear, offset = affine_pair

@@ -20,6 +20,7 @@ does not contain the anatomy, is still reported, but flagged, never silently pas
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -166,6 +167,19 @@ class SAMv2Matcher:
             raise SAMv2InputError("matcher#global_radius_mm", f"must be a positive radius, got {global_radius_mm}")
         self.global_radius_mm = float(global_radius_mm)
         self.global_map_kwargs = dict(global_map_kwargs or {})
+        # query scan -> (its template, the settings, the map): the refiner's local frames match the same pair again
+        self._global_maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def global_map(self, template: EmbeddedScan, query: EmbeddedScan) -> GlobalMap:
+        """The global map template -> query (:func:`~samv2_components.matching.global_map.estimate_global_map`
+        with ``global_map_kwargs``), estimated once per pair of prepared scans and reused by later calls."""
+        settings = repr(sorted(self.global_map_kwargs.items()))
+        cached = self._global_maps.get(query)
+        if cached is not None and cached[0]() is template and cached[1] == settings:
+            return cached[2]
+        global_map = estimate_global_map(template, query, **self.global_map_kwargs)
+        self._global_maps[query] = (weakref.ref(template), settings, global_map)
+        return global_map
 
     def prepare(self, heads: Mapping[str, torch.Tensor] | EmbeddedScan) -> EmbeddedScan:
         """An :class:`EmbeddedScan` of ``heads`` (``{head: MetaTensor}``) with this matcher's search settings."""
@@ -209,7 +223,7 @@ class SAMv2Matcher:
         unrestricted = points.copy()
         global_map, prediction, flags = None, None, [""] * n
         if self.global_consistency:
-            global_map = estimate_global_map(template, query, **self.global_map_kwargs)
+            global_map = self.global_map(template, query)
             if global_map.valid:
                 prediction = global_map(pts)
                 overruled = self._check_against_global(query, descriptors, points, prediction, methods, flags)

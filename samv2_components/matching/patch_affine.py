@@ -147,9 +147,17 @@ def cube_offsets(half_size: int, step_mm: float, dtype=torch.float32) -> torch.T
 def sample_world_points(volume: torch.Tensor, to_grid: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
     """Trilinear samples ``(N, M)`` of ``volume`` ``(1, 1, X, Y, Z)`` at world LPS points ``(N, M, 3)`` (mm; border
     value outside); ``to_grid``: :func:`lps_to_sampling_grid` of the volume's image. Differentiable in ``world``."""
-    grid = world @ to_grid[:3, :3].T.to(world.dtype) + to_grid[:3, 3].to(world.dtype)
-    grid = grid.to(volume.dtype)[None, :, :, None]
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0, :, :, 0]
+    grid = (world @ to_grid[:3, :3].T.to(world.dtype) + to_grid[:3, 3].to(world.dtype)).to(volume.dtype)
+    n, m = grid.shape[:2]
+    # on the CPU, grid_sample spreads a 3D volume's work over its batch entries only: the rows are dealt out to one
+    # entry per thread of the (expanded, not copied) volume, so that every core samples; each sample is the same
+    groups = min(torch.get_num_threads(), n) if volume.device.type == "cpu" and volume.shape[0] == 1 else 1
+    rows = -(-n // max(groups, 1))
+    if groups > 1 and rows * groups > n:  # pad with copies of the last row, dropped below
+        grid = torch.cat([grid, grid[-1:].expand(rows * groups - n, -1, -1)])
+    samples = F.grid_sample(volume.expand(max(groups, 1), -1, -1, -1, -1), grid.view(max(groups, 1), rows, m, 1, 3),
+                            mode="bilinear", padding_mode="border", align_corners=True)
+    return samples[:, 0, :, :, 0].reshape(-1, m)[:n]
 
 
 def _ncc(template: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
