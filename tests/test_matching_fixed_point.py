@@ -193,6 +193,19 @@ def test_cell_sums_equal_torch_pooling(shape, kernel, stride):
         sums = _box_sums(sums, axis, k, s)
     assert sums.shape == reference.shape
     torch.testing.assert_close(sums, reference, atol=1e-4, rtol=1e-5)
+    # the search's own path: in-plane a few depth planes at a time (13 planes: two blocks), then depth; float16 maps
+    # are summed in float32
+    for dtype in (torch.float32, torch.float16):
+        flat = x.reshape(-1, 4).to(dtype)
+        exact = torch.nn.functional.avg_pool3d(  # of the values as stored
+            flat.float().view(*shape, 4).permute(3, 0, 1, 2)[None], kernel, stride, tuple(k // 2 for k in kernel),
+            ceil_mode=True, divisor_override=1)[0].permute(1, 2, 3, 0)
+        dmap = DescriptorMap(flat.view(*shape, 4).permute(3, 0, 1, 2), flat, np.eye(4), "LPS", ("fine",))
+        search = CoarseToFineSearch(dmap, cell_size=stride, top_k=1, margin=0)
+        assert search._kernel == tuple(kernel)
+        cell_sums = search._cell_sums(flat.view(*shape, 4))
+        assert cell_sums.dtype == torch.float32
+        torch.testing.assert_close(cell_sums, exact, atol=1e-4, rtol=1e-5)
 
 
 def test_float16_map_finds_what_a_float32_map_finds(embedded):

@@ -223,7 +223,7 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
     aligned, border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine
     grid). The result equals ``SAMv2Net.forward`` of the same scan, with every head re-normalised. The map keeps
     the heads' precision: float16 heads (the inferer's default, the bundles' maps) give a float16 map, half the
-    memory (0.75 instead of 1.5 GB for a 512 x 512 x 600 CT), normalised in float32 and rounded once; float32 heads
+    memory (0.86 instead of 1.7 GB for a 512 x 512 x 600 CT), normalised in float32 and rounded once; float32 heads
     give a float32 map. Scores are computed in float32 either way.
 
     Raises:
