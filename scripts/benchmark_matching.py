@@ -158,6 +158,13 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         rows.append({"method": "fixed-point + global + align, then match (bundle default)" if was_aligned else
                      "align, then match: not triggered (rotation below the threshold)",
                      **summarize_errors(aligned.points_lps, truth), "time_s": fp_s + align_s, "flagged": _flag_rate(aligned)})
+        # as the bundle runs with --refine true: the aligned answers refined, local frames from the pair as given
+        refined_aligned, refine_aligned_s = _timed(
+            lambda: refiner.refine(template, points, query_native, aligned.points_lps,
+                                   local_linear=refiner.local_frames(matcher, tp, qp, points))
+        )
+        rows.append({"method": "... + refine (`--refine true`)", **summarize_errors(refined_aligned.points_lps, truth),
+                     "time_s": fp_s + align_s + refine_aligned_s, "flagged": _flag_rate(aligned)})
     if refine:
         refined, refine_s = _timed(
             lambda: refiner.refine(template, points, query_native, fp.points_lps,
@@ -316,7 +323,8 @@ def main(
         template_image, template_labels, query_image, query_labels: the inter-subject pair and label maps.
         register: run the SimpleITK baselines (needs the ``registration`` extra).
         amos: also the held-out AMOS CT (case 0336, AMOS labels) as an inter-subject query of the same template.
-        hard: also the hard intra-subject set: rotations up to +-30 deg, translations up to +-50 mm (no refinement).
+        hard: also the hard intra-subject set: rotations up to +-30 deg, translations up to +-50 mm (align, then
+            match; its answers also refined as ``--refine true`` does).
         ckpt: weights (default: the bundle's ``models/model.pt``).
         output: also write the Markdown there.
         device: torch device.
