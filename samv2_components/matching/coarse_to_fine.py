@@ -64,14 +64,7 @@ def _box_sums(x: torch.Tensor, axis: int, kernel: int, stride: int) -> torch.Ten
         count = last - first + 1
         terms = x.narrow(axis, first * stride + offset, (count - 1) * stride + 1)
         terms = terms[(slice(None),) * axis + (slice(None, None, stride),)]
-        target = out.narrow(axis, first, count)
-        if terms.dtype == target.dtype:
-            target.add_(terms)
-        else:  # a mixed-type add_ converts all of its operand first: a few slabs at a time keeps that copy small
-            along = 1 if axis == 0 else 0
-            for s0 in range(0, target.shape[along], 8):
-                n_slabs = min(8, target.shape[along] - s0)
-                target.narrow(along, s0, n_slabs).add_(terms.narrow(along, s0, n_slabs))
+        out.narrow(axis, first, count).add_(terms)  # float16 terms are converted: the caller passes small blocks
     return out
 
 

@@ -151,11 +151,11 @@ def sample_world_points(volume: torch.Tensor, to_grid: torch.Tensor, world: torc
     n, m = grid.shape[:2]
     # on the CPU, grid_sample spreads a 3D volume's work over its batch entries only: the rows are dealt out to one
     # entry per thread of the (expanded, not copied) volume, so that every core samples; each sample is the same
-    groups = min(torch.get_num_threads(), n) if volume.device.type == "cpu" and volume.shape[0] == 1 else 1
-    rows = -(-n // max(groups, 1))
-    if groups > 1 and rows * groups > n:  # pad with copies of the last row, dropped below
+    groups = max(1, min(torch.get_num_threads(), n)) if volume.device.type == "cpu" and volume.shape[0] == 1 else 1
+    rows = -(-n // groups)
+    if rows * groups > n:  # pad with copies of the last row, dropped below
         grid = torch.cat([grid, grid[-1:].expand(rows * groups - n, -1, -1)])
-    samples = F.grid_sample(volume.expand(max(groups, 1), -1, -1, -1, -1), grid.view(max(groups, 1), rows, m, 1, 3),
+    samples = F.grid_sample(volume.expand(groups, -1, -1, -1, -1), grid.view(groups, rows, m, 1, 3),
                             mode="bilinear", padding_mode="border", align_corners=True)
     return samples[:, 0, :, :, 0].reshape(-1, m)[:n]
 
