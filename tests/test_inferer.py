@@ -104,3 +104,21 @@ def test_bad_arguments():
         SAMv2Inferer(output_dtype="bfloat16")
     with pytest.raises(ValueError):
         SAMv2Inferer()(torch.zeros(1, 2, 8, 16, 16), SAMv2Net(width=0.25))
+
+
+def test_bf16_heads_normalised_in_their_own_storage_equal_a_plain_normalisation(net):
+    """bf16 heads and float16 output have one element size: the inferer writes the unit vectors over the raw
+    vectors (no second map); the values must be those of normalising the raw vectors, rounded once."""
+    x = smooth_volume((32, 64, 64))
+    inferer = SAMv2Inferer(bf16=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d), normalize=False)
+    expected = {k: torch.nn.functional.normalize(v.float(), dim=1).half() for k, v in raw.items()}
+    raw_copy = {k: v.clone() for k, v in raw.items()}
+    out = {k: inferer._finish(v, consume=True) for k, v in raw.items()}
+    for name, emb in out.items():
+        assert emb.dtype == torch.float16 and emb.data_ptr() == raw[name].data_ptr(), name  # written in place
+        assert (emb.float() - expected[name].float()).abs().max() <= 1e-3, name  # one float16 rounding
+    # without consume the raw vectors are left alone
+    kept = inferer._finish(raw_copy["fine"])
+    assert kept.data_ptr() != raw_copy["fine"].data_ptr() and torch.equal(kept, out["fine"])

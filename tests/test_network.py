@@ -151,3 +151,17 @@ def test_fused_inference_copy_matches_and_leaves_original_alone():
             torch.testing.assert_close(fused.forward_heads(x)[name], emb, atol=1e-4, rtol=1e-4)
     assert list(net.state_dict()) == keys  # the original still loads bundle checkpoints
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+
+
+def test_fpn_head_is_the_top_down_pyramid(small_net):
+    """The head adds each coarser level, upsampled (nearest), to the next finer lateral, then the output conv."""
+    head = small_net.heads["fine"]
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(1, c, *s, generator=g) for c, s in zip([16, 32, 64], [(8, 16, 16), (4, 8, 8), (2, 4, 4)])]
+    with torch.no_grad():
+        laterals = [conv(f) for conv, f in zip(head.lateral_convs, features)]
+        top = laterals[2]
+        for level in (1, 0):
+            top = laterals[level] + torch.nn.functional.interpolate(top, size=laterals[level].shape[2:], mode="nearest")
+        expected = torch.nn.functional.normalize(head.output_conv(top), dim=1)
+        assert torch.allclose(head(features), expected, atol=1e-6)

@@ -13,15 +13,18 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform
+from monai.utils import convert_data_type
 
 from samv2_components.geometry import affine_and_space, convert_affine, strided_grid_of
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embedding_preview import embedding_preview
 
-__all__ = ["write_embedding_case", "SaveEmbeddingsd", "case_name"]
+__all__ = ["write_embedding_case", "SaveEmbeddingsd", "SliceWiseNibabelWriter", "case_name"]
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -31,6 +34,29 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+class SliceWiseNibabelWriter(NibabelWriter):
+    """MONAI's :class:`~monai.data.NibabelWriter` that converts to ``output_dtype`` while writing, one slice at a
+    time (nibabel's array writer does this when the header's type differs from the array's), instead of converting
+    the whole array first: a float16 map written as float32 NIfTI (which has no float16 type) no longer needs a
+    float32 copy of itself (0.6 GB for a large CT's fine head). The file's content is the same.
+
+    ``set_metadata(..., resample=False)`` only records the affine: MONAI's passes the array through
+    ``SpatialResample`` even then, which returns a float32 copy."""
+
+    def set_metadata(self, meta_dict, resample: bool = True, **options):
+        if resample:
+            return super().set_metadata(meta_dict, resample=resample, **options)
+        self.affine = self.get_meta_info(meta_dict)[1]
+        return None
+
+    @classmethod
+    def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs):
+        array = convert_data_type(data_array, np.ndarray)[0]
+        header = kwargs.pop("header", None) or nib.Nifti1Header()
+        header.set_data_dtype(np.dtype(dtype) if dtype is not None else array.dtype)
+        return super().create_backend_obj(array, affine=affine, dtype=None, header=header, **kwargs)
 
 
 def _lps_affine(image: MetaTensor) -> list[list[float]]:
@@ -78,7 +104,7 @@ def write_embedding_case(
             "heads": {},
             **(dict(info) if info else {}),
         }
-        writer = NibabelWriter()
+        writer = SliceWiseNibabelWriter()
         grids = {h: tuple(head_grids[h]) if head_grids is not None else _head_grid(e, image) for h, e in heads.items()}
         for head, emb in heads.items():
             affine, _ = affine_and_space(emb)
