@@ -180,7 +180,7 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         notes.append(
             f"refinement ({refined.similarity}; search: step {refiner.step_for(template, query_native):.2f} mm, patch "
             f"{refiner.patch_mm:g} mm, trust radius {refiner.trust_radius_mm:g} mm; local affine levels (patch/step/"
-            f"iterations/smoothing mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}' for l in refiner.affine_levels) or 'none'}) accepted "
+            f"iterations/smoothing mm/tolerance mm): {', '.join(f'{l.patch_mm:g}/{l.step_mm:g}/{l.iterations}/{l.smoothing_mm:g}/{l.tolerance_mm:g}' for l in refiner.affine_levels) or 'none'}) accepted "
             f"{100 * refined.accepted.mean():.1f} % of the points in {refine_s:.2f} s; kept: "
             + (", ".join(f"{s} x{n}" for s, n in zip(*np.unique([s for s in refined.status if s != 'refined'], return_counts=True))) or "none"))
     notes += [

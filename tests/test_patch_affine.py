@@ -120,6 +120,38 @@ def test_a_known_affine_is_recovered(ct, affine_pair, similarity):
     np.testing.assert_array_equal(start, given)  # the caller's array is not overwritten
 
 
+def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affine_pair, monkeypatch):
+    """With ``tolerance_mm`` a point whose patch moved less than it over the last window stops there: fewer points
+    are sampled per step, a point still moving follows exactly the steps of the run without it, and a stopped one
+    stays close to where the full run ends (it was barely moving)."""
+    import samv2_components.matching.patch_affine as patch_affine
+
+    query, linear, offset = affine_pair
+    points = _inner_points(ct, 24, seed=7)
+    start = points @ linear.T + offset + np.random.default_rng(8).uniform(-3.0, 3.0, points.shape)
+    levels = [AffineLevel(32.0, 2.0, 150, 1.0), AffineLevel(16.0, 1.0, 60)]
+    sampled_rows = []
+    real_sampler = patch_affine.sample_world_points
+
+    def counting_sampler(volume, to_grid, world):
+        sampled_rows.append(len(world))
+        return real_sampler(volume, to_grid, world)
+
+    monkeypatch.setattr(patch_affine, "sample_world_points", counting_sampler)
+    full = register_patches(ct, points, query, start, np.eye(3), levels)
+    work_full, sampled_rows[:] = sum(sampled_rows), []
+    tolerance = [AffineLevel(32.0, 2.0, 150, 1.0, tolerance_mm=0.05), AffineLevel(16.0, 1.0, 60, tolerance_mm=0.05)]
+    early = register_patches(ct, points, query, start, np.eye(3), tolerance)
+    assert sum(sampled_rows) < 0.95 * work_full
+    moved = np.linalg.norm(early.points_lps - full.points_lps, axis=1)
+    assert moved.max() < 0.5 and np.median(moved) < 0.05
+    assert (moved == 0).sum() >= 1  # points that never stopped: the very same answer
+    # a point stopped at once takes no step: a huge tolerance leaves every map as the first window left it
+    once = register_patches(ct, points, query, start, np.eye(3), [AffineLevel(16.0, 1.0, 30, tolerance_mm=1e6)])
+    ten = register_patches(ct, points, query, start, np.eye(3), [AffineLevel(16.0, 1.0, patch_affine.CONVERGENCE_WINDOW)])
+    np.testing.assert_array_equal(once.points_lps, ten.points_lps)
+
+
 def test_refiner_with_affine_levels_beats_the_translation_search(ct, affine_pair):
     """Under a turned and scaled query, the affine stage brings refined matches below a millimetre; it never moves
     a point beyond the trust radius."""
@@ -156,6 +188,8 @@ def test_bad_levels_are_refused(ct):
     points = _inner_points(ct, 2, seed=6)
     with pytest.raises(ValueError, match="patch_mm"):
         register_patches(ct, points, ct, points, None, [{"patch_mm": 0.0, "step_mm": 1.0}])
+    with pytest.raises(ValueError, match="tolerance_mm"):
+        register_patches(ct, points, ct, points, None, [{"patch_mm": 16.0, "step_mm": 1.0, "tolerance_mm": -1.0}])
     with pytest.raises(ValueError, match="similarity"):
         register_patches(ct, points, ct, points, None, LEVELS, "mutual_information")
     with pytest.raises(ValueError, match="start points"):
