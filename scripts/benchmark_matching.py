@@ -150,9 +150,9 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
     ]
     notes = [_global_note(fp)]
 
-    def refined_from(answers_lps):  # as the bundle runs with --refine true: local frames from the pair as given
-        return _timed(lambda: refiner.refine(template, points, query_native, answers_lps,
-                                             local_linear=refiner.local_frames(matcher, tp, qp, points)))
+    def refined_from(result):  # as the bundle runs with --refine true (local frames in the aligned pair if aligned)
+        return _timed(lambda: refiner.refine(template, points, query_native, result.points_lps,
+                                             local_linear=refiner.local_frames(matcher, tp, qp, points, alignment=result.alignment)))
 
     if not refine:  # the hard set: also align the query to the template through the global map, then match
         from samv2_components.matching.align_then_match import align_then_match
@@ -163,11 +163,11 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         rows.append({"method": "fixed-point + global + align, then match (bundle default)" if was_aligned else
                      "align, then match: not triggered (rotation below the threshold)",
                      **summarize_errors(aligned.points_lps, truth), "time_s": fp_s + align_s, "flagged": _flag_rate(aligned)})
-        refined_aligned, refine_aligned_s = refined_from(aligned.points_lps)
+        refined_aligned, refine_aligned_s = refined_from(aligned)
         rows.append({"method": "... + refine (`--refine true`)", **summarize_errors(refined_aligned.points_lps, truth),
                      "time_s": fp_s + align_s + refine_aligned_s, "flagged": _flag_rate(aligned)})
     if refine:
-        refined, refine_s = refined_from(fp.points_lps)
+        refined, refine_s = refined_from(fp)
         rows.append({"method": "fixed-point + global + refine", **summarize_errors(refined.points_lps, truth),
                      "time_s": fp_s + refine_s, "flagged": _flag_rate(fp)})
     fixed = np.array([m == "fixed_point" for m in fp.methods])

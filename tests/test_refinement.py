@@ -165,3 +165,38 @@ def test_bundle_writes_refined_and_embedding_positions(tmp_path):
         else:
             assert shift == pytest.approx(0.0, abs=2e-3) and row["refine_status"].startswith("kept:")  # 3-decimal columns
         np.testing.assert_allclose(point["matched"], final, atol=1e-3)
+
+
+def test_local_frames_of_an_aligned_match_come_from_the_aligned_query():
+    """Under align-then-match the frames are fitted against the aligned query and composed with the alignment's
+    linear part; where no frame fits there, the alignment's linear part itself."""
+    from types import SimpleNamespace
+
+    from samv2_components.geometry import axis_angle_rotation, rigid_matrix
+    from samv2_components.matching.align_then_match import Alignment
+
+    local = axis_angle_rotation([1.0, 0.0, 0.0], 8.0) * 1.05  # template -> aligned query, around every point
+    turn = rigid_matrix(axis_angle_rotation([0.0, 0.0, 1.0], 40.0), translation=(5.0, -3.0, 2.0))
+
+    class GridMatcher:
+        """NN answers: the aligned scan maps by ``local`` (consistently), "nowhere" gives none, any other scan
+        scatters them at random (as embeddings do under a large turn)."""
+
+        def match(self, template_scan, query_scan, sources, method=None):
+            if query_scan == "aligned":
+                return SimpleNamespace(points_lps=sources @ local.T + 7.0)
+            if query_scan == "nowhere":  # no answer at all (NaN): no frame can be fitted
+                return SimpleNamespace(points_lps=np.full(sources.shape, np.nan))
+            return SimpleNamespace(points_lps=np.random.default_rng(0).uniform(-300, 300, sources.shape))
+
+    points = np.array([[0.0, 0.0, 0.0], [30.0, -20.0, 55.0]])
+    refiner = LocalIntensityRefiner()
+    frames = refiner.local_frames(GridMatcher(), "template", "turned", points, alignment=Alignment("aligned", turn))
+    np.testing.assert_allclose(frames, np.broadcast_to(turn[:3, :3] @ local, (2, 3, 3)), atol=0.01)  # the fit is ridged
+    # without the alignment the frames come from the turned pair's (here scattered) matches
+    turned = refiner.local_frames(GridMatcher(), "template", "turned", points)
+    assert np.abs(turned - turn[:3, :3] @ local).max() > 0.1
+    # where no frame fits in the aligned scan, the alignment's own linear part
+    assert np.isnan(refiner.local_frames(GridMatcher(), "template", "nowhere", points)).all()
+    unfit = refiner.local_frames(GridMatcher(), "template", "turned", points, alignment=Alignment("nowhere", turn))
+    np.testing.assert_allclose(unfit, np.broadcast_to(turn[:3, :3], (2, 3, 3)))

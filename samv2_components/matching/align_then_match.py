@@ -12,6 +12,8 @@ Images are preprocessed network inputs ``(1, D, H, W)`` with their affines; poin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +22,24 @@ from monai.data import MetaTensor
 
 from samv2_components.geometry import affine_and_space, apply_matrix, convert_affine, rotation_angle_deg, voxel_to_grid_sample
 
-__all__ = ["rotation_of", "resample_through", "align_then_match"]
+__all__ = ["Alignment", "rotation_of", "resample_through", "align_then_match"]
 
 #: intensity of "no data" in the network's input range (the preprocessing's padding value)
 BACKGROUND = -50.0
+
+
+@dataclass
+class Alignment:
+    """How an aligned answer was found (``MatchResult.alignment``).
+
+    Attributes:
+        scan: the query resampled onto the template's grid through ``template_to_query``, prepared for matching
+            (embeddings there are compared without the turn; the refiner estimates its local frames in it).
+        template_to_query: 4x4, template LPS mm -> query LPS mm (the global map's affine).
+    """
+
+    scan: Any
+    template_to_query: np.ndarray
 
 
 def rotation_of(matrix: np.ndarray) -> float:
@@ -75,14 +91,16 @@ def align_then_match(matcher, template_scan, template_image: MetaTensor, query_i
 
     Returns:
         ``(result, aligned)``: a :class:`~samv2_components.matching.MatchResult` in the query's space, and whether
-        the query was aligned (then every position in it was mapped back from the template frame).
+        the query was aligned (then every position in it was mapped back from the template frame, and
+        ``result.alignment`` is the :class:`Alignment`).
     """
     first = first_result if first_result is not None else matcher.match(template_scan, matcher.prepare(embed(query_image)), points_lps)
     gm = first.global_map
     if gm is None or not gm.valid or rotation_of(gm.matrix) < min_rotation_deg:
         return first, False
     aligned_query = resample_through(query_image, template_image, gm.matrix)
-    second = matcher.match(template_scan, matcher.prepare(embed(aligned_query)), points_lps)
+    aligned_scan = matcher.prepare(embed(aligned_query))
+    second = matcher.match(template_scan, aligned_scan, points_lps)
     back = gm.matrix
 
     def to_query(points):
@@ -93,4 +111,5 @@ def align_then_match(matcher, template_scan, template_image: MetaTensor, query_i
     second.unrestricted_points_lps = to_query(second.unrestricted_points_lps)
     second.global_prediction_lps = to_query(second.global_prediction_lps)
     second.predicted_inside = first.predicted_inside  # the query's own field of view decides what is absent
+    second.alignment = Alignment(aligned_scan, np.asarray(back, dtype=np.float64))
     return second, True

@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +60,8 @@ class MatchResult:
         global_map: the :class:`~samv2_components.matching.global_map.GlobalMap` used, or None.
         predicted_inside: ``(N,)`` bool, whether the global map puts the point inside the query's field of view
             (None without a map): a point predicted outside has no anatomy to match in this query.
+        alignment: the :class:`~samv2_components.matching.align_then_match.Alignment` when the answers were found
+            in the query aligned to the template (align, then match), else None.
     """
 
     points_lps: np.ndarray
@@ -73,6 +76,7 @@ class MatchResult:
     flags: list | None = None
     global_map: GlobalMap | None = None
     predicted_inside: np.ndarray | None = None
+    alignment: Any = None
 
     def __len__(self) -> int:
         return len(self.points_lps)

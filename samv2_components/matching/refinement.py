@@ -211,7 +211,7 @@ class LocalIntensityRefiner:
         self.frame_spacing_mm, self.frame_steps, self.frame_inlier_mm = float(frame_spacing_mm), int(frame_steps), float(frame_inlier_mm)
         self.affine_levels = [AffineLevel.from_config(level) for level in (affine_levels or [])]
 
-    def local_frames(self, matcher, template_scan, query_scan, template_points_lps) -> np.ndarray:
+    def local_frames(self, matcher, template_scan, query_scan, template_points_lps, alignment=None) -> np.ndarray:
         """``(N, 3, 3)`` linear part of the local template -> query map around each point, from embeddings.
 
         A local rotation/scale between the scans makes a translation-only patch comparison biased; this estimates
@@ -223,7 +223,18 @@ class LocalIntensityRefiner:
             matcher: a :class:`~samv2_components.matching.matcher.SAMv2Matcher`.
             template_scan, query_scan: the prepared :class:`~samv2_components.matching.embedded_scan.EmbeddedScan`.
             template_points_lps: ``(N, 3)``, LPS mm.
+            alignment: the :class:`~samv2_components.matching.align_then_match.Alignment` of an aligned match
+                (``MatchResult.alignment``): the embeddings are not rotation invariant, so under a large turn the
+                frames are estimated against the aligned query (``alignment.scan``) and composed with the
+                alignment's linear part; where no frame fits, the alignment's linear part itself (on the matching
+                benchmark's +-30 deg set, frames from the turned pair left CPM@10 of the refined answers at 93.3 %,
+                aligned frames reach 96.7 %).
         """
+        if alignment is not None:
+            linear = np.asarray(alignment.template_to_query, dtype=np.float64)[:3, :3]
+            frames = self.local_frames(matcher, template_scan, alignment.scan, template_points_lps)
+            fitted = np.isfinite(frames).all(axis=(1, 2))
+            return np.where(fitted[:, None, None], linear @ np.where(fitted[:, None, None], frames, 0.0), linear)
         from samv2_components.matching.affine_fit import fit_affine_robust
 
         points = as_points(template_points_lps)

@@ -247,7 +247,8 @@ class MatchPointsd(MapTransform):
                 refinement = self.refiner.refine(
                     template.native_image, template.points_lps, load_scan(source), result.points_lps,
                     same_modality=modality == template.modality,
-                    local_linear=self.refiner.local_frames(self.matcher, template.scan, query, template.points_lps),
+                    local_linear=self.refiner.local_frames(self.matcher, template.scan, query, template.points_lps,
+                                                           alignment=result.alignment),
                 )
             d["matches_path"] = self._write(template, query, image, source, result, refinement, aligned)
         return d
