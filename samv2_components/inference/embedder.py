@@ -153,7 +153,7 @@ class SAMv2Inferer(Inferer):
         output) the result is written over it, block by block (each block is read into the float32 buffer before
         it is overwritten): the unnormalised and the normalised maps are then never held at once (0.6 GB for a
         large CT with the light model)."""
-        if consume and emb.element_size() == torch.empty((), dtype=self.output_dtype).element_size():
+        if consume and emb.dtype.itemsize == self.output_dtype.itemsize:
             out = emb.view(self.output_dtype)
         else:
             out = torch.empty_like(emb, dtype=self.output_dtype)

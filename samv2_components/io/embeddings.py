@@ -54,7 +54,8 @@ class SliceWiseNibabelWriter(NibabelWriter):
     @classmethod
     def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs):
         array = convert_data_type(data_array, np.ndarray)[0]
-        header = kwargs.pop("header", None) or nib.Nifti1Header()
+        header = kwargs.pop("header", None)
+        header = nib.Nifti1Header() if header is None else header
         header.set_data_dtype(np.dtype(dtype) if dtype is not None else array.dtype)
         return super().create_backend_obj(array, affine=affine, dtype=None, header=header, **kwargs)
 

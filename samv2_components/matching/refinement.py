@@ -233,8 +233,8 @@ class LocalIntensityRefiner:
         if alignment is not None:
             linear = np.asarray(alignment.template_to_query, dtype=np.float64)[:3, :3]
             frames = self.local_frames(matcher, template_scan, alignment.scan, template_points_lps)
-            fitted = np.isfinite(frames).all(axis=(1, 2))
-            return np.where(fitted[:, None, None], linear @ np.where(fitted[:, None, None], frames, 0.0), linear)
+            frames[~np.isfinite(frames).all(axis=(1, 2))] = np.eye(3)  # no fit: the alignment's linear part alone
+            return linear @ frames
         from samv2_components.matching.affine_fit import fit_affine_robust
 
         points = as_points(template_points_lps)
