@@ -124,6 +124,58 @@ def test_formats_agree_with_each_other(written):
         np.testing.assert_allclose(image.affine.numpy(), first.affine.numpy(), atol=1e-4, err_msg=fmt)
 
 
+def _nifti_variants(tmp_path, volume_zyx) -> dict[str, str]:
+    """One volume as NIfTI files whose headers give the geometry in different ways."""
+    ras = FLIP_XY @ _lps_affine(DIRECTION, SPACING, ORIGIN)
+    moved = ras.copy()
+    moved[:3, 3] += (5.0, -3.0, 2.0)
+    data = volume_zyx.transpose(2, 1, 0)
+    paths = {}
+    cases = (("sform_only", ras, None), ("qform_only", None, ras), ("disagree", ras, moved),
+             ("sform_and_unit_pixdim", ras, None))  # MONAI's nibabel reader would swap in the qform here
+    for name, sform, qform in cases:
+        img = nib.Nifti1Image(data, None)
+        img.set_sform(sform, code=0 if sform is None else 1)
+        img.set_qform(qform, code=0 if qform is None else 1)
+        if name != "sform_and_unit_pixdim":
+            img.header.set_zooms(SPACING)
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(img, paths[name])
+    scaled = nib.Nifti1Image(data, ras)
+    scaled.header.set_slope_inter(0.5, -3.0)  # stored integers, floats on reading
+    paths["scaled"] = str(tmp_path / "scaled.nii")
+    nib.save(scaled, paths["scaled"])
+    return paths
+
+
+def test_nifti_read_by_nibabel_equals_itk(tmp_path, volume_zyx):
+    """NIfTI files with one clear geometry are read by nibabel (no ITK modules: 0.26 GB of a process) to ITK's
+    array, type and affine; where sform and qform disagree, ITK's choice is kept by reading with ITK."""
+    from samv2_components.io import image as image_io
+
+    paths = _nifti_variants(tmp_path, volume_zyx)
+    for name, path in paths.items():
+        assert image_io._nifti_geometry_is_unambiguous(path) == (name in ("sform_only", "qform_only", "scaled")), name
+        ours, itk_read = load_scan(path, float32=False), image_io._itk_loader()(path)
+        assert ours.dtype == itk_read.dtype, name
+        assert torch.equal(ours.as_tensor(), itk_read.as_tensor()), name
+        np.testing.assert_allclose(ours.affine.numpy(), itk_read.affine.numpy(), atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(load_scan(paths["scaled"])[0].numpy(), volume_zyx.transpose(2, 1, 0) * 0.5 - 3.0)
+
+
+def test_loading_a_nifti_scan_does_not_load_itk_wrappers():
+    """ITK's compiled Python wrappers (0.26 GB of memory once ``itk.imread`` runs) stay unloaded for a NIfTI scan
+    (MONAI's loader imports the ``itk`` package itself, which is lazy and small)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from samv2_components.io.image import load_scan; from samv2_components.sample_data import "
+            "sample_path; load_scan(sample_path('ct_abdomen')); print(sorted(m for m in sys.modules "
+            "if m.startswith('itk.') and m.endswith('Python')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DICOM series
 # --------------------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_descriptor_at_voxel_centre_equals_map_column(embedded):
     heads = embedded["template"]
     dmap = query_descriptor_map(heads)
     assert dmap.head_names == ("fine", "coarse", "semantic") and dmap.n_heads == 3
-    assert dmap.descriptors.shape == (384, *heads["fine"].shape[2:])
+    assert dmap.n_channels == 384 and dmap.grid_shape == tuple(heads["fine"].shape[2:])
     rng = np.random.default_rng(0)
     idx = np.stack([rng.integers(0, s, 25) for s in dmap.grid_shape], axis=1)
     idx[0] = 0
@@ -94,12 +94,32 @@ def test_descriptor_at_voxel_centre_equals_map_column(embedded):
     desc = descriptor_at_points(heads, dmap.voxel_to_world(idx))
     # the inferer's float16 heads give a float16 map (half the memory): equal up to float16 rounding, 2**-11 relative
     # per rounding (the coarse head is rounded twice: upsampled, then normalised)
-    assert heads["fine"].dtype == dmap.flat.dtype == torch.float16
-    columns = dmap.descriptors[:, idx[:, 0], idx[:, 1], idx[:, 2]].T.float()
+    assert heads["fine"].dtype == dmap.dtype == torch.float16
+    columns = torch.cat([v[idx[:, 0], idx[:, 1], idx[:, 2]] for v in dmap.head_volumes()], dim=1).float()
     torch.testing.assert_close(desc, columns, atol=2e-5, rtol=2.0**-10)
     torch.testing.assert_close(dmap.rows(torch.as_tensor(np.ravel_multi_index(idx.T, dmap.grid_shape))), columns)
     # every head's part of a descriptor is unit length
     np.testing.assert_allclose(desc.view(25, 3, 128).norm(dim=2).numpy(), 1.0, atol=1e-5)
+
+
+def test_descriptor_map_uses_unit_fine_grid_heads_in_place(embedded):
+    """The inferer's channels-last unit heads become the map's blocks without a copy (0.55 GB of a large CT's map);
+    a head that is not unit length is copied and normalised, and the caller's head is left as it was."""
+    heads = embedded["template"]
+    dmap = query_descriptor_map(heads)
+    for name in ("fine", "semantic"):
+        block = dmap.blocks[dmap.head_names.index(name)]
+        assert block.untyped_storage().data_ptr() == heads[name].untyped_storage().data_ptr()
+    coarse = dmap.blocks[dmap.head_names.index("coarse")]
+    assert coarse.untyped_storage().data_ptr() != heads["coarse"].untyped_storage().data_ptr()
+
+    scaled = dict(heads, fine=heads["fine"] * 2)  # same layout and type, twice unit length
+    before = scaled["fine"].clone()
+    block = query_descriptor_map(scaled).blocks[0]
+    assert block.untyped_storage().data_ptr() != scaled["fine"].untyped_storage().data_ptr()
+    torch.testing.assert_close(block.float(), dmap.blocks[0].float(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(block.float().norm(dim=1).numpy(), 1.0, atol=1e-3)
+    assert torch.equal(scaled["fine"], before)
 
 
 def test_descriptor_map_matches_network_forward():
@@ -112,7 +132,8 @@ def test_descriptor_map_matches_network_forward():
     heads = SAMv2Inferer(bf16=False, channels_last=False, output_dtype="float32")(image, net)
     with torch.no_grad():
         expected = net(x)[0]
-    torch.testing.assert_close(query_descriptor_map(heads).descriptors, expected, atol=1e-4, rtol=0)
+    volumes = query_descriptor_map(heads).head_volumes()
+    torch.testing.assert_close(torch.cat([v.permute(3, 0, 1, 2) for v in volumes]), expected, atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- sub-voxel fit

@@ -34,7 +34,7 @@ def test_coarse_to_fine_agrees_with_exhaustive_search(embedded):
     wherever they do not the score found is lower (never higher: the search only looks at real voxels)."""
     template, query = embedded["template"], embedded["shifted"]
     dmap = query_descriptor_map(query)
-    descriptors = query_descriptor_map(template).flat[torch.randperm(dmap.flat.shape[0], generator=torch.Generator().manual_seed(0))[:300]]
+    descriptors = query_descriptor_map(template).rows(torch.randperm(dmap.n_voxels, generator=torch.Generator().manual_seed(0))[:300])
     exact_vox, exact_score = nearest_neighbour_search(descriptors, dmap, subvoxel=False)
     search = CoarseToFineSearch(dmap, cell_size=(2, 4, 4), top_k=4, margin=(1, 1, 1))
     assert not search.exhaustive
@@ -49,7 +49,7 @@ def test_coarse_to_fine_windows_cover_the_grid_exactly():
     """Every fine voxel lies in the window of the cell whose footprint holds it (no gaps at the borders)."""
     shape = (6, 21, 19)
     flat = torch.nn.functional.normalize(torch.randn(int(np.prod(shape)), 8), dim=1)
-    dmap = DescriptorMap(flat.view(*shape, 8).permute(3, 0, 1, 2), flat, np.eye(4), "LPS", ("fine",))
+    dmap = DescriptorMap([flat], shape, np.eye(4), "LPS", ("fine",))
     search = CoarseToFineSearch(dmap, cell_size=(2, 4, 4), top_k=1, margin=0)
     windows = search._window_indices(torch.arange(int(np.prod(search.cell_grid_shape))))
     assert torch.unique(windows).numel() == flat.shape[0]
@@ -59,7 +59,7 @@ def test_coarse_to_fine_exhaustive_when_windows_cover_everything(embedded):
     dmap = query_descriptor_map(embedded["template"])
     search = CoarseToFineSearch(dmap, cell_size=(2, 8, 8), top_k=10_000)
     assert search.exhaustive
-    descriptors = dmap.flat[:50]
+    descriptors = dmap.rows(torch.arange(50))
     index, score = search.search_indices(descriptors)
     np.testing.assert_array_equal(index.numpy(), np.arange(50))  # every voxel is its own best match
     # a float16 map's rows are unit length to float16 rounding (2**-11 relative per channel)
@@ -102,8 +102,8 @@ def test_fixed_points_are_mutual_nearest_neighbours(embedded):
     back = backward(matched)
     fixed = starts[back == starts]
     assert len(fixed) > 0
-    f_vox, _ = nearest_neighbour_search(template.map.flat[fixed], query.map, subvoxel=False)
-    b_vox, _ = nearest_neighbour_search(query.map.flat[forward(fixed)], template.map, subvoxel=False)
+    f_vox, _ = nearest_neighbour_search(template.map.rows(fixed), query.map, subvoxel=False)
+    b_vox, _ = nearest_neighbour_search(query.map.rows(forward(fixed)), template.map, subvoxel=False)
     grid = np.stack(np.unravel_index(fixed.numpy(), template.map.grid_shape), 1)
     np.testing.assert_array_equal(b_vox.astype(int), grid)
     np.testing.assert_array_equal(np.ravel_multi_index(f_vox.astype(int).T, query.map.grid_shape), forward(fixed).numpy())
@@ -200,7 +200,7 @@ def test_cell_sums_equal_torch_pooling(shape, kernel, stride):
         exact = torch.nn.functional.avg_pool3d(  # of the values as stored
             flat.float().view(*shape, 4).permute(3, 0, 1, 2)[None], kernel, stride, tuple(k // 2 for k in kernel),
             ceil_mode=True, divisor_override=1)[0].permute(1, 2, 3, 0)
-        dmap = DescriptorMap(flat.view(*shape, 4).permute(3, 0, 1, 2), flat, np.eye(4), "LPS", ("fine",))
+        dmap = DescriptorMap([flat], shape, np.eye(4), "LPS", ("fine",))
         search = CoarseToFineSearch(dmap, cell_size=stride, top_k=1, margin=0)
         assert search._kernel == tuple(kernel)
         cell_sums = search._cell_sums(flat.view(*shape, 4))
@@ -214,8 +214,8 @@ def test_float16_map_finds_what_a_float32_map_finds(embedded):
     template = query_descriptor_map(embedded["template"])
     query16 = query_descriptor_map(embedded["shifted"])
     query32 = query_descriptor_map({k: v.float() for k, v in embedded["shifted"].items()})
-    assert query16.flat.dtype == torch.float16 and query32.flat.dtype == torch.float32
-    descriptors = template.rows(torch.randperm(template.flat.shape[0], generator=torch.Generator().manual_seed(1))[:300])
+    assert query16.dtype == torch.float16 and query32.dtype == torch.float32
+    descriptors = template.rows(torch.randperm(template.n_voxels, generator=torch.Generator().manual_seed(1))[:300])
     found = []
     for dmap in (query16, query32):
         search = CoarseToFineSearch(dmap, cell_size=(2, 4, 4), top_k=4, margin=(1, 1, 1))

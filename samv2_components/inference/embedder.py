@@ -4,6 +4,7 @@ tiling for bounded memory, and the affine of every output grid.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
@@ -36,6 +37,29 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+#: glibc's ``malloc_trim`` once looked up (False where the C library has none)
+_malloc_trim = None
+
+
+def return_freed_heap_memory() -> None:
+    """Hand the heap memory freed by a forward pass back to the operating system (glibc's ``malloc_trim``; nothing
+    elsewhere).
+
+    The network's smaller activations live on glibc's heap, which keeps freed blocks for reuse; the maps that
+    follow a forward pass (a search's descriptor blocks, a second scan's heads) are large enough to be mapped
+    separately and never reuse them, so the freed heap would stay in the process's memory for the rest of the run
+    (0.15 GB after a 512 x 512 x 600 CT). Costs about a millisecond.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:  # the process's own symbols: the C library it runs on
+            _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+        except (OSError, TypeError):  # no C library to ask (Windows)
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 class SAMv2Inferer(Inferer):
@@ -93,6 +117,8 @@ class SAMv2Inferer(Inferer):
         padded = self._pad(inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs)
         with torch.no_grad():
             heads = self._embed(padded, network)
+        if padded.device.type == "cpu":
+            return_freed_heap_memory()
         out: dict[str, torch.Tensor] = {}
         for name, emb in heads.items():
             stride, offset = HEAD_GRIDS[name]

@@ -32,6 +32,9 @@ __all__ = ["CoarseToFineSearch"]
 
 #: depth planes of the map pooled in-plane at once when the cell sums are built
 _PLANES_PER_BLOCK = 8
+#: most (point, cell) scores held at once by the cell stage (16 MiB in bfloat16): a batch's points are ranked in
+#: parts on a large scan (a 512 x 512 x 600 CT has 18,000 cells), then searched together (their windows shared)
+_MAX_CELL_SCORES = 8 * 1024 * 1024
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:
@@ -76,7 +79,8 @@ class CoarseToFineSearch:
         cell_size: fine voxels per cell along ``(d, h, w)``; ``(2, 8, 8)`` is the coarse head's grid.
         top_k: cells whose windows are searched exactly per point.
         margin: fine voxels added on each side of a cell's footprint to form its search window.
-        points_per_batch: points scored against all cells at once (bounds the ``points x cells`` matrix).
+        points_per_batch: points searched together (points that chose one cell share its window gather); their
+            ``points x cells`` scores are computed in parts of at most :data:`_MAX_CELL_SCORES` entries.
         cells_per_batch: cell windows gathered at once (bounds the ``cells x window x channels`` gather).
         cell_dtype: ``"bfloat16"`` (default) or ``"float32"``: precision of the cell stage (ranking cells only;
             bf16 matrix products are 2-4x faster on CPUs with bf16 units and on GPUs). The window stage is always
@@ -117,9 +121,9 @@ class CoarseToFineSearch:
         shape = descriptor_map.grid_shape
         self._kernel = tuple(s + 1 - s % 2 for s in self.cell_size)  # odd, so a cell is centred on voxel c * s
         self.window_size = tuple(min(k + 2 * m, n) for k, m, n in zip(self._kernel, self.margin, shape))
-        # per-cell sums straight from the voxel-major rows (a (C, d, h, w) pooling would first need a 1 GB transpose
-        # on a chest CT); the scale of a sum does not matter, since each head is re-normalised
-        sums = self._cell_sums(descriptor_map.flat.view(*shape, -1))
+        # per-cell sums straight from each head's voxel-major rows (a (C, d, h, w) pooling would first need a 1 GB
+        # transpose on a chest CT); the scale of a sum does not matter, since each head is re-normalised
+        sums = torch.cat([self._cell_sums(head) for head in descriptor_map.head_volumes()], dim=3)
         self.cell_grid_shape = tuple(sums.shape[:3])
         cell_rows = sums.reshape(-1, descriptor_map.n_heads, sums.shape[3] // descriptor_map.n_heads)
         # each head re-normalised: the cell's mean direction, so a varied cell (an edge) is not penalised for it
@@ -153,6 +157,12 @@ class CoarseToFineSearch:
             planes[d0 : d0 + len(block)] = block
         return _box_sums(planes, 0, self._kernel[0], self.cell_size[0])
 
+    def _best_cells(self, descriptors: torch.Tensor, k: int) -> torch.Tensor:
+        """Linear indices ``(N, k)`` of the ``k`` best-scoring cells of each descriptor ``(N, C)``."""
+        part = max(1, _MAX_CELL_SCORES // len(self.cell_rows))
+        return torch.cat([(chunk.to(self.cell_dtype) @ self.cell_rows.T).topk(k, dim=1).indices
+                          for chunk in descriptors.split(part)])
+
     def _window_indices(self, cells: torch.Tensor) -> torch.Tensor:
         """Linear fine-voxel indices ``(n, W)`` of the windows of cells (linear cell indices ``(n,)``)."""
         cell_pos = torch.stack(torch.unravel_index(cells, self.cell_grid_shape), dim=1)  # (n, 3)
@@ -164,12 +174,13 @@ class CoarseToFineSearch:
         return (start * self._strides).sum(1, keepdim=True) + self._window_offsets[None]
 
     def _search_windows(
-        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor, staging: torch.Tensor | None
+        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor, staging: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact best voxel inside the windows of ``cells`` ``(N, K)`` for each descriptor ``(N, C)``.
 
-        ``windows``: a ``(cells_per_batch * W, C)`` float32 buffer for the gathered windows, reused by every batch;
-        ``staging``: one of the map's own type when that is not float32 (the rows are gathered there, then converted).
+        ``windows``: a ``(n_heads, cells_per_batch * W, C_head)`` float32 buffer for the gathered windows, reused by
+        every batch; ``staging``: a ``(cells_per_batch * W, C_head)`` buffer of the map's own type: each head's rows
+        are gathered there, then converted into ``windows``.
         Returns ``(best_index (N,), best_raw_score (N,))``; the raw score is the dot product (``n_heads`` x score).
         """
         n, k = cells.shape
@@ -187,22 +198,22 @@ class CoarseToFineSearch:
 
         pair_score = torch.empty(len(pair_cell), dtype=torch.float32, device=cells.device)
         pair_index = torch.empty(len(pair_cell), dtype=torch.long, device=cells.device)
-        flat = self.map.flat
         window_voxels = len(self._window_offsets)
         for c0 in range(0, len(unique), self.cells_per_batch):
             c1 = min(c0 + self.cells_per_batch, len(unique))
             pairs = order[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
             local_cell, rank = label[pairs] - c0, rank_in_cell[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
-            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), flat.shape[1], dtype=windows.dtype,
-                                 device=flat.device)
+            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), self.map.n_channels, dtype=windows.dtype,
+                                 device=windows.device)
             padded[local_cell, rank] = descriptors[pair_point[pairs]]
             window_index = self._window_indices(unique[c0:c1])  # (G, W)
-            gathered = windows[: window_index.numel()]
-            if staging is None:
-                torch.index_select(flat, 0, window_index.reshape(-1), out=gathered)
-            else:
-                gathered.copy_(torch.index_select(flat, 0, window_index.reshape(-1), out=staging[: window_index.numel()]))
-            scores = torch.bmm(padded, gathered.view(c1 - c0, window_voxels, -1).transpose(1, 2))  # (G, P_max, W)
+            gathered = self.map.gather_head_rows(window_index.reshape(-1), windows[:, : window_index.numel()], staging)
+            width = gathered.shape[2]
+            scores = None  # (G, P_max, W): the dot products summed head by head
+            for h, rows in enumerate(gathered):
+                part = padded[..., h * width : (h + 1) * width]
+                rows = rows.view(c1 - c0, window_voxels, width).transpose(1, 2)
+                scores = torch.bmm(part, rows) if scores is None else scores.baddbmm_(part, rows)
             best_score, best_pos = scores.max(dim=2)
             pair_score[pairs] = best_score[local_cell, rank].float()
             pair_index[pairs] = window_index[local_cell, best_pos[local_cell, rank]]
@@ -211,11 +222,9 @@ class CoarseToFineSearch:
         return pair_index.view(n, k)[rows, best_of_k], pair_score.view(n, k)[rows, best_of_k]
 
     def _search_exhaustive(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.map.flat.dtype == torch.float32:
-            best_score, best_index = (descriptors @ self.map.flat.T).max(dim=1)
-            return best_index, best_score
-        # a grid this small is searched whole; a float16 map is converted block by block
-        scores = torch.cat([descriptors @ rows.float().T for rows in self.map.flat.split(_ROW_BLOCK)], dim=1)
+        # a grid this small is searched whole, its rows gathered (and a float16 map converted) block by block
+        scores = torch.cat([descriptors @ self.map.row_range(v0, v0 + _ROW_BLOCK).T
+                            for v0 in range(0, self.map.n_voxels, _ROW_BLOCK)], dim=1)
         best_score, best_index = scores.max(dim=1)
         return best_index, best_score
 
@@ -230,29 +239,30 @@ class CoarseToFineSearch:
             ``(index, score)``: ``(N,)`` long linear indices (C order of ``(d, h, w)``) and ``(N,)`` float scores
             (mean of per-head cosines at that voxel), both on the map's device.
         """
-        flat = self.map.flat
-        if descriptors.ndim != 2 or descriptors.shape[1] != flat.shape[1]:
+        n_channels, device = self.map.n_channels, self.map.device
+        if descriptors.ndim != 2 or descriptors.shape[1] != n_channels:
             raise ValueError(
-                f"descriptors must be (N, {flat.shape[1]}) to match the map's heads {self.map.head_names}, "
+                f"descriptors must be (N, {n_channels}) to match the map's heads {self.map.head_names}, "
                 f"got {tuple(descriptors.shape)}"
             )
-        descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
-        index = torch.empty(len(descriptors), dtype=torch.long, device=flat.device)
-        score = torch.empty(len(descriptors), dtype=torch.float32, device=flat.device)
+        descriptors = descriptors.to(device=device, dtype=torch.float32)
+        index = torch.empty(len(descriptors), dtype=torch.long, device=device)
+        score = torch.empty(len(descriptors), dtype=torch.float32, device=device)
         k = min(self.top_k, self.cell_rows.shape[0])
         if not self.exhaustive:
             # one buffer for the windows of every batch of every point batch: a fresh tensor of tens of MB per batch
             # is returned to the OS and faulted in again each time, which cost more than the gather itself (lung2:
             # 1,000 points 0.61 -> 0.20 s)
             n_rows = min(self.cells_per_batch, len(descriptors) * k) * len(self._window_offsets)
-            windows = flat.new_empty(n_rows, flat.shape[1], dtype=torch.float32)
-            staging = None if flat.dtype == torch.float32 else flat.new_empty(n_rows, flat.shape[1])
+            windows = torch.empty(self.map.n_heads, n_rows, n_channels // self.map.n_heads, dtype=torch.float32,
+                                  device=device)
+            staging = torch.empty(n_rows, n_channels // self.map.n_heads, dtype=self.map.dtype, device=device)
         for p0 in range(0, len(descriptors), self.points_per_batch):
             batch = descriptors[p0 : p0 + self.points_per_batch]
             if self.exhaustive:
                 best = self._search_exhaustive(batch)
             else:
-                cells = (batch.to(self.cell_dtype) @ self.cell_rows.T).topk(k, dim=1).indices
+                cells = self._best_cells(batch, k)
                 best = self._search_windows(batch, cells, windows, staging)
             index[p0 : p0 + len(batch)], score[p0 : p0 + len(batch)] = best[0], best[1] / self.map.n_heads
         return index, score
@@ -267,6 +277,6 @@ class CoarseToFineSearch:
         index, score = self.search_indices(descriptors)
         voxels = grid_voxels(index, self.map.grid_shape)
         if subvoxel:
-            descriptors = descriptors.to(device=self.map.flat.device, dtype=torch.float32)
-            voxels += subvoxel_offsets(descriptors, self.map.flat, index, self.map.grid_shape)
+            descriptors = descriptors.to(device=self.map.device, dtype=torch.float32)
+            voxels += subvoxel_offsets(descriptors, self.map, index)
         return voxels.cpu().numpy(), score.float().cpu().numpy()

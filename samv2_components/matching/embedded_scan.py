@@ -48,7 +48,7 @@ class EmbeddedScan:
 
     @property
     def n_voxels(self) -> int:
-        return int(self.map.flat.shape[0])
+        return self.map.n_voxels
 
     def descriptors_at(self, points_lps) -> torch.Tensor:
         """``(N, C_total)`` descriptors of world points ``(N, 3)`` (LPS mm), trilinear on each head's own grid."""
@@ -80,8 +80,8 @@ class EmbeddedScan:
             radius (a centre outside the scan).
         """
         centres = np.asarray(centres_lps, dtype=np.float64).reshape(-1, 3)
-        flat, shape = self.map.flat, np.array(self.map.grid_shape)
-        descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
+        device, shape = self.map.device, np.array(self.map.grid_shape)
+        descriptors = descriptors.to(device=device, dtype=torch.float32)
         voxel_mm = np.linalg.norm(self.map.affine[:3, :3], axis=0)
         reach = np.ceil(radius_mm / voxel_mm).astype(int)
         centre_voxels = self.map.world_to_voxel(centres)
@@ -99,16 +99,16 @@ class EmbeddedScan:
             box = box[np.linalg.norm(self.map.voxel_to_world(box.astype(np.float64)) - centre, axis=1) <= radius_mm]
             if len(box) == 0:
                 continue
-            rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=flat.device)
+            rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=device)
             values = self.map.rows(rows) @ descriptors[i]
             j = int(values.argmax())
             best[i], score[i] = rows[j], float(values[j]) / self.map.n_heads
         points = np.full((len(centres), 3), np.nan)
         found = best >= 0
         if found.any():
-            index = best[found].to(flat.device)
+            index = best[found].to(device)
             voxels = grid_voxels(index, self.map.grid_shape)
             if subvoxel:
-                voxels += subvoxel_offsets(descriptors[found.to(flat.device)], flat, index, self.map.grid_shape)
+                voxels += subvoxel_offsets(descriptors[found.to(device)], self.map, index)
             points[found.numpy()] = self.map.voxel_to_world(voxels.cpu().numpy())
         return points, score.numpy()

@@ -59,7 +59,7 @@ class _MemoisedNN:
 
     def __init__(self, source: EmbeddedScan, target: EmbeddedScan):
         self.source, self.target = source, target
-        device = source.map.flat.device
+        device = source.map.device
         self.best = torch.full((source.n_voxels,), -1, dtype=torch.long, device=device)
         self.score = torch.zeros(source.n_voxels, dtype=torch.float32, device=device)
 
@@ -85,7 +85,7 @@ def _start_voxels(scan: EmbeddedScan, points_lps: np.ndarray, grid_size: int, gr
     inside = np.all((starts >= 0) & (starts <= shape - 1), axis=2)
     owner = np.broadcast_to(np.arange(len(points_lps))[:, None], inside.shape)[inside]
     linear = np.ravel_multi_index(starts[inside].astype(np.int64).T, tuple(shape))
-    device = scan.map.flat.device
+    device = scan.map.device
     return torch.as_tensor(linear, device=device), torch.as_tensor(owner, device=device)
 
 
@@ -142,7 +142,7 @@ def fixed_point_match(
     source = template.voxel_world(fixed)
     if subvoxel and len(fixed):
         voxels = torch.stack(torch.unravel_index(matched, query.map.grid_shape), dim=1).double()
-        voxels += subvoxel_offsets(template.map.rows(fixed), query.map.flat, matched, query.map.grid_shape)
+        voxels += subvoxel_offsets(template.map.rows(fixed), query.map, matched)
         target = query.map.voxel_to_world(voxels.cpu().numpy())
     else:
         target = query.voxel_world(matched)

@@ -23,8 +23,6 @@ and :func:`nearest_neighbour_search`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,51 +43,106 @@ __all__ = [
 MAX_SCORE_BLOCK = 32 * 1024 * 1024
 #: voxels per float32 block when a float16 map is normalised or scored (a 384-channel block: 96 MiB)
 _ROW_BLOCK = 1 << 16
+#: how far from 1 a float16 unit vector's length may be (rounding each channel moves it by at most 2**-11)
+_UNIT_TOLERANCE = 1e-3
 #: coarse channels upsampled to the fine grid at once
-_UPSAMPLE_CHANNELS = 16
+_UPSAMPLE_CHANNELS = 4
 
 
-class DescriptorMap(NamedTuple):
-    """The query's matching descriptor on its fine grid.
+class DescriptorMap:
+    """The query's matching descriptor on its fine grid, one block of rows per head.
 
-    Attributes:
-        descriptors: ``(C_total, d, h, w)`` float tensor, ``C_total = 128 * n_heads``; every head's 128 channels
-            are unit length at every voxel. Stored voxel-major (a permuted view of :attr:`flat`).
-        flat: the same numbers as a contiguous ``(d * h * w, C_total)`` matrix (row = voxel in C order of
-            ``(d, h, w)``), the operand of the NN search. Its storage type is the heads' (float16 for the bundles'
-            maps: half the memory); every score is computed in float32 (:meth:`rows`).
-        affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in :attr:`space`.
+    Each head is a ``(d * h * w, C)`` matrix (row = voxel in C order of ``(d, h, w)``, every row unit length);
+    the descriptor of a voxel is the concatenation of its rows in :attr:`head_names` order, ``C_total = C * n_heads``
+    channels. Heads already on the fine grid are **views of the heads' own storage** when the inferer's
+    channels-last layout makes them row matrices and they are unit length (no copy of two thirds of the map:
+    0.55 GB for a 512 x 512 x 600 CT); so the heads must not be modified while the map is in use.
+
+    Args:
+        blocks: per head a ``(n_voxels, C)`` float tensor (float16 for the bundles' maps: half the memory; every
+            score is computed in float32), all of one type and device.
+        grid_shape: ``(d, h, w)`` of the fine grid.
+        affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in ``space``.
         space: ``"RAS"`` (MONAI default) or ``"LPS"``: the space of :attr:`affine`, not of any points.
-        head_names: heads in channel order.
+        head_names: heads in channel order, one per block.
     """
 
-    descriptors: torch.Tensor
-    flat: torch.Tensor
-    affine: np.ndarray
-    space: str
-    head_names: tuple
+    def __init__(self, blocks, grid_shape, affine, space: str, head_names):
+        self.blocks = tuple(blocks)
+        self.grid_shape = tuple(int(n) for n in grid_shape)
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.space = str(space)
+        self.head_names = tuple(head_names)
+        n_voxels = int(np.prod(self.grid_shape))
+        if len(self.blocks) != len(self.head_names) or any(
+            b.ndim != 2 or b.shape != self.blocks[0].shape or b.shape[0] != n_voxels for b in self.blocks
+        ):
+            raise ValueError(f"one ({n_voxels}, C) block per head {self.head_names} expected, got "
+                             f"{[tuple(b.shape) for b in self.blocks]}")
+        if len({(b.dtype, b.device) for b in self.blocks}) != 1:
+            raise ValueError("the map's blocks must share one dtype and device")
+
+    @classmethod
+    def from_matrix(cls, rows: torch.Tensor, grid_shape, affine, space: str, head_names) -> "DescriptorMap":
+        """A map over one ``(n_voxels, C_total)`` matrix, split into per-head column views (no copy)."""
+        return cls(rows.chunk(len(head_names), dim=1), grid_shape, affine, space, head_names)
 
     @property
     def n_heads(self) -> int:
         return len(self.head_names)
 
+    @property
+    def n_voxels(self) -> int:
+        return int(self.blocks[0].shape[0])
+
+    @property
+    def n_channels(self) -> int:
+        """``C_total``: the length of a voxel's descriptor."""
+        return int(self.blocks[0].shape[1]) * self.n_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage type of the rows (scores are float32 whatever it is)."""
+        return self.blocks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device
+
+    def head_volumes(self) -> tuple:
+        """Per head the rows viewed as ``(d, h, w, C)`` (no copy)."""
+        return tuple(b.view(*self.grid_shape, b.shape[1]) for b in self.blocks)
+
+    def gather_head_rows(self, index: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """Write each head's rows of the voxels ``index`` ``(N,)`` into ``out`` ``(n_heads, N, C)`` float32 (one
+        contiguous matrix per head: a copy into the columns of one ``(N, C_total)`` matrix is slower);
+        ``staging``: an optional ``(>= N, C)`` buffer of the map's type reused for the gathers (no fresh tensor per
+        call)."""
+        for block, rows in zip(self.blocks, out):
+            if staging is None:
+                rows.copy_(block.index_select(0, index))
+            else:
+                rows.copy_(torch.index_select(block, 0, index, out=staging[: len(index)]))
+        return out
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Descriptors ``(N, C_total)`` float32 of the voxels with linear indices ``index`` ``(N,)``, whatever the
         map's storage type (a float16 map is converted row by row, never whole)."""
-        return self.flat[index].float()
+        index = torch.as_tensor(index, device=self.device).reshape(-1)
+        return torch.cat([block.index_select(0, index).float() for block in self.blocks], dim=1)
+
+    def row_range(self, start: int, stop: int) -> torch.Tensor:
+        """Descriptors ``(stop - start, C_total)`` float32 of the voxels ``start:stop`` (C order)."""
+        return torch.cat([b[start:stop].float() for b in self.blocks], dim=1)
 
     def scores(self, descriptor: torch.Tensor) -> torch.Tensor:
         """SAMv2 score ``(d * h * w,)`` float32 of one descriptor ``(C_total,)`` with every voxel (C order)."""
-        descriptor = descriptor.to(device=self.flat.device, dtype=torch.float32)
-        out = torch.empty(self.flat.shape[0], dtype=torch.float32, device=self.flat.device)
-        for v0 in range(0, self.flat.shape[0], _ROW_BLOCK):
-            torch.mv(self.flat[v0 : v0 + _ROW_BLOCK].float(), descriptor, out=out[v0 : v0 + _ROW_BLOCK])
+        parts = descriptor.to(device=self.device, dtype=torch.float32).chunk(self.n_heads)
+        out = torch.zeros(self.n_voxels, dtype=torch.float32, device=self.device)
+        for block, part in zip(self.blocks, parts):
+            for v0 in range(0, self.n_voxels, _ROW_BLOCK):
+                out[v0 : v0 + _ROW_BLOCK].addmv_(block[v0 : v0 + _ROW_BLOCK].float(), part)
         return out.div_(self.n_heads)
-
-    @property
-    def grid_shape(self) -> tuple:
-        """``(d, h, w)`` of the fine grid."""
-        return tuple(self.descriptors.shape[1:])
 
     def voxel_to_world(self, indices) -> np.ndarray:
         """Fine-grid voxel coordinates ``(N, 3)`` (may be fractional) to world points ``(N, 3)``, LPS mm."""
@@ -160,9 +213,7 @@ def grid_voxels(linear_index: torch.Tensor, shape) -> torch.Tensor:
     return torch.stack(torch.unravel_index(linear_index, tuple(shape)), dim=1).double()
 
 
-def subvoxel_offsets(
-    descriptors: torch.Tensor, flat: torch.Tensor, best_index: torch.Tensor, shape
-) -> torch.Tensor:
+def subvoxel_offsets(descriptors: torch.Tensor, descriptor_map: DescriptorMap, best_index: torch.Tensor) -> torch.Tensor:
     """Sub-voxel correction ``(N, 3)`` (float64, voxels) of grid maxima by a per-axis parabola fit.
 
     For each axis the score at the best voxel and at its two neighbours along that axis define a parabola; its
@@ -170,23 +221,22 @@ def subvoxel_offsets(
     are not concave (a plateau or a saddle), so an exact grid maximum stays where it is.
 
     Args:
-        descriptors: ``(N, C)`` query descriptors (rows of the search).
-        flat: ``(n_voxels, C)`` descriptor map rows (see :class:`DescriptorMap`).
-        best_index: ``(N,)`` linear index of each descriptor's best voxel in ``flat``.
-        shape: ``(d, h, w)`` of the grid ``flat`` enumerates in C order.
+        descriptors: ``(N, C_total)`` query descriptors (rows of the search).
+        descriptor_map: the map searched.
+        best_index: ``(N,)`` linear index of each descriptor's best voxel in the map's grid (C order).
     """
-    shape = tuple(int(n) for n in shape)
+    shape = descriptor_map.grid_shape
     position = torch.stack(torch.unravel_index(best_index, shape), dim=1)
     strides = (shape[1] * shape[2], shape[2], 1)
     descriptors = descriptors.float()
-    centre = (descriptors * flat[best_index].float()).sum(1).double()
-    offsets = torch.zeros(len(best_index), 3, dtype=torch.float64, device=flat.device)
+    centre = (descriptors * descriptor_map.rows(best_index)).sum(1).double()
+    offsets = torch.zeros(len(best_index), 3, dtype=torch.float64, device=descriptor_map.device)
     for axis in range(3):
         inside = (position[:, axis] > 0) & (position[:, axis] < shape[axis] - 1)
         lower = torch.where(inside, best_index - strides[axis], best_index)
         upper = torch.where(inside, best_index + strides[axis], best_index)
-        s_lo = (descriptors * flat[lower].float()).sum(1).double()
-        s_hi = (descriptors * flat[upper].float()).sum(1).double()
+        s_lo = (descriptors * descriptor_map.rows(lower)).sum(1).double()
+        s_hi = (descriptors * descriptor_map.rows(upper)).sum(1).double()
         curvature = s_lo - 2.0 * centre + s_hi
         concave = inside & (curvature < -1e-12)
         delta = torch.where(concave, 0.5 * (s_lo - s_hi) / torch.where(concave, curvature, -1.0), 0.0)
@@ -216,15 +266,35 @@ def descriptor_at_points(heads: Mapping[str, torch.Tensor], points_lps) -> torch
     return torch.cat(parts, dim=1)
 
 
-def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
-    """The descriptor of every voxel of the fine grid: ``(C_total, d, h, w)`` plus the fine grid's affine.
+def _normalise_rows(rows: torch.Tensor) -> None:
+    """Scale every row of ``rows`` ``(n, C)`` to unit length in place, in float32 blocks (rounded once)."""
+    for part in rows.split(_ROW_BLOCK):
+        block = part.float()
+        part.copy_(block.div_(torch.linalg.vector_norm(block, dim=1, keepdim=True).clamp_min_(1e-12)))
 
-    Channels: ``fine``; ``coarse`` upsampled to the fine grid with :func:`upsample_to_fine_grid` (physically
-    aligned, border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine
-    grid). The result equals ``SAMv2Net.forward`` of the same scan, with every head re-normalised. The map keeps
-    the heads' precision: float16 heads (the inferer's default, the bundles' maps) give a float16 map, half the
-    memory (0.86 instead of 1.7 GB for a 512 x 512 x 600 CT), normalised in float32 and rounded once; float32 heads
-    give a float32 map. Scores are computed in float32 either way.
+
+def _rows_are_unit(rows: torch.Tensor) -> bool:
+    """Whether every row of ``rows`` ``(n, C)`` is unit length to float16 rounding (or exactly zero)."""
+    for part in rows.split(_ROW_BLOCK):
+        norm = torch.linalg.vector_norm(part.float(), dim=1)
+        if not bool((((norm - 1.0).abs() <= _UNIT_TOLERANCE) | (norm == 0)).all()):
+            return False
+    return True
+
+
+def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
+    """The descriptor of every voxel of the fine grid (one row block per head) plus the fine grid's affine.
+
+    Heads: ``fine``; ``coarse`` upsampled to the fine grid with :func:`upsample_to_fine_grid` (physically aligned,
+    border values beyond the last coarse voxel) and re-normalised; ``semantic`` (already on the fine grid). The
+    result equals ``SAMv2Net.forward`` of the same scan, with every head unit length. The map keeps the heads'
+    precision: float16 heads (the inferer's default, the bundles' maps) give a float16 map, half the memory; float32
+    heads a float32 map. Scores are computed in float32 either way.
+
+    The fine-grid heads are used in place, as views of their own storage, when their layout is already voxel-major
+    (the inferer's channels-last output) and their vectors unit length (a float16 head to its rounding, 2**-11);
+    otherwise they are copied (and a float16 or bfloat16 head normalised). Only the upsampled coarse head is new
+    memory: 0.27 GB for a 512 x 512 x 600 CT where one concatenated map held 0.82 GB.
 
     Raises:
         ValueError: the coarse grid is not a strided sub-grid of the fine one sharing its first voxel centre, or
@@ -235,12 +305,11 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
     n_channels, size = fine.shape[0], list(fine.shape[1:])
     n_voxels = int(np.prod(size))
     dtype = torch.float16 if fine.dtype == torch.float16 else torch.float32  # bfloat16 is too coarse for the windows
-    flat = torch.empty((n_voxels, n_channels * len(names)), dtype=dtype, device=fine.device)
-    for h, name in enumerate(names):
+    blocks = []
+    for name in names:
         vol, affine, head_space = _volume_and_affine(name, heads[name])
         if head_space != space:
             raise ValueError(f"head {name!r} has a {head_space} affine but 'fine' a {space} one")
-        columns = flat[:, h * n_channels : (h + 1) * n_channels]
         # fine voxel index -> this head's voxel index
         fine_to_head = np.linalg.solve(affine, fine_affine)
         if name == "coarse":
@@ -249,24 +318,26 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
                 fine_to_head[:3, 3], 0.0, atol=1e-3
             ):
                 raise ValueError("the coarse grid is not aligned with the fine grid (are the heads from one scan?)")
+            block = torch.empty((n_voxels, n_channels), dtype=dtype, device=fine.device)
             # a few channels at a time: the whole head upsampled in float32 would be as large as a float32 head
             for c0 in range(0, n_channels, _UPSAMPLE_CHANNELS):
                 part = upsample_to_fine_grid(vol[None, c0 : c0 + _UPSAMPLE_CHANNELS].float(), size,
                                              [float(r) for r in ratios])[0]
-                columns[:, c0 : c0 + part.shape[0]].copy_(part.permute(1, 2, 3, 0).reshape(n_voxels, -1))
+                block[:, c0 : c0 + part.shape[0]].view(*size, -1).copy_(part.permute(1, 2, 3, 0))
+            _normalise_rows(block)  # interpolated unit vectors are shorter than 1
         else:
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
-            # (C, d, h, w) -> rows of voxels; copies straight from the inferer's channels-last layout
-            columns.copy_(vol.permute(1, 2, 3, 0).reshape(n_voxels, n_channels))
-        if name == "coarse" or heads[name].dtype != torch.float32:
-            # interpolated unit vectors are shorter than 1, and float16 heads are unit length only to ~3e-4:
-            # normalised in float32 blocks, so that a voxel scores 1 with itself (to float16 rounding in a float16 map)
-            for rows in columns.split(_ROW_BLOCK):
-                block = rows.float()
-                rows.copy_(block.div_(torch.linalg.vector_norm(block, dim=1, keepdim=True).clamp_min_(1e-12)))
-    descriptors = flat.view(*size, -1).permute(3, 0, 1, 2)
-    return DescriptorMap(descriptors, flat, fine_affine, space, names)
+            voxel_major = vol.permute(1, 2, 3, 0)
+            in_place = voxel_major.is_contiguous() and vol.dtype == dtype
+            block = voxel_major.reshape(n_voxels, n_channels) if in_place else None
+            if block is None or (dtype != torch.float32 and not _rows_are_unit(block)):
+                block = torch.empty((n_voxels, n_channels), dtype=dtype, device=fine.device)
+                block.view(*size, n_channels).copy_(voxel_major)  # no temporary of the head's own type
+                if vol.dtype != torch.float32:
+                    _normalise_rows(block)  # so that a voxel scores 1 with itself (to float16 rounding)
+        blocks.append(block)
+    return DescriptorMap(blocks, size, fine_affine, space, names)
 
 
 def nearest_neighbour_search(
@@ -290,26 +361,25 @@ def nearest_neighbour_search(
         ``(voxels, scores)``: fractional fine-grid voxel coordinates ``(N, 3)`` (float64, axes of the map), and
         the score at the best grid voxel ``(N,)`` (float32, mean of per-head cosines in [-1, 1]).
     """
-    flat, n_heads = descriptor_map.flat, descriptor_map.n_heads
-    if descriptors.ndim != 2 or descriptors.shape[1] != flat.shape[1]:
+    n_heads, device = descriptor_map.n_heads, descriptor_map.device
+    if descriptors.ndim != 2 or descriptors.shape[1] != descriptor_map.n_channels:
         raise ValueError(
-            f"descriptors must be (N, {flat.shape[1]}) to match the map's heads {descriptor_map.head_names}, "
-            f"got {tuple(descriptors.shape)}"
+            f"descriptors must be (N, {descriptor_map.n_channels}) to match the map's heads "
+            f"{descriptor_map.head_names}, got {tuple(descriptors.shape)}"
         )
-    descriptors = descriptors.to(device=flat.device, dtype=torch.float32)
-    n_points, n_voxels = descriptors.shape[0], flat.shape[0]
+    descriptors = descriptors.to(device=device, dtype=torch.float32)
+    n_points, n_voxels = descriptors.shape[0], descriptor_map.n_voxels
     batch_size = max(1, int(batch_size))
-    chunk = max(1, MAX_SCORE_BLOCK // batch_size)
-    if flat.dtype != torch.float32:
-        chunk = min(chunk, _ROW_BLOCK)  # each block of a float16 map is converted to float32 first
-    best_idx = torch.empty(n_points, dtype=torch.long, device=flat.device)
-    best_score = torch.empty(n_points, dtype=torch.float32, device=flat.device)
+    # each block of rows is gathered from the heads' blocks (and a float16 map converted) in float32 first
+    chunk = min(max(1, MAX_SCORE_BLOCK // batch_size), _ROW_BLOCK)
+    best_idx = torch.empty(n_points, dtype=torch.long, device=device)
+    best_score = torch.empty(n_points, dtype=torch.float32, device=device)
     for p0 in range(0, n_points, batch_size):
         desc = descriptors[p0 : p0 + batch_size]
-        score = torch.full((desc.shape[0],), -float("inf"), dtype=torch.float32, device=flat.device)
-        index = torch.zeros(desc.shape[0], dtype=torch.long, device=flat.device)
+        score = torch.full((desc.shape[0],), -float("inf"), dtype=torch.float32, device=device)
+        index = torch.zeros(desc.shape[0], dtype=torch.long, device=device)
         for v0 in range(0, n_voxels, chunk):
-            block_score, block_index = (desc @ flat[v0 : v0 + chunk].float().T).max(dim=1)
+            block_score, block_index = (desc @ descriptor_map.row_range(v0, v0 + chunk).T).max(dim=1)
             better = block_score > score
             score = torch.where(better, block_score, score)
             index = torch.where(better, block_index + v0, index)
@@ -318,7 +388,7 @@ def nearest_neighbour_search(
 
     voxels = grid_voxels(best_idx, descriptor_map.grid_shape)
     if subvoxel:
-        voxels += subvoxel_offsets(descriptors, flat, best_idx, descriptor_map.grid_shape)
+        voxels += subvoxel_offsets(descriptors, descriptor_map, best_idx)
     return voxels.cpu().numpy(), best_score.cpu().numpy()
 
 
