@@ -284,3 +284,7 @@ def test_trilinear_sampling_equals_grid_sample_with_border_values(shape):
     half = _sample_trilinear(volume.half(), voxels)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, expected, atol=2e-3, rtol=0)
+    # the inferer's channels-last layout (rows gathered whole) gives the same numbers bit for bit
+    channels_last = volume[None].contiguous(memory_format=torch.channels_last_3d)[0]
+    assert channels_last.permute(1, 2, 3, 0).is_contiguous() and not volume.permute(1, 2, 3, 0).is_contiguous()
+    assert torch.equal(_sample_trilinear(channels_last, voxels), _sample_trilinear(volume, voxels))

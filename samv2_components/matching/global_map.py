@@ -31,8 +31,9 @@ from samv2_components.matching.embedded_scan import EmbeddedScan
 
 __all__ = ["GlobalMap", "estimate_global_map", "sparse_mutual_matches"]
 
-#: points whose smooth correction is computed at once (bounds the points x inliers distance block)
-_POINTS_PER_BLOCK = 128
+#: points whose smooth correction is computed at once (bounds the points x inliers distance block: 18 MB in
+#: float64 against 4,400 inliers)
+_POINTS_PER_BLOCK = 512
 
 
 @dataclass
@@ -83,13 +84,18 @@ class GlobalMap:
             return predicted
         sources = self.template_points[self.inliers]
         residual = self.query_points[self.inliers] - self.affine(sources)
-        # a block of points at a time (points x inliers x 3 at once would be 4 GB for the 37,500 points of the
-        # refiner's local frames against 4,400 inliers), in torch: every core, float64 as before
-        points_t, sources_t, residual_t = (torch.from_numpy(np.ascontiguousarray(a)) for a in (pts, sources, residual))
+        # a block of points at a time (the refiner's local frames ask for 37,500 points against 4,400 inliers), in
+        # torch float64; squared distances as |p|^2 + |s|^2 - 2 p.s (a matrix product, 5x faster than the
+        # differences), about the inliers' centre so that the terms stay small
+        centre = sources.mean(axis=0)
+        points_t, sources_t, residual_t = (torch.from_numpy(np.ascontiguousarray(a))
+                                           for a in (pts - centre, sources - centre, residual))
+        source_norms = (sources_t**2).sum(1)
         for first in range(0, len(pts), _POINTS_PER_BLOCK):
-            block = slice(first, first + _POINTS_PER_BLOCK)
-            w = ((points_t[block, None, :] - sources_t[None, :, :]) ** 2).sum(-1).mul_(-0.5 / self.smoothing_mm**2).exp_()
-            predicted[block] += ((w @ residual_t) / (w.sum(1, keepdim=True) + self.prior_weight)).numpy()
+            block = points_t[first : first + _POINTS_PER_BLOCK]
+            squared = torch.addmm((block**2).sum(1, keepdim=True) + source_norms, block, sources_t.T, alpha=-2.0)
+            w = squared.clamp_min_(0.0).mul_(-0.5 / self.smoothing_mm**2).exp_()
+            predicted[first : first + len(block)] += ((w @ residual_t) / (w.sum(1, keepdim=True) + self.prior_weight)).numpy()
         return predicted
 
     def summary(self) -> dict:

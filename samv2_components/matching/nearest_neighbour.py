@@ -198,13 +198,23 @@ def _sample_trilinear(volume: torch.Tensor, voxels: np.ndarray) -> torch.Tensor:
     low = low.long()
     high = torch.minimum(low + 1, (size - 1).long())
     out = torch.zeros(len(coords), volume.shape[0], dtype=torch.float32, device=volume.device)
+    voxel_major = volume.permute(1, 2, 3, 0)
+    # the inferer's channels-last heads are a (voxels, C) matrix: whole rows are gathered (5x faster than indexing
+    # the (C, d, h, w) view, which reads one strided value per channel)
+    rows = voxel_major.reshape(-1, volume.shape[0]) if voxel_major.is_contiguous() else None
+    strides = torch.tensor([volume.shape[2] * volume.shape[3], volume.shape[3], 1])
     for corner in range(8):
         pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
-        index = [(high if p else low)[:, axis].to(volume.device) for axis, p in enumerate(pick)]
+        corner_voxels = torch.stack([(high if p else low)[:, axis] for axis, p in enumerate(pick)], dim=1)
         weight = torch.ones(len(coords))
         for axis, p in enumerate(pick):
             weight = weight * (frac[:, axis] if p else 1 - frac[:, axis])
-        out += weight.to(volume.device)[:, None] * volume[:, index[0], index[1], index[2]].T.float()
+        if rows is not None:
+            values = rows.index_select(0, (corner_voxels * strides).sum(1).to(volume.device))
+        else:
+            index = corner_voxels.to(volume.device).unbind(1)
+            values = volume[:, index[0], index[1], index[2]].T
+        out += weight.to(volume.device)[:, None] * values.float()
     return out
 
 
