@@ -210,10 +210,10 @@ class CoarseToFineSearch:
             gathered = self.map.gather_head_rows(window_index.reshape(-1), windows[:, : window_index.numel()], staging)
             width = gathered.shape[2]
             scores = None  # (G, P_max, W): the dot products summed head by head
-            for h, rows in enumerate(gathered):
+            for h, head_rows in enumerate(gathered):
                 part = padded[..., h * width : (h + 1) * width]
-                rows = rows.view(c1 - c0, window_voxels, width).transpose(1, 2)
-                scores = torch.bmm(part, rows) if scores is None else scores.baddbmm_(part, rows)
+                head_rows = head_rows.view(c1 - c0, window_voxels, width).transpose(1, 2)
+                scores = torch.bmm(part, head_rows) if scores is None else scores.baddbmm_(part, head_rows)
             best_score, best_pos = scores.max(dim=2)
             pair_score[pairs] = best_score[local_cell, rank].float()
             pair_index[pairs] = window_index[local_cell, best_pos[local_cell, rank]]

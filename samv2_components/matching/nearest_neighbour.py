@@ -82,11 +82,6 @@ class DescriptorMap:
         if len({(b.dtype, b.device) for b in self.blocks}) != 1:
             raise ValueError("the map's blocks must share one dtype and device")
 
-    @classmethod
-    def from_matrix(cls, rows: torch.Tensor, grid_shape, affine, space: str, head_names) -> "DescriptorMap":
-        """A map over one ``(n_voxels, C_total)`` matrix, split into per-head column views (no copy)."""
-        return cls(rows.chunk(len(head_names), dim=1), grid_shape, affine, space, head_names)
-
     @property
     def n_heads(self) -> int:
         return len(self.head_names)
@@ -119,7 +114,9 @@ class DescriptorMap:
         ``staging``: an optional ``(>= N, C)`` buffer of the map's type reused for the gathers (no fresh tensor per
         call)."""
         for block, rows in zip(self.blocks, out):
-            if staging is None:
+            if block.dtype == rows.dtype and rows.is_contiguous():
+                torch.index_select(block, 0, index, out=rows)  # a float32 map: no conversion to stage
+            elif staging is None:
                 rows.copy_(block.index_select(0, index))
             else:
                 rows.copy_(torch.index_select(block, 0, index, out=staging[: len(index)]))
