@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from samv2_components.geometry import affine_and_space, apply_matrix, convert_affine, rotation_angle_deg, voxel_to_grid_sample
+from samv2_components.matching.embedded_scan import EmbeddedScan
 
 __all__ = ["Alignment", "rotation_of", "resample_through", "align_then_match"]
 
@@ -38,7 +38,7 @@ class Alignment:
         template_to_query: 4x4, template LPS mm -> query LPS mm (the global map's affine).
     """
 
-    scan: Any
+    scan: EmbeddedScan
     template_to_query: np.ndarray
 
 

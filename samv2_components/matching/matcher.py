@@ -23,13 +23,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from samv2_components.errors import SAMv2InputError, parse_bool
 from samv2_components.geometry import as_points
+from samv2_components.matching.align_then_match import Alignment
 from samv2_components.matching.embedded_scan import EmbeddedScan
 from samv2_components.matching.fixed_point import fixed_point_match
 from samv2_components.matching.global_map import GlobalMap, estimate_global_map
@@ -76,7 +76,7 @@ class MatchResult:
     flags: list | None = None
     global_map: GlobalMap | None = None
     predicted_inside: np.ndarray | None = None
-    alignment: Any = None
+    alignment: Alignment | None = None
 
     def __len__(self) -> int:
         return len(self.points_lps)

@@ -336,9 +336,9 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
             voxel_major = vol.permute(1, 2, 3, 0)
-            in_place = voxel_major.is_contiguous() and vol.dtype == dtype
-            block = voxel_major.reshape(n_voxels, n_channels) if in_place else None
-            if block is None or (dtype != torch.float32 and not _rows_are_unit(block)):
+            block = voxel_major.reshape(n_voxels, n_channels)  # a view where the layout is voxel-major
+            if not (voxel_major.is_contiguous() and vol.dtype == dtype
+                    and (dtype == torch.float32 or _rows_are_unit(block))):
                 block = torch.empty((n_voxels, n_channels), dtype=dtype, device=fine.device)
                 block.view(*size, n_channels).copy_(voxel_major)  # no temporary of the head's own type
                 if vol.dtype != torch.float32:
