@@ -60,6 +60,32 @@ def test_register_intensity_starts_from_the_given_matrix(ct_pair):
     assert np.abs(sitk_transform_to_matrix(one.transform) - start).max() < 0.1
 
 
+@pytest.mark.parametrize("method", ["end", "symmetric"])
+def test_refinement_pair_drops_the_network_padding(method):
+    """The pair the refinement works on is the scan without the preprocessing's constant padding (a false body
+    outline where a crop cuts the body): same voxels and same world position of every voxel as before padding."""
+    from monai.transforms import DivisiblePadd
+
+    from samv2_components.geometry import body_mask
+    from samv2_components.registration.intensity_refinement import without_padding
+
+    affine = torch.tensor([[0.0, 0.0, -2.0, 40.0], [0.0, -2.0, 0.0, 9.0], [2.0, 0.0, 0.0, -70.0], [0.0, 0.0, 0.0, 1.0]])
+    array = torch.rand(1, 13, 21, 30) * 300.0 - 40.0
+    scan = MetaTensor(array, affine=affine)
+    padded = DivisiblePadd("image", k=(4, 16, 16), method=method, value=-50.0)({"image": scan})["image"]
+    assert padded.shape[1:] == (16, 32, 32)
+    unpadded, region = without_padding(padded)
+    assert unpadded.shape == scan.shape and torch.equal(unpadded.as_tensor(), array)
+    assert torch.allclose(unpadded.affine.double(), affine.double(), atol=1e-6)
+    assert torch.equal(padded[(slice(None), *region)].as_tensor(), array)
+    assert without_padding(scan)[0] is scan  # nothing recorded: nothing cut
+    body = body_mask(padded, -25.0)
+    pair = ScanPair.from_metatensors(padded, body, padded, body)
+    assert pair.fixed.GetSize() == (13, 21, 30) and pair.moving_body.GetSize() == (13, 21, 30)
+    assert np.array_equal(sitk.GetArrayFromImage(pair.fixed).transpose(2, 1, 0), array[0].numpy())
+    assert np.array_equal(sitk.GetArrayFromImage(pair.fixed_body).transpose(2, 1, 0), body[region].numpy())
+
+
 def test_overlap_mask_and_fraction_follow_the_transform(ct_pair):
     pair, truth = ct_pair
     mask, fraction = overlap_mask(pair, truth, margin_mm=0.0)
@@ -141,6 +167,23 @@ def test_header_candidate_aligns_the_body_centres():
     np.testing.assert_array_equal(c.fixed_to_moving[:3, :3], np.eye(3))
 
 
+def test_classical_candidate_is_the_intensity_registration_from_the_centres_of_mass(ct_pair):
+    """``classical``: SimpleITK rigid MI from the centres of mass on the whole scans recovers the known 8 deg /
+    17 mm transform of the sample CT (the header start alone is far from it), with the settings passed through."""
+    from samv2_components.registration.candidates import classical_candidate
+
+    pair, truth = ct_pair
+    fast = {"shrink_factors": (4, 2), "smoothing_sigmas_mm": (4.0, 2.0), "sampling_percentage": 0.1, "iterations": 100}
+    c = classical_candidate(pair.fixed, pair.moving, {**fast, "transform": "affine"})  # stays rigid
+    assert c.name == "classical" and c.info["seconds"] > 0
+    np.testing.assert_allclose(c.fixed_to_moving[:3, :3] @ c.fixed_to_moving[:3, :3].T, np.eye(3), atol=1e-6)
+    assert sample_ct_tre(c.fixed_to_moving, truth)[1].mean() < 2.0
+    assert sample_ct_tre(np.eye(4), truth)[1].mean() > 10.0
+    # the settings reach the registration: one tiny step from the moments start stays far from the truth
+    stuck = classical_candidate(pair.fixed, pair.moving, {**fast, "iterations": 1, "learning_rate_mm": 0.01})
+    assert sample_ct_tre(stuck.fixed_to_moving, truth)[1].mean() > 5.0
+
+
 def test_match_support_counts_consistent_matches_in_the_best_set():
     rng = np.random.default_rng(0)
     truth = rigid(20.0, (0.0, 0.0, 1.0), (5.0, -3.0, 8.0))
@@ -193,6 +236,18 @@ def test_selection_refuses_without_overlap_or_support():
     # an ineligible candidate cannot be a rival, and a refined-but-failed one is never the winner
     sel = select_candidate([_candidate("a", mi=0.4), _candidate("b", shift_mm=40.0, mi=0.9, support=0.0)], CORNERS)
     assert sel.success and sel.winner.name == "a"
+
+
+def test_selection_refuses_when_no_candidate_shares_information():
+    """A noise scan against a body: MI of a few thousandths of a nat, where a 10 % relative lead is noise too (the
+    bundle run on such a scan had written a 120 deg "answer" at MI 0.0016 over a rival's 0.0014)."""
+    noise = [_candidate("a", mi=0.0016, support=0.02), _candidate("b", shift_mm=40.0, mi=0.0014, support=0.02)]
+    sel = select_candidate(noise, CORNERS, min_support=0.0)
+    assert not sel.success and sel.reason.startswith("the scans share no information") and "0.002 nats" in sel.reason
+    assert select_candidate(noise, CORNERS, min_support=0.0, min_mi=0.001).success  # the rule, not another, refused
+    # a candidate below the floor is not eligible, so it is no rival either
+    sel = select_candidate([_candidate("a", mi=0.30), _candidate("b", shift_mm=40.0, mi=0.04)], CORNERS)
+    assert sel.success and sel.rival is None
 
 
 def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
@@ -262,28 +317,60 @@ def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
     assert rotation_angle_deg(np.linalg.inv(truth) @ upright.fixed_to_moving) > 90.0
 
 
-def test_only_the_best_distinct_answers_get_the_finest_level(ct_pair):
-    """``refine_top_k`` 2: the finest pyramid level runs for the best answer and the best *different* one; a
-    candidate agreeing with a better one, and the rest, keep their coarse refinement."""
+def _pipeline_recording_refinements(mi: float, overlap: float, result=None, **settings):
+    """A pipeline whose refiner records ``(name, levels)`` and answers ``result`` (None: the start) with ``mi``."""
     from samv2_components.registration import SAMv2RigidPipeline
     from samv2_components.registration.intensity_refinement import RefinedCandidate
 
-    pair, _ = ct_pair
-    pipeline = SAMv2RigidPipeline(adareg=None, refine_top_k=2)
-    calls = []
+    pipeline, calls = SAMv2RigidPipeline(adareg=None, **settings), []
 
-    def finest_level(pair_, name, initial, min_overlap=0.0, levels=slice(None)):
+    def refine(pair_, name, initial, min_overlap=0.0, levels=slice(None)):
         calls.append((name, levels))
-        return RefinedCandidate(name, initial, initial, 0.9, 1.0, 0.5)
+        return RefinedCandidate(name, initial, initial if result is None else result, mi, overlap, 0.5)
 
-    pipeline.refiner = finest_level
-    scored = [ScoredCandidate(name, rigid(0.0, (0, 0, 1), (shift, 0.0, 0.0)), mi, 0.1, 0.9, "",
-                              {"finest_level": False, "refinement_seconds": 1.0}, start=np.eye(4))
-              for name, shift, mi in (("a", 0.0, 0.5), ("b", 3.0, 0.45), ("c", 30.0, 0.4), ("d", 60.0, 0.3))]
+    pipeline.refiner = refine
+    return pipeline, calls
+
+
+def _coarse_candidates(*rows):
+    """Scored candidates ``(name, x shift mm, mi, finest level done)``, support 0.1, overlap 0.9, 1 s refinement."""
+    return [ScoredCandidate(name, rigid(0.0, (0, 0, 1), (shift, 0.0, 0.0)), mi, 0.1, 0.9, "",
+                            {"finest_level": finest, "refinement_seconds": 1.0}, start=np.eye(4))
+            for name, shift, mi, finest in rows]
+
+
+def test_only_the_best_distinct_answers_get_the_finest_level(ct_pair):
+    """``refine_top_k`` 2: the finest pyramid level runs for the best answer and the best *different* one; a
+    candidate agreeing with a better one, and the rest, keep their coarse refinement."""
+    pair, _ = ct_pair
+    pipeline, calls = _pipeline_recording_refinements(mi=0.9, overlap=1.0, refine_top_k=2)
+    scored = _coarse_candidates(("a", 0.0, 0.5, False), ("b", 3.0, 0.45, False), ("c", 30.0, 0.4, False), ("d", 60.0, 0.3, False))
     pipeline._finish(pair, scored, CORNERS, [])
     assert calls == [("a", slice(-1, None)), ("c", slice(-1, None))]
     assert [c.info["finest_level"] for c in scored] == [True, False, True, False]
     assert scored[0].mi == 0.9 and scored[1].mi == 0.45 and scored[0].info["refinement_seconds"] == 1.5
+
+
+@pytest.mark.parametrize("settle_rivals", [0, 2])
+def test_a_rival_refined_only_coarsely_gets_the_finest_level_before_a_refusal(ct_pair, settle_rivals):
+    """The winner (fully refined) and a rival 20 mm away with nearly its MI, the rival refined only coarsely: the
+    rival gets the finest level, lands on the winner's answer, and the selection succeeds; with
+    ``settle_rivals`` 0 (or a rival already fully refined) the same tie is a refusal."""
+    pair, _ = ct_pair
+    pipeline, calls = _pipeline_recording_refinements(mi=0.49, overlap=0.9, result=np.eye(4), settle_rivals=settle_rivals,
+                                                      min_support=0.0)
+    scored = _coarse_candidates(("winner", 0.0, 0.5, True), ("rival", 20.0, 0.49, False), ("far", 80.0, 0.2, False))
+    selection = pipeline._select(pair, scored, CORNERS, [], same_modality=True)
+    if settle_rivals:
+        assert selection.success and selection.winner.name == "winner"
+        assert calls == [("rival", slice(-1, None))] and scored[1].info["finest_level"]
+    else:
+        assert not selection.success and selection.rival.name == "rival" and calls == []
+    # a rival that is already fully refined is not refined again: the tie stands
+    scored[1].fixed_to_moving, scored[1].mi, scored[1].support = rigid(0.0, (0, 0, 1), (20.0, 0.0, 0.0)), 0.49, 0.1
+    scored[1].info["finest_level"] = True
+    calls.clear()
+    assert not pipeline._select(pair, scored, CORNERS, [], same_modality=True).success and calls == []
 
 
 def test_turn_rotation_is_the_rotate_volume_world_map_and_body_axis_follows_the_header():

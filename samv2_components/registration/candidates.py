@@ -11,6 +11,10 @@ the pipeline looks at):
   correct match in ten is enough: a translation has three unknowns and every match proposes it alone, so the
   correct ones pile up at one spot while wrong ones scatter; AdaReg's rigid fit needs 3 matches at once to be
   right and fails first when the embeddings of two modalities agree poorly;
+* ``classical``: the classical intensity registration alone, as a user would run it without SAM
+  (:func:`classical_candidate`: SimpleITK rigid Mattes MI from the centres of mass on the whole scans; the
+  benchmark's SimpleITK baseline), so the pipeline never does worse than it where the headers are right: it is one
+  more candidate, judged like the others;
 * ``turn_<k>``, ``adareg_turn_<k>``, ``vote_turn_<k>``: the same for the moving scan turned by the ``k``-th of the
   24 axis-aligned rotations that the coarse intensity ranking
   (:class:`~samv2_components.registration.turn_search.IntensityTurnSearch`) puts first: its coarse pose, AdaReg's
@@ -34,8 +38,9 @@ from monai.data import MetaTensor
 
 from samv2_components.geometry import affine_and_space, apply_matrix, voxel_to_world
 from samv2_components.registration.adareg import RigidRegistration
+from samv2_components.registration.intensity_baselines import register_intensity, sitk_transform_to_matrix
 
-__all__ = ["MatchSet", "RigidCandidate", "body_centre", "header_candidate", "match_set", "match_support", "translation_vote", "vote_candidate"]
+__all__ = ["MatchSet", "RigidCandidate", "body_centre", "classical_candidate", "header_candidate", "match_set", "match_support", "translation_vote", "vote_candidate"]
 
 
 @dataclass
@@ -59,7 +64,7 @@ class RigidCandidate:
     """A rigid starting point.
 
     Attributes:
-        name: ``"header"``, ``"adareg"``, ``"vote"``, ``"turn_<k>"``, ``"adareg_turn_<k>"`` or ``"vote_turn_<k>"``
+        name: ``"header"``, ``"adareg"``, ``"vote"``, ``"classical"``, ``"turn_<k>"``, ``"adareg_turn_<k>"`` or ``"vote_turn_<k>"``
             (``k``: the turn's index in the 24 axis-aligned rotations).
         fixed_to_moving: 4x4 LPS mm, fixed point -> moving point.
         info: what produced it (JSON-ready: inliers, search score, ...).
@@ -85,6 +90,24 @@ def header_candidate(fixed_image: MetaTensor, fixed_mask: torch.Tensor, moving_i
     matrix = np.eye(4)
     matrix[:3, 3] = shift
     return RigidCandidate("header", matrix, {"translation_mm": np.round(shift, 2).tolist()})
+
+
+def classical_candidate(fixed, moving, settings: dict[str, Any]) -> RigidCandidate:
+    """The classical intensity registration as a candidate: :func:`~samv2_components.registration.register_intensity`
+    rigid (Mattes MI, its defaults: centres of mass start, pyramid 4/2/1, 20 % sampling, 200 iterations), the bundle's
+    fixed scan as ITK's fixed image, no mask, ``settings`` overriding its keyword arguments.
+
+    Args:
+        fixed, moving: the scans as SimpleITK images (LPS), without the network's padding
+            (:class:`~samv2_components.registration.intensity_refinement.ScanPair`'s ``fixed`` and ``moving``).
+        settings: keyword arguments of ``register_intensity`` (``transform`` stays ``"rigid"``).
+
+    Raises:
+        SAMv2InputError: when the registration fails (every sample left the moving scan).
+    """
+    result = register_intensity(fixed, moving, **{**settings, "transform": "rigid"})
+    return RigidCandidate("classical", sitk_transform_to_matrix(result.transform),
+                          {"metric": round(result.final_metric, 4), "seconds": round(result.wall_time_s, 2)})
 
 
 def match_set(name: str, result: RigidRegistration, min_score: float) -> MatchSet | None:

@@ -8,9 +8,11 @@ Every refined candidate carries two scores measured on the same footing (:mod:`i
 
 Rules (a refusal is better than a confident wrong transform):
 
-1. A candidate is **eligible** when its refinement ran, its body overlap fraction is at least ``min_overlap`` and
-   its support is at least ``min_support``. No eligible candidate: refusal (the reason names the overlap when no
-   candidate overlaps enough).
+1. A candidate is **eligible** when its refinement ran, its body overlap fraction is at least ``min_overlap``, its
+   ``mi`` at least ``min_mi`` and its support at least ``min_support``. No eligible candidate: refusal (the reason
+   names the overlap when no candidate overlaps enough, the information when no candidate shares any: a scan of
+   noise against a body scores ~0.002 nats, every right answer of the phantom benchmark 0.24 or more; the relative
+   margin of rule 4 means nothing between two scores that small).
 2. The **winner** is the eligible candidate with the highest ``mi`` (equal ``mi``: the higher ``support``).
 3. The **rival** is the best other eligible candidate whose transform *differs* from the winner's: some corner of
    the small-FOV scan's body box moves more than ``agreement_mm`` between the two (candidates that agree are one
@@ -112,6 +114,7 @@ def select_candidate(
     min_overlap: float = 0.3,
     turn_deg: float = 60.0,
     turn_margin: float = 0.1,
+    min_mi: float = 0.05,
 ) -> Selection:
     """Choose the best refined candidate or refuse (module docstring for the rules).
 
@@ -124,6 +127,7 @@ def select_candidate(
         support_margin: support lead (fraction of matches) that is a clear win, or a clear loss.
         min_support: least support of an eligible candidate.
         min_overlap: least body overlap fraction of an eligible candidate.
+        min_mi: least MI (nats) of an eligible candidate.
         turn_deg, turn_margin: rule 5 (a winner turned more than ``turn_deg`` from the headers must beat the best
             answer at the headers' orientation by the factor ``1 + turn_margin`` in MI).
     """
@@ -132,7 +136,8 @@ def select_candidate(
     ranked = sorted(candidates, key=lambda c: (-c.mi if math.isfinite(c.mi) else math.inf, -c.support))
     record: dict[str, Any] = {
         "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
-                  "min_support": min_support, "min_overlap": min_overlap, "turn_deg": turn_deg, "turn_margin": turn_margin},
+                  "min_support": min_support, "min_overlap": min_overlap, "min_mi": min_mi, "turn_deg": turn_deg,
+                  "turn_margin": turn_margin},
         "candidates": [c.describe() for c in ranked],
     }
 
@@ -146,9 +151,14 @@ def select_candidate(
         best = max((c.overlap_fraction for c in candidates), default=0.0)
         return refuse(f"the scans do not overlap: no candidate shares more than {100 * best:.0f} % of the smaller "
                       f"body (at least {100 * min_overlap:.0f} % needed)")
-    eligible = [c for c in overlapping if c.support >= min_support]
+    informative = [c for c in overlapping if c.mi >= min_mi]
+    if not informative:
+        best = max(overlapping, key=lambda c: c.mi)
+        return refuse(f"the scans share no information where they overlap: the best candidate, {best.name}, reaches a "
+                      f"mutual information of {best.mi:.3f} nats (at least {min_mi:g} needed; noise or an empty scan?)")
+    eligible = [c for c in informative if c.support >= min_support]
     if not eligible:
-        best = max(overlapping, key=lambda c: c.support)
+        best = max(informative, key=lambda c: c.support)
         return refuse(f"no candidate is supported by the embedding matches: best {best.name} agrees with "
                       f"{100 * best.support:.0f} % of them (at least {100 * min_support:.0f} % needed)")
     winner = eligible[0]
