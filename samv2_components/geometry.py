@@ -39,6 +39,7 @@ __all__ = [
     "points_outside_scan",
     "body_mask",
     "body_box_corners",
+    "body_points",
     "crop_index_range",
     "axis_angle_rotation",
     "rotation_angle_deg",
@@ -238,6 +239,18 @@ def body_box_corners(image: MetaTensor, mask: torch.Tensor) -> np.ndarray:
     corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
     affine, space = affine_and_space(image)
     return voxel_to_world(corners, affine, affine_space=space, world_space="LPS")
+
+
+def body_points(image: MetaTensor, mask: torch.Tensor, step_mm: float = 8.0) -> np.ndarray:
+    """Points ``(N, 3)`` (LPS mm) of ``mask`` ``(D, H, W)`` in ``image``'s grid: its voxel centres every ``step_mm``
+    or so along each array axis (a stride of ``round(step_mm / voxel size)``, at least 1): the body sampled evenly,
+    to measure how far apart two transforms place it."""
+    affine, space = affine_and_space(image)
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    stride = [max(1, int(round(float(step_mm) / v))) for v in voxel_mm]
+    sub = torch.as_tensor(mask)[:: stride[0], :: stride[1], :: stride[2]]
+    idx = torch.nonzero(sub).cpu().numpy() * np.asarray(stride)
+    return voxel_to_world(idx.astype(np.float64), affine, affine_space=space, world_space="LPS")
 
 
 def crop_index_range(corners_lps: np.ndarray, affine_lps: np.ndarray, shape, margin_mm: float) -> tuple[np.ndarray, np.ndarray] | None:

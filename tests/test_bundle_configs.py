@@ -81,7 +81,7 @@ def test_class_defaults_are_the_shipped_bundle_settings():
     from samv2_components.matching import SAMv2Matcher
     from samv2_components.matching.patch_affine import AffineLevel
     from samv2_components.matching.refinement import LocalIntensityRefiner
-    from samv2_components.registration import AdaReg, IntensityRefiner, IntensityTurnSearch, SAMv2RigidPipeline
+    from samv2_components.registration import AdaReg, IntensityRefiner, IntensityTiltSearch, IntensityTurnSearch, SAMv2RigidPipeline
     from samv2_components.registration.translation_search import TranslationSearch
 
     def normal(value):
@@ -102,9 +102,13 @@ def test_class_defaults_are_the_shipped_bundle_settings():
                        (SAMv2Matcher, registration_matcher), (AdaReg, registration["adareg"]),
                        # the samv2 pipeline (the registration default) and its intensity refinement
                        (SAMv2RigidPipeline, {k: v for k, v in registration["samv2_pipeline"].items()
-                                             if k not in ("refinement", "turn_search", "translation_search")}),
+                                             if k not in ("refinement", "turn_search", "tilt_search", "translation_search")}),
                        (IntensityRefiner, registration["samv2_pipeline"]["refinement"]),
                        (IntensityTurnSearch, registration["samv2_pipeline"]["turn_search"]),
+                       # the tilt search: its lattice, and the turn search's coarse ranking settings it inherits
+                       (IntensityTiltSearch, {k: registration["samv2_pipeline"]["tilt_search"][k] for k in ("step_deg", "max_deg")}),
+                       (IntensityTurnSearch, {k: v for k, v in registration["samv2_pipeline"]["tilt_search"].items()
+                                              if k not in ("step_deg", "max_deg")}),
                        (TranslationSearch, registration["samv2_pipeline"]["translation_search"])):
         parameters = inspect.signature(cls.__init__).parameters
         for key, value in _literal_settings(entry).items():

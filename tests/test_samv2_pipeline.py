@@ -26,10 +26,12 @@ from samv2_components.registration import (  # noqa: E402
     register_intensity,
     select_candidate,
 )
+from samv2_components.registration.selection import transforms_agree  # noqa: E402
 from samv2_components.registration.intensity_baselines import sitk_transform_to_matrix  # noqa: E402
 from samv2_components.registration.candidates import translation_vote  # noqa: E402
 from samv2_components.registration.intensity_refinement import footprint_mi, overlap_mask  # noqa: E402
 from samv2_components.registration.pipeline import fov_gap_mm  # noqa: E402
+from samv2_components.errors import SAMv2InputError  # noqa: E402
 from samv2_components.sample_data import sample_path  # noqa: E402
 
 from helpers import rigid, sample_ct_tre, sitk_affine, turned_sample_ct  # noqa: E402
@@ -129,6 +131,47 @@ def test_refiner_recovers_a_known_transform_on_a_slab_and_scores_it_higher(slab_
     assert far.error.startswith("body overlap 0.00") and np.isnan(far.mi)
 
 
+class _ScriptedRefiner(IntensityRefiner):
+    """A refiner whose registration runs return poses 1, 2, 3, ... (as translations along x) and whose score is
+    ``mi_of[x]``: the restart logic alone, without an image."""
+
+    def __init__(self, mi_of: dict, **settings):
+        super().__init__(**settings)
+        self.mi_of, self.runs = mi_of, []
+
+    def register(self, pair, initial, shrink_factors=None, smoothing_sigmas_mm=None, **kwargs):
+        self.runs.append(list(shrink_factors))
+        matrix = np.eye(4)
+        matrix[0, 3] = len(self.runs)
+        return matrix
+
+    def score(self, pair, fixed_to_moving):
+        return self.mi_of[int(fixed_to_moving[0, 3])], 1.0
+
+
+@pytest.mark.parametrize(
+    "mi_of, levels, restarts, runs, pose",
+    [
+        # the first run stopped short: the finest level again, twice, each gain kept
+        ({1: 0.49, 2: 0.58, 3: 0.60}, slice(None), 2, [[4, 2, 1], [1], [1]], 3),
+        # a restart that does not gain by more than 0.2 % is dropped and ends the restarts
+        ({1: 0.50, 2: 0.5005, 3: 0.9}, slice(None), 2, [[4, 2, 1], [1]], 1),
+        ({1: 0.50, 2: 0.45}, slice(-1, None), 2, [[1], [1]], 1),
+        # capped at `restarts`; none without the finest level or with restarts 0
+        ({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}, slice(-1, None), 1, [[1], [1]], 2),
+        ({1: 0.1, 2: 0.2}, slice(0, -1), 2, [[4, 2]], 1),
+        ({1: 0.1, 2: 0.2}, slice(None), 0, [[4, 2, 1]], 1),
+    ],
+)
+def test_refinement_restarts_the_finest_level_while_the_score_rises(mi_of, levels, restarts, runs, pose):
+    refiner = _ScriptedRefiner(mi_of, restarts=restarts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("samv2_components.registration.intensity_refinement.overlap_mask", lambda *a, **k: (None, 1.0))
+        refined = refiner(None, "c", np.eye(4), levels=levels)
+    assert refiner.runs == runs
+    assert refined.fixed_to_moving[0, 3] == pose and refined.mi == mi_of[pose]
+
+
 def test_footprint_score_uses_the_same_samples_and_penalises_leaving_the_large_scan(slab_pair):
     """The slab placed at its true height scores higher than the slab slid 60 mm along the body, and a pose that
     maps it outside the CT scores nothing (those voxels meet the background)."""
@@ -211,6 +254,35 @@ def test_two_disagreeing_candidates_of_equal_score_are_a_refusal():
     sel = select_candidate([_candidate("a"), _candidate("b", shift_mm=30.0)], CORNERS)
     assert not sel.success and sel.winner is None and "no clear winner" in sel.reason
     assert sel.record["winner"] is None and {c["name"] for c in sel.record["candidates"]} == {"a", "b"}
+
+
+def test_body_points_sample_the_mask_every_step_in_lps():
+    """A RAS-affine MetaTensor with 2 x 2 x 4 mm voxels: every 4th, 4th and 2nd voxel of the mask (8 mm), placed by
+    the affine and flipped to LPS."""
+    from samv2_components.geometry import body_points
+
+    affine_ras = np.diag([2.0, 2.0, 4.0, 1.0])
+    affine_ras[:3, 3] = [10.0, -20.0, 30.0]
+    mask = torch.zeros(12, 10, 6, dtype=torch.bool)
+    mask[2:11, 0:5, 1:6] = True
+    points = body_points(MetaTensor(torch.zeros(1, 12, 10, 6), affine=torch.as_tensor(affine_ras)), mask, step_mm=8.0)
+    expected = [[-(10.0 + 2.0 * i), -(-20.0 + 2.0 * j), 30.0 + 4.0 * k]
+                for i in (4, 8) for j in (0, 4) for k in (2, 4)]  # mask voxels on indices 0, 4, 8 / 0, 4 / 0, 2, 4
+    np.testing.assert_allclose(sorted(points.tolist()), sorted(expected))
+
+
+def test_answers_are_compared_by_their_mean_distance_over_the_body():
+    """On a thin slab (300 x 200 x 40 mm) a 4 deg tilt about the anterior-posterior axis moves the far corners of its
+    box by ~10 mm but its points by ~5 mm on average: one answer. A 10 mm shift is another answer."""
+    grid = np.stack(np.meshgrid(np.arange(-150.0, 151.0, 8.0), np.arange(-100.0, 101.0, 8.0), np.arange(-20.0, 21.0, 8.0),
+                                indexing="ij"), -1).reshape(-1, 3)
+    tilted = rigid(4.0, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
+    box = np.array([[a, b, c] for a in (-150.0, 150.0) for b in (-100.0, 100.0) for c in (-20.0, 20.0)])
+    assert np.max(np.linalg.norm(box @ tilted[:3, :3].T - box, axis=1)) > 8.0
+    assert transforms_agree(np.eye(4), tilted, grid, 8.0)
+    assert not transforms_agree(np.eye(4), rigid(0.0, (0, 0, 1), (10.0, 0.0, 0.0)), grid, 8.0)
+    sel = select_candidate([_candidate("a", mi=0.50), ScoredCandidate("tilted", tilted, 0.49, 0.3, 0.9)], grid)
+    assert sel.success and sel.record["agreeing"] == ["a", "tilted"] and sel.rival is None
 
 
 def test_selection_picks_a_clear_winner_and_merges_agreeing_candidates():
@@ -315,6 +387,56 @@ def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
     # the header orientation (turn 0) is far from it
     (upright,) = [c for c in ranked if c.index == 0]
     assert rotation_angle_deg(np.linalg.inv(truth) @ upright.fixed_to_moving) > 90.0
+
+
+def test_tilt_lattice_covers_every_rotation_within_its_range():
+    """32 proper rotations between 20 and 40 deg; any rotation within 40 deg lies within 20 deg of one of them or of
+    the identity (so within the refinement's capture range of a candidate); a coarser lattice leaves gaps."""
+    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.registration.turn_search import tilt_lattice
+
+    tilts = tilt_lattice(20.0, 40.0)
+    assert len(tilts) == 32
+    for r in tilts:
+        assert np.allclose(r.T @ r, np.eye(3), atol=1e-12) and np.linalg.det(r) == pytest.approx(1.0)
+    angles = sorted(rotation_angle_deg(r) for r in tilts)
+    assert angles[0] == pytest.approx(20.0) and angles[-1] == pytest.approx(40.0)
+    assert sum(a == pytest.approx(20.0) for a in angles) == 6  # +-20 deg about each axis
+
+    rng = np.random.default_rng(0)
+    samples = [rigid(rng.uniform(0.0, 40.0), rng.normal(size=3), np.zeros(3))[:3, :3] for _ in range(300)]
+
+    def worst_gap(lattice):
+        return max(min(rotation_angle_deg(r.T @ s) for r in [np.eye(3), *lattice]) for s in samples)
+
+    assert worst_gap(tilts) < 20.0
+    assert worst_gap(tilt_lattice(40.0, 40.0)) > 20.0
+    with pytest.raises(SAMv2InputError, match="step_deg"):
+        tilt_lattice(0.0, 40.0)
+
+
+def test_tilt_search_ranks_the_tilt_nearest_an_oblique_turn_first(tmp_path):
+    """The sample CT turned 35 deg about an oblique axis (plus 7 deg and a shift): the coarse tilt ranking puts a
+    tilt near the truth first, with a coarse pose the refinement can finish, where the headers' orientation is 30+
+    deg off."""
+    from samv2_components.geometry import body_mask
+    from samv2_components.inference import BundlePipeline
+    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.registration.turn_search import IntensityTiltSearch
+
+    turn = rigid(35.0, (1.0, 0.4, -0.6), np.zeros(3))[:3, :3]
+    path, truth = turned_sample_ct(str(tmp_path / "ct_tilted.nii.gz"), turn)
+    bundle = BundlePipeline(os.path.join(os.path.dirname(__file__), "..", "bundles", "crosssam_registration"))
+    fixed, moving = bundle.preprocess(sample_path("ct_abdomen"), "ct"), bundle.preprocess(path, "ct")
+    pair = ScanPair.from_metatensors(fixed, body_mask(fixed), moving, body_mask(moving))
+    search = IntensityTiltSearch()
+    ranked, record = search(pair, IntensityRefiner())
+    assert len(ranked) == 32 and record["ranked"][0] == ranked[0].describe() and "tilt" in record["ranked"][0]
+    assert rotation_angle_deg(truth) > 30.0
+    best = ranked[0]
+    assert best.registered and best.voxel_rotation is None
+    assert rotation_angle_deg(np.linalg.inv(truth) @ best.fixed_to_moving) < 15.0
+    assert sample_ct_tre(best.fixed_to_moving, truth)[1].mean() < 20.0
 
 
 def _pipeline_recording_refinements(mi: float, overlap: float, result=None, **settings):

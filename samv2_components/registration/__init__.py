@@ -32,13 +32,14 @@ from samv2_components.registration.intensity_refinement import IntensityRefiner,
 from samv2_components.registration.pipeline import PIPELINES, SAMv2RigidPipeline
 from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
 from samv2_components.registration.translation_search import TranslationPeak, TranslationSearch
-from samv2_components.registration.turn_search import IntensityTurnSearch, TurnCandidate
+from samv2_components.registration.turn_search import IntensityTiltSearch, IntensityTurnSearch, TurnCandidate
 from samv2_components.registration.rigid import RigidTransform, RobustRigidFit, fit_rigid, fit_rigid_robust
 from samv2_components.registration.workflow import AdaRegWorkflow, RegistrationFailed
 
 __all__ = [
     "AdaReg",
     "IntensityRefiner",
+    "IntensityTiltSearch",
     "IntensityTurnSearch",
     "MatchSet",
     "PIPELINES",

@@ -12,6 +12,13 @@ anatomy it lacks (the failure of sampling on the large scan: samples that leave 
 a pose that hides the missing anatomy scores well; measured on the phantom benchmark, a refinement started at the
 reference drifted 54 mm that way).
 
+The finest level is **run again from its own result** (``restarts`` times at most, while the footprint MI rises by
+more than ``restart_gain``): RegularStepGradientDescent halves its step at every turn of a noisy sampled gradient
+and stops once the step is below ``min_step_mm``, often short of the optimum; a new run starts with the full step.
+Measured on the phantom benchmark's validation draw (seed 1, a hard case): one finest run left a candidate 6.7 mm
+off at MI 0.491, a second from there reached 2.6 mm and 0.600 (the refinement started from the truth: 2.3 mm,
+0.605); two answers of one basin then agree instead of standing as rivals.
+
 Every refined candidate is then scored on the same footing (:func:`footprint_mi`): the large scan resampled onto
 the small scan's grid through the candidate (voxels that fall outside the large scan take its background value)
 and Mattes MI over every voxel of the footprint: the same samples for every candidate, and a pose that maps part
@@ -246,6 +253,9 @@ class IntensityRefiner:
         overlap_margin_mm: dilation of the small scan's body into its footprint (refinement and scoring).
         bins: Mattes histogram bins.
         seed: sampling seed.
+        restarts: further runs of the finest level from its result, at most (0: one run).
+        restart_gain: a further run is kept and followed by another only while the footprint MI rises by more than
+            this fraction.
     """
 
     def __init__(
@@ -259,6 +269,8 @@ class IntensityRefiner:
         overlap_margin_mm: float = 10.0,
         bins: int = 50,
         seed: int = 0,
+        restarts: int = 2,
+        restart_gain: float = 0.002,
     ):
         if len(list(shrink_factors)) != len(list(smoothing_sigmas_mm)):
             raise SAMv2InputError("smoothing_sigmas_mm", "needs one value per shrink factor")
@@ -266,6 +278,7 @@ class IntensityRefiner:
         self.sampling_percentage, self.iterations = float(sampling_percentage), int(iterations)
         self.learning_rate_mm, self.min_step_mm = float(learning_rate_mm), float(min_step_mm)
         self.overlap_margin_mm, self.bins, self.seed = float(overlap_margin_mm), int(bins), int(seed)
+        self.restarts, self.restart_gain = int(restarts), float(restart_gain)
 
     def score(self, pair: ScanPair, fixed_to_moving: np.ndarray) -> tuple[float, float]:
         """``(MI on the small scan's footprint, overlap fraction)`` of a transform."""
@@ -296,7 +309,7 @@ class IntensityRefiner:
         """Refine one candidate (``initial``: fixed -> moving 4x4 LPS) and score it. A candidate whose overlap
         fraction is at most ``min_overlap`` is not refined (nothing to refine on). ``levels``: the part of the
         pyramid to run (``slice(0, -1)``: all but the finest level; ``slice(-1, None)``: the finest alone, to
-        finish a candidate refined so far)."""
+        finish a candidate refined so far). A run that includes the finest level is followed by its restarts."""
         t0 = time.perf_counter()
         initial = np.asarray(initial, dtype=np.float64)
         _, fraction = overlap_mask(pair, initial, 0.0)
@@ -312,7 +325,25 @@ class IntensityRefiner:
         mi, fraction = self.score(pair, matrix)
         if error:
             mi = float("nan")
+        elif shrink and levels.indices(len(self.shrink_factors))[1] == len(self.shrink_factors):
+            matrix, mi, fraction = self._restart(pair, matrix, mi, fraction)
         return RefinedCandidate(name, initial, matrix, mi, fraction, time.perf_counter() - t0, error)
+
+
+    def _restart(self, pair: ScanPair, matrix: np.ndarray, mi: float, fraction: float) -> tuple[np.ndarray, float, float]:
+        """The finest level again from ``matrix`` while the footprint MI rises by more than ``restart_gain``
+        (module docstring); the best ``(matrix, mi, overlap fraction)``."""
+        for _ in range(self.restarts):
+            try:
+                again = self.register(pair, matrix, shrink_factors=self.shrink_factors[-1:],
+                                      smoothing_sigmas_mm=self.smoothing_sigmas_mm[-1:])
+            except SAMv2InputError:  # every sample left the large scan: keep the last pose
+                break
+            mi_again, fraction_again = self.score(pair, again)
+            if not mi_again > mi * (1.0 + self.restart_gain):
+                break
+            matrix, mi, fraction = again, mi_again, fraction_again
+        return matrix, mi, fraction
 
 
 def sitk_any(image) -> bool:

@@ -19,11 +19,20 @@ of the 2 mm scans, 8 mm by default), so that only the best few are embedded:
 3. The ``register_top`` best turns by that score are registered rigidly at the coarse level (Mattes MI on the
    small scan's footprint, ``iterations``) and scored again: the ranking returned, best first.
 
+**Tilts** (:class:`IntensityTiltSearch`): the same ranking for rotations *between* the turns. A scan tilted 30-45 deg
+from the headers about an oblique axis is out of reach of the refinement (its capture range is ~15-20 deg) and of
+the embeddings, and no axis-aligned turn is nearer. The tilts are the rotation vectors of a cubic lattice (every
+``step_deg`` along each axis, out to ``max_deg``; 20 and 40 deg: 32 tilts, every rotation within 40 deg at most
+~17 deg from one of them) applied to the small scan about its body centre, from the headers' orientation. Measured
+on the phantom benchmark's validation draw (seed 1, ``hard`` cases 1, 2, 4, 6, true offsets 3-39 deg): the tilt
+nearest the truth ranked first each time, ~3 s for the 32 tilts on one core.
+
 Conventions: world points and matrices are LPS mm; every matrix is a 4x4 rigid **fixed -> moving** map.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,21 +41,23 @@ import numpy as np
 from monai.data import MetaTensor
 
 from samv2_components.errors import SAMv2InputError
+from samv2_components.geometry import axis_angle_rotation
 from samv2_components.registration.intensity_baselines import _sitk
 from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair, footprint_mi
 from samv2_components.registration.translation_search import TranslationSearch
 from samv2_components.registration.orientation import axis_aligned_rotations, turn_world_rotation
 
-__all__ = ["IntensityTurnSearch", "TurnCandidate", "body_axis"]
+__all__ = ["IntensityTiltSearch", "IntensityTurnSearch", "TurnCandidate", "body_axis", "tilt_lattice"]
 
 
 @dataclass
 class TurnCandidate:
-    """One turn of the moving scan after the coarse search.
+    """One rotation (a turn or a tilt) of the moving scan after the coarse search.
 
     Attributes:
-        index: position in :func:`~samv2_components.registration.orientation.axis_aligned_rotations` (0: none).
-        voxel_rotation: that 3x3 signed permutation of the moving scan's array axes.
+        index: position in :func:`~samv2_components.registration.orientation.axis_aligned_rotations` (0: none), or
+            in :func:`tilt_lattice` for a tilt.
+        voxel_rotation: for a turn, its 3x3 signed permutation of the moving scan's array axes; None for a tilt.
         fixed_to_moving: 4x4 LPS mm, the coarse pose (after the coarse registration when it ran).
         score: at the coarse level (nats): the translation search's histogram MI, or after the coarse registration
             :func:`~samv2_components.registration.intensity_refinement.footprint_mi`.
@@ -56,14 +67,15 @@ class TurnCandidate:
     """
 
     index: int
-    voxel_rotation: np.ndarray
+    voxel_rotation: np.ndarray | None
     fixed_to_moving: np.ndarray
     score: float
     shift_mm: list[float]
     registered: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return {"turn": self.index, "score": round(self.score, 4), "shift_mm": self.shift_mm, "registered": self.registered}
+        kind = "turn" if self.voxel_rotation is not None else "tilt"
+        return {kind: self.index, "score": round(self.score, 4), "shift_mm": self.shift_mm, "registered": self.registered}
 
 
 def body_axis(mask) -> tuple[np.ndarray, np.ndarray]:
@@ -116,15 +128,23 @@ class IntensityTurnSearch:
             moving_image: the preprocessed moving scan ``(1, D, H, W)`` (its affine gives the turns' world rotations).
             refiner: supplies the footprint margin, the histogram bins and the registration.
         """
+        rotations = []
+        for voxel_rotation in axis_aligned_rotations():
+            world = turn_world_rotation(moving_image, voxel_rotation)  # moving -> turned moving
+            rotations.append((voxel_rotation, world if pair.small == "moving" else world.T))
+        return self._rank(pair, rotations, refiner)
+
+    def _rank(self, pair: ScanPair, rotations: list[tuple[np.ndarray | None, np.ndarray]], refiner: IntensityRefiner
+              ) -> tuple[list[TurnCandidate], dict]:
+        """Steps 2-3 of the module docstring for ``rotations``: ``(voxel rotation or None, 3x3 small -> large world
+        rotation)`` each, applied about the small body's centre placed on the large body's."""
         t0 = time.perf_counter()
         coarse = pair.coarse(self.shrink_factor, self.smoothing_sigma_mm)
         footprint = coarse.footprint(refiner.overlap_margin_mm)
         small_centre, _ = body_axis(pair.small_body)
         large_centre, _ = body_axis(pair.large_body)
         candidates = []
-        for index, voxel_rotation in enumerate(axis_aligned_rotations()):
-            world = turn_world_rotation(moving_image, voxel_rotation)  # moving -> turned moving
-            small_to_large_rotation = world if pair.small == "moving" else world.T
+        for index, (voxel_rotation, small_to_large_rotation) in enumerate(rotations):
             g = np.eye(4)
             g[:3, :3] = small_to_large_rotation
             g[:3, 3] = large_centre - small_to_large_rotation @ small_centre
@@ -147,3 +167,32 @@ class IntensityTurnSearch:
         record = {"seconds": round(time.perf_counter() - t0, 2), "level_mm": round(float(coarse.small_image.GetSpacing()[0]), 2),
                   "ranked": [c.describe() for c in candidates[: max(self.register_top, 3)]]}
         return candidates, record
+
+
+def tilt_lattice(step_deg: float, max_deg: float) -> list[np.ndarray]:
+    """The tilts: 3x3 rotations whose rotation vectors lie on a cubic lattice of spacing ``step_deg`` within
+    ``max_deg`` of the identity (the identity itself left out), smallest first. 20 and 40 deg: 32 tilts."""
+    if float(step_deg) <= 0 or float(max_deg) < 0:
+        raise SAMv2InputError("tilt_search", f"needs step_deg > 0 and max_deg >= 0, got {step_deg} and {max_deg}")
+    n = int(np.floor(float(max_deg) / float(step_deg) + 1e-9))
+    vectors = [np.array(ijk, dtype=np.float64) * float(step_deg) for ijk in itertools.product(range(-n, n + 1), repeat=3)]
+    vectors = sorted((v for v in vectors if 0 < np.linalg.norm(v) <= float(max_deg) + 1e-9), key=np.linalg.norm)
+    return [axis_angle_rotation(v, float(np.linalg.norm(v))) for v in vectors]
+
+
+class IntensityTiltSearch(IntensityTurnSearch):
+    """Rank the tilts of the small scan around the headers' orientation at a coarse intensity level (module
+    docstring): the turn search's translation scan and coarse registration, for :func:`tilt_lattice`'s rotations.
+
+    Args:
+        step_deg, max_deg: the lattice (:func:`tilt_lattice`).
+        the others: as :class:`IntensityTurnSearch`.
+    """
+
+    def __init__(self, step_deg: float = 20.0, max_deg: float = 40.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rotations = tilt_lattice(step_deg, max_deg)
+
+    def __call__(self, pair: ScanPair, refiner: IntensityRefiner) -> tuple[list[TurnCandidate], dict]:  # type: ignore[override]
+        """Rank the tilts; returns ``(every tilt best first, a JSON-ready record)`` (``index``: into :attr:`rotations`)."""
+        return self._rank(pair, [(None, r) for r in self.rotations], refiner)
