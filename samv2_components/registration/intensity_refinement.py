@@ -329,7 +329,6 @@ class IntensityRefiner:
             matrix, mi, fraction = self._restart(pair, matrix, mi, fraction)
         return RefinedCandidate(name, initial, matrix, mi, fraction, time.perf_counter() - t0, error)
 
-
     def _restart(self, pair: ScanPair, matrix: np.ndarray, mi: float, fraction: float) -> tuple[np.ndarray, float, float]:
         """The finest level again from ``matrix`` while the footprint MI rises by more than ``restart_gain``
         (module docstring); the best ``(matrix, mi, overlap fraction)``."""
