@@ -285,6 +285,21 @@ def test_answers_are_compared_by_their_mean_distance_over_the_body():
     assert sel.success and sel.record["agreeing"] == ["a", "tilted"] and sel.rival is None
 
 
+def test_compared_points_of_a_small_moving_scan_are_mapped_back_through_the_best_candidate():
+    """The small body's points (moving space, LPS) go into the fixed scan through the best-MI candidate's inverse: a
+    known 25 deg / 30 mm transform maps them back onto the fixed points they came from; a small fixed scan's points
+    stay as they are."""
+    from samv2_components.registration import SAMv2RigidPipeline
+
+    fixed_points = np.random.default_rng(1).uniform(-80.0, 80.0, size=(50, 3))
+    truth = rigid(25.0, (0.2, 1.0, -0.5), (30.0, -12.0, 5.0))
+    moving_points = fixed_points @ truth[:3, :3].T + truth[:3, 3]
+    scored = [ScoredCandidate("worse", rigid(0.0, (0, 0, 1), (40.0, 0.0, 0.0)), 0.30, 0.1, 0.9),
+              ScoredCandidate("best", truth, 0.55, 0.1, 0.9), ScoredCandidate("failed", np.eye(4), float("nan"), 0.0, 0.0, "x")]
+    np.testing.assert_allclose(SAMv2RigidPipeline._compared_points("moving", moving_points, scored), fixed_points, atol=1e-9)
+    np.testing.assert_array_equal(SAMv2RigidPipeline._compared_points("fixed", fixed_points, scored), fixed_points)
+
+
 def test_selection_picks_a_clear_winner_and_merges_agreeing_candidates():
     # clearly higher MI
     sel = select_candidate([_candidate("a", mi=0.60), _candidate("b", shift_mm=30.0, mi=0.50)], CORNERS)
@@ -372,7 +387,7 @@ def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
     the coarse intensity ranking puts the true turn first, with a coarse pose close enough for the refinement."""
     from samv2_components.geometry import body_mask
     from samv2_components.inference import BundlePipeline
-    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.geometry import rotation_angle_deg
     from samv2_components.registration.turn_search import IntensityTurnSearch
 
     path, truth = turned_sample_ct(str(tmp_path / "ct_turned.nii.gz"), np.diag([-1.0, 1.0, -1.0]))
@@ -392,7 +407,7 @@ def test_turn_search_ranks_the_true_turn_of_a_reversed_scan_first(tmp_path):
 def test_tilt_lattice_covers_every_rotation_within_its_range():
     """32 proper rotations between 20 and 40 deg; any rotation within 40 deg lies within 20 deg of one of them or of
     the identity (so within the refinement's capture range of a candidate); a coarser lattice leaves gaps."""
-    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.geometry import rotation_angle_deg
     from samv2_components.registration.turn_search import tilt_lattice
 
     tilts = tilt_lattice(20.0, 40.0)
@@ -421,7 +436,7 @@ def test_tilt_search_ranks_the_tilt_nearest_an_oblique_turn_first(tmp_path):
     deg off."""
     from samv2_components.geometry import body_mask
     from samv2_components.inference import BundlePipeline
-    from samv2_components.registration.selection import rotation_angle_deg
+    from samv2_components.geometry import rotation_angle_deg
     from samv2_components.registration.turn_search import IntensityTiltSearch
 
     turn = rigid(35.0, (1.0, 0.4, -0.6), np.zeros(3))[:3, :3]

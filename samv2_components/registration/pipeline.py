@@ -46,7 +46,7 @@ import numpy as np
 from monai.data import MetaTensor
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.geometry import apply_matrix, body_box_corners, body_mask, body_points
+from samv2_components.geometry import apply_matrix, body_box_corners, body_mask, body_points, rotation_angle_deg
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
 from samv2_components.registration.candidates import (
     MatchSet,
@@ -61,7 +61,6 @@ from samv2_components.registration.intensity_refinement import IntensityRefiner,
 from samv2_components.registration.selection import (
     ScoredCandidate,
     Selection,
-    rotation_angle_deg,
     select_candidate,
     transforms_agree,
 )
@@ -391,8 +390,6 @@ class SAMv2RigidPipeline:
         mapped back through the candidate with the best MI, the one every other is compared with)."""
         if small == "fixed" or not scored:
             return small_points
-        import math
-
         best = max(scored, key=lambda c: c.mi if math.isfinite(c.mi) else -math.inf)
         return apply_matrix(np.linalg.inv(best.fixed_to_moving), small_points)
 

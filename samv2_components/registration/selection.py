@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from samv2_components.geometry import apply_matrix
+from samv2_components.geometry import apply_matrix, rotation_angle_deg
 
 __all__ = ["ScoredCandidate", "Selection", "rotation_angle_deg", "select_candidate", "transforms_agree"]
 
@@ -93,12 +93,6 @@ class Selection:
     winner: ScoredCandidate | None
     rival: ScoredCandidate | None
     record: dict[str, Any]
-
-
-def rotation_angle_deg(matrix: np.ndarray) -> float:
-    """The rotation angle (degrees, 0-180) of a 4x4 (or 3x3) rigid matrix."""
-    r = np.asarray(matrix, dtype=np.float64)[:3, :3]
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 def transforms_agree(a: np.ndarray, b: np.ndarray, points: np.ndarray, agreement_mm: float) -> bool:
