@@ -338,7 +338,7 @@ def test_selection_refuses_when_no_candidate_shares_information():
 
 
 def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
-    """Rule 5: a candidate turned 180 deg that leads the best upright answer by less than turn_margin is a refusal
+    """Rule 6: a candidate turned 180 deg that leads the best upright answer by less than turn_margin is a refusal
     (a thin slab looks alike turned about the anterior axis); by more, it wins."""
     turned = lambda name, mi: ScoredCandidate(name, rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), mi, 0.3, 0.9)  # noqa: E731
     sel = select_candidate([turned("turned", 0.54), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
@@ -348,6 +348,29 @@ def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
     # an upright winner needs only the ordinary margin over a turned rival
     sel = select_candidate([_candidate("upright", mi=0.54), turned("turned", 0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
     assert sel.success and sel.winner.name == "upright"
+
+
+def test_tilted_answers_compete_only_when_they_clearly_win():
+    """Rule 2: a tilt-born answer 30 mm from the best other one, ahead by less than ``tilt_margin``, is set aside
+    with every tilt-born candidate (the other answer wins; a tilt-born rival within ``mi_margin`` no longer makes
+    the run refuse); ahead by more, it competes and wins; one agreeing with the best other answer changes nothing."""
+    tilted = lambda name, shift, mi: ScoredCandidate(name, rigid(0.0, (0, 0, 1), (shift, 0.0, 0.0)), mi, 0.3, 0.9, tilt=True)  # noqa: E731
+    # a tilt 1.7 % ahead: set aside, the header-born answer wins (without the rule: a refusal between the two)
+    close = [tilted("tilt_4", 30.0, 0.5615), _candidate("adareg", mi=0.5522), tilted("shift_tilt_4_0", -30.0, 0.55)]
+    sel = select_candidate(close, CORNERS, tilt_margin=0.05)
+    assert sel.success and sel.winner.name == "adareg" and sel.record["tilts_set_aside"] == ["tilt_4", "shift_tilt_4_0"]
+    assert not select_candidate(close, CORNERS, tilt_margin=0.0).success
+    # behind the header-born winner but within mi_margin: set aside too, no refusal
+    sel = select_candidate([_candidate("adareg", mi=0.56), tilted("tilt_4", 30.0, 0.55)], CORNERS, tilt_margin=0.05)
+    assert sel.success and sel.winner.name == "adareg" and sel.rival is None
+    # clearly ahead: it competes (and wins by mi_margin)
+    sel = select_candidate([tilted("tilt_4", 30.0, 0.60), _candidate("adareg", mi=0.55)], CORNERS, tilt_margin=0.05)
+    assert sel.success and sel.winner.name == "tilt_4" and "tilts_set_aside" not in sel.record
+    # agreeing with the best other answer (3 mm): nothing set aside, one answer
+    sel = select_candidate([tilted("tilt_4", 3.0, 0.56), _candidate("adareg", mi=0.55)], CORNERS, tilt_margin=0.05)
+    assert sel.success and sel.winner.name == "tilt_4" and "tilts_set_aside" not in sel.record
+    # only tilt-born candidates: they stand
+    assert select_candidate([tilted("tilt_4", 0.0, 0.56)], CORNERS, min_support=0.0).winner.name == "tilt_4"
 
 
 def test_fov_gap_of_scans_two_metres_apart():
@@ -454,19 +477,33 @@ def test_tilt_search_ranks_the_tilt_nearest_an_oblique_turn_first(tmp_path):
     assert sample_ct_tre(best.fixed_to_moving, truth)[1].mean() < 20.0
 
 
+class _RecordingRefiner:
+    """Records ``(name, levels, restarts)`` of each refinement and ``("restart", x shift)`` of each restart; a
+    refinement answers ``results[name]`` (default: ``result``, None: the start) with ``mi_of.get(name, mi)``, a
+    restart keeps the pose and adds 0.01 to its MI."""
+
+    def __init__(self, mi: float, overlap: float, result=None, results=None, mi_of=None):
+        self.mi, self.overlap, self.result, self.results, self.mi_of, self.calls = mi, overlap, result, results or {}, mi_of or {}, []
+
+    def __call__(self, pair_, name, initial, min_overlap=0.0, levels=slice(None), restarts=None):
+        from samv2_components.registration.intensity_refinement import RefinedCandidate
+
+        self.calls.append((name, levels, restarts))
+        result = self.results.get(name, initial if self.result is None else self.result)
+        return RefinedCandidate(name, initial, result, self.mi_of.get(name, self.mi), self.overlap, 0.5)
+
+    def restart(self, pair_, matrix, mi, fraction, restarts=None):
+        self.calls.append(("restart", float(matrix[0, 3])))
+        return matrix, mi + 0.01, fraction
+
+
 def _pipeline_recording_refinements(mi: float, overlap: float, result=None, **settings):
-    """A pipeline whose refiner records ``(name, levels)`` and answers ``result`` (None: the start) with ``mi``."""
+    """A pipeline whose refiner is a :class:`_RecordingRefiner`; returns it and its list of calls."""
     from samv2_components.registration import SAMv2RigidPipeline
-    from samv2_components.registration.intensity_refinement import RefinedCandidate
 
-    pipeline, calls = SAMv2RigidPipeline(adareg=None, **settings), []
-
-    def refine(pair_, name, initial, min_overlap=0.0, levels=slice(None)):
-        calls.append((name, levels))
-        return RefinedCandidate(name, initial, initial if result is None else result, mi, overlap, 0.5)
-
-    pipeline.refiner = refine
-    return pipeline, calls
+    pipeline = SAMv2RigidPipeline(adareg=None, **settings)
+    pipeline.refiner = _RecordingRefiner(mi, overlap, result)
+    return pipeline, pipeline.refiner.calls
 
 
 def _coarse_candidates(*rows):
@@ -483,9 +520,26 @@ def test_only_the_best_distinct_answers_get_the_finest_level(ct_pair):
     pipeline, calls = _pipeline_recording_refinements(mi=0.9, overlap=1.0, refine_top_k=2)
     scored = _coarse_candidates(("a", 0.0, 0.5, False), ("b", 3.0, 0.45, False), ("c", 30.0, 0.4, False), ("d", 60.0, 0.3, False))
     pipeline._finish(pair, scored, CORNERS, [])
-    assert calls == [("a", slice(-1, None)), ("c", slice(-1, None))]
+    assert calls[:2] == [("a", slice(-1, None), 0), ("c", slice(-1, None), 0)]
     assert [c.info["finest_level"] for c in scored] == [True, False, True, False]
-    assert scored[0].mi == 0.9 and scored[1].mi == 0.45 and scored[0].info["refinement_seconds"] == 1.5
+    assert scored[0].mi == 0.91 and scored[1].mi == 0.45 and scored[0].info["refinement_seconds"] >= 1.5
+
+
+@pytest.mark.parametrize("c_lands_mm, restarted", [(2.0, ["a"]), (30.0, ["a", "c"])])
+def test_restarts_go_to_the_answers_still_distinct_after_the_finest_level(ct_pair, c_lands_mm, restarted):
+    """The finest level runs once for the best distinct answers (``a`` and ``c``, 30 mm apart after the coarser
+    levels); when ``c``'s finest run lands on ``a``'s answer (2 mm), only ``a`` is restarted (one answer, polished
+    once); when ``c`` stays 30 mm away, both are."""
+    pair, _ = ct_pair
+    pipeline, calls = _pipeline_recording_refinements(mi=0.6, overlap=1.0, refine_top_k=2)
+    pipeline.refiner.results = {"a": rigid(0.0, (0, 0, 1), (0.0, 0.0, 0.0)), "c": rigid(0.0, (0, 0, 1), (c_lands_mm, 0.0, 0.0))}
+    pipeline.refiner.mi_of = {"c": 0.58}
+    scored = _coarse_candidates(("a", 0.0, 0.5, False), ("b", 3.0, 0.45, False), ("c", 30.0, 0.4, False), ("d", 60.0, 0.3, False))
+    pipeline._finish(pair, scored, CORNERS, [])
+    by_name = {c.name: c for c in scored}
+    assert calls == [("a", slice(-1, None), 0), ("c", slice(-1, None), 0)] + [("restart", by_name[n].fixed_to_moving[0, 3]) for n in restarted]
+    assert [n for n in "ac" if by_name[n].info["restarted"]] == restarted
+    assert by_name["a"].mi == pytest.approx(0.61) and by_name["c"].mi == pytest.approx(0.58 + 0.01 * ("c" in restarted))
 
 
 @pytest.mark.parametrize("settle_rivals", [0, 2])
@@ -500,7 +554,7 @@ def test_a_rival_refined_only_coarsely_gets_the_finest_level_before_a_refusal(ct
     selection = pipeline._select(pair, scored, CORNERS, [], same_modality=True)
     if settle_rivals:
         assert selection.success and selection.winner.name == "winner"
-        assert calls == [("rival", slice(-1, None))] and scored[1].info["finest_level"]
+        assert calls == [("rival", slice(-1, None), None)] and scored[1].info["finest_level"] and scored[1].info["restarted"]
     else:
         assert not selection.success and selection.rival.name == "rival" and calls == []
     # a rival that is already fully refined is not refined again: the tie stands
@@ -606,3 +660,34 @@ def test_translation_candidates_come_from_distinct_rotations_best_peaks_first(ct
     assert record["rotations_from"] == ["a", "c"] and len(calls) == 2
     assert [c.name for c in found] == ["shift_c_0", "shift_a_0", "shift_c_1"]
     assert found[0].info["search_score"] == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("embed_below, embedded", [(False, [17]), (True, [17, 15, 16])])
+def test_only_turns_ranked_above_the_headers_orientation_are_embedded(monkeypatch, embed_below, embedded):
+    """The turn search ranks turn 17 above the headers' orientation (turn 0, embedded already) and 15, 16 below
+    it: every one of them gives its coarse pose, only 17 is embedded (a network pass and AdaReg's fit), unless
+    ``embed_turns_below_header``."""
+    from types import SimpleNamespace
+
+    from samv2_components.registration import SAMv2RigidPipeline
+    from samv2_components.registration.turn_search import TurnCandidate
+
+    pipeline = SAMv2RigidPipeline(adareg=SimpleNamespace(min_match_score=0.0), search_top_k=4, embed_turns_below_header=embed_below)
+    ranked = [TurnCandidate(k, np.eye(3), np.eye(4), score, [0.0, 0.0, 0.0], True)
+              for k, score in [(17, 0.6), (0, 0.5), (15, 0.4), (16, 0.3), (4, 0.2)]]
+    pipeline.turn_search = lambda pair, moving, refiner: (ranked, {})
+    tried = []
+
+    class FakeSearch:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def try_turn(self, k, voxel_rotation, *args, **kwargs):
+            tried.append(k)
+            result = SimpleNamespace(success=False, points_small=np.zeros((0, 3)), summary={})
+            return SimpleNamespace(result=result, rotation=np.eye(3)), None
+
+    monkeypatch.setattr("samv2_components.registration.orientation.OrientationSearch", FakeSearch)
+    candidates, sets, record = pipeline._turn_candidates(None, None, {}, None, embed=lambda image: {})
+    assert tried == embedded and record["embedded_turns"] == embedded and sets == []
+    assert [c.name for c in candidates] == ["turn_17", "turn_0", "turn_15", "turn_16"]

@@ -64,15 +64,21 @@ class RigidCandidate:
     """A rigid starting point.
 
     Attributes:
-        name: ``"header"``, ``"adareg"``, ``"vote"``, ``"classical"``, ``"turn_<k>"``, ``"adareg_turn_<k>"`` or ``"vote_turn_<k>"``
-            (``k``: the turn's index in the 24 axis-aligned rotations).
+        name: ``"header"``, ``"adareg"``, ``"vote"``, ``"classical"``, ``"turn_<k>"``, ``"adareg_turn_<k>"``,
+            ``"vote_turn_<k>"`` (``k``: the turn's index in the 24 axis-aligned rotations), ``"tilt_<k>"`` (``k``: the
+            tilt's index in the tilt lattice) or ``"shift_<source>_<peak>"`` (the translation search around
+            ``source``'s rotation).
         fixed_to_moving: 4x4 LPS mm, fixed point -> moving point.
         info: what produced it (JSON-ready: inliers, search score, ...).
+        tilt: born of a tilt (a tilt of the tilt search, or a translation search around one's refined rotation):
+            such answers compete only when they clearly win
+            (:func:`~samv2_components.registration.selection.select_candidate`, rule 2).
     """
 
     name: str
     fixed_to_moving: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    tilt: bool = False
 
 
 def body_centre(image: MetaTensor, mask: torch.Tensor) -> np.ndarray:

@@ -305,11 +305,12 @@ class IntensityRefiner:
         return pair.fixed_to_moving(sitk_transform_to_matrix(result.transform))
 
     def __call__(self, pair: ScanPair, name: str, initial: np.ndarray, min_overlap: float = 0.0,
-                 levels: slice = slice(None)) -> RefinedCandidate:
+                 levels: slice = slice(None), restarts: int | None = None) -> RefinedCandidate:
         """Refine one candidate (``initial``: fixed -> moving 4x4 LPS) and score it. A candidate whose overlap
         fraction is at most ``min_overlap`` is not refined (nothing to refine on). ``levels``: the part of the
         pyramid to run (``slice(0, -1)``: all but the finest level; ``slice(-1, None)``: the finest alone, to
-        finish a candidate refined so far). A run that includes the finest level is followed by its restarts."""
+        finish a candidate refined so far). A run that includes the finest level is followed by its restarts
+        (``restarts``: at most this many instead of the refiner's; 0 leaves them to :meth:`restart`)."""
         t0 = time.perf_counter()
         initial = np.asarray(initial, dtype=np.float64)
         _, fraction = overlap_mask(pair, initial, 0.0)
@@ -326,13 +327,15 @@ class IntensityRefiner:
         if error:
             mi = float("nan")
         elif shrink and levels.indices(len(self.shrink_factors))[1] == len(self.shrink_factors):
-            matrix, mi, fraction = self._restart(pair, matrix, mi, fraction)
+            matrix, mi, fraction = self.restart(pair, matrix, mi, fraction, restarts)
         return RefinedCandidate(name, initial, matrix, mi, fraction, time.perf_counter() - t0, error)
 
-    def _restart(self, pair: ScanPair, matrix: np.ndarray, mi: float, fraction: float) -> tuple[np.ndarray, float, float]:
-        """The finest level again from ``matrix`` while the footprint MI rises by more than ``restart_gain``
+    def restart(self, pair: ScanPair, matrix: np.ndarray, mi: float, fraction: float, restarts: int | None = None
+                ) -> tuple[np.ndarray, float, float]:
+        """The finest level again from ``matrix`` (fixed -> moving 4x4 LPS, scored ``mi`` and ``fraction``) while
+        the footprint MI rises by more than ``restart_gain``, at most ``restarts`` times (None: the refiner's)
         (module docstring); the best ``(matrix, mi, overlap fraction)``."""
-        for _ in range(self.restarts):
+        for _ in range(self.restarts if restarts is None else int(restarts)):
             try:
                 again = self.register(pair, matrix, shrink_factors=self.shrink_factors[-1:],
                                       smoothing_sigmas_mm=self.smoothing_sigmas_mm[-1:])

@@ -12,18 +12,25 @@ Rules (a refusal is better than a confident wrong transform):
    ``mi`` at least ``min_mi`` and its support at least ``min_support``. No eligible candidate: refusal (the reason
    names the overlap when no candidate overlaps enough, the information when no candidate shares any: a scan of
    noise against a body scores ~0.002 nats, every right answer of the phantom benchmark 0.24 or more; the relative
-   margin of rule 4 means nothing between two scores that small).
-2. The **winner** is the eligible candidate with the highest ``mi`` (equal ``mi``: the higher ``support``).
-3. The **rival** is the best other eligible candidate whose transform *differs* from the winner's: the small-FOV
+   margin of rule 5 means nothing between two scores that small).
+2. **Tilted answers compete only when they clearly win.** The pipeline's tilt search adds starts 20-40 deg around
+   the headers' orientation, for a scan tilted beyond the refinement's reach from every other start. A thin slab
+   constrains its tilt weakly: a tilted answer 10-25 mm wrong can score within a few % of the right one (on the
+   validation draw, seed 1, a slab case: a tilt-born answer 15.9 mm off scored 1.7 % above one 6.0 mm off, and
+   the run refused). When the best eligible tilt-born candidate (``tilt``) disagrees with the best other one and
+   does not beat it by the factor ``1 + tilt_margin`` in ``mi``, every tilt-born candidate is set aside (the
+   record lists them): below that margin the tilts add rivals, not answers.
+3. The **winner** is the eligible candidate with the highest ``mi`` (equal ``mi``: the higher ``support``).
+4. The **rival** is the best other eligible candidate whose transform *differs* from the winner's: the small-FOV
    scan's body points lie more than ``agreement_mm`` apart between the two **on average** (the TRE one transform has
    against the other; candidates that agree are one answer). Until 0.7 the largest distance at the corners of the
    body's box: on a thin slab a 2-3 deg tilt moves those corners, outside the body, by more than 8 mm between two
    answers 2-5 mm from the truth, and the run refused between two right answers (on the validation draw, seed 1,
    4 of 16 slab and hard cases).
-4. With a rival, the winner must **clearly win**: ``mi`` higher by at least the factor ``1 + mi_margin``, or
+5. With a rival, the winner must **clearly win**: ``mi`` higher by at least the factor ``1 + mi_margin``, or
    ``support`` higher by at least ``support_margin``; and the rival's support must not be higher by
    ``support_margin`` (the two scores disagreeing is no clear win). Otherwise: refusal naming both.
-5. **Overturning the headers takes more.** A winner whose rotation is more than ``turn_deg`` from the headers'
+6. **Overturning the headers takes more.** A winner whose rotation is more than ``turn_deg`` from the headers'
    orientation (identity) must beat the best eligible answer *at* the headers' orientation by the factor
    ``1 + turn_margin`` in ``mi``; otherwise: refusal. A thin slab of a roughly left-right symmetric body looks
    the same turned by 180 deg about the anterior axis, to mutual information and to the embeddings alike (on the
@@ -59,6 +66,7 @@ class ScoredCandidate:
         error: why its refinement failed ("" if it did not).
         info: anything else for the record.
         start: 4x4 the refinement started from (not in the record), if known.
+        tilt: born of a tilt of the tilt search (rule 2).
     """
 
     name: str
@@ -69,6 +77,7 @@ class ScoredCandidate:
     error: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     start: np.ndarray | None = None
+    tilt: bool = False
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record."""
@@ -79,6 +88,7 @@ class ScoredCandidate:
             "overlap_fraction": round(self.overlap_fraction, 3),
             "error": self.error,
             "fixed_to_moving": np.round(self.fixed_to_moving, 5).tolist(),
+            "tilt": self.tilt,
             **self.info,
         }
 
@@ -112,6 +122,7 @@ def select_candidate(
     turn_deg: float = 60.0,
     turn_margin: float = 0.1,
     min_mi: float = 0.05,
+    tilt_margin: float = 0.05,
 ) -> Selection:
     """Choose the best refined candidate or refuse (module docstring for the rules).
 
@@ -125,7 +136,9 @@ def select_candidate(
         min_support: least support of an eligible candidate.
         min_overlap: least body overlap fraction of an eligible candidate.
         min_mi: least MI (nats) of an eligible candidate.
-        turn_deg, turn_margin: rule 5 (a winner turned more than ``turn_deg`` from the headers must beat the best
+        tilt_margin: rule 2 (tilt-born candidates are set aside unless the best of them beats the best other one
+            by the factor ``1 + tilt_margin``).
+        turn_deg, turn_margin: rule 6 (a winner turned more than ``turn_deg`` from the headers must beat the best
             answer at the headers' orientation by the factor ``1 + turn_margin`` in MI).
     """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
@@ -134,7 +147,7 @@ def select_candidate(
     record: dict[str, Any] = {
         "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
                   "min_support": min_support, "min_overlap": min_overlap, "min_mi": min_mi, "turn_deg": turn_deg,
-                  "turn_margin": turn_margin},
+                  "turn_margin": turn_margin, "tilt_margin": tilt_margin},
         "candidates": [c.describe() for c in ranked],
     }
 
@@ -158,6 +171,11 @@ def select_candidate(
         best = max(informative, key=lambda c: c.support)
         return refuse(f"no candidate is supported by the embedding matches: best {best.name} agrees with "
                       f"{100 * best.support:.0f} % of them (at least {100 * min_support:.0f} % needed)")
+    tilted, others = [c for c in eligible if c.tilt], [c for c in eligible if not c.tilt]
+    if tilted and others and not transforms_agree(tilted[0].fixed_to_moving, others[0].fixed_to_moving, points, agreement_mm) \
+            and not tilted[0].mi >= others[0].mi * (1.0 + tilt_margin):
+        record["tilts_set_aside"] = [c.name for c in tilted]
+        eligible = others
     winner = eligible[0]
     rival = next((c for c in eligible[1:] if not transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm)), None)
     record["agreeing"] = [c.name for c in eligible if transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm)]
