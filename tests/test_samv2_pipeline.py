@@ -131,6 +131,39 @@ def test_refiner_recovers_a_known_transform_on_a_slab_and_scores_it_higher(slab_
     assert far.error.startswith("body overlap 0.00") and np.isnan(far.mi)
 
 
+def test_refiner_runs_each_level_on_the_cached_coarse_copy_with_the_full_resolution_footprint(slab_pair, monkeypatch):
+    """One ITK run per pyramid level, on the pair's smoothed and shrunk copy (cached: a second candidate smooths
+    nothing again), never ITK's own pyramid; the metric's mask is the full-resolution footprint at every level, and
+    each level starts where the last ended."""
+    from samv2_components.registration import intensity_refinement
+
+    pair, truth = slab_pair
+    pair = ScanPair(pair.fixed, pair.moving, pair.fixed_body, pair.moving_body, small="moving")  # an empty cache
+    real, runs = intensity_refinement.register_intensity, []
+
+    def recording(small, large, **kwargs):
+        runs.append((small.GetSize(), large.GetSize(), kwargs["shrink_factors"], kwargs["smoothing_sigmas_mm"],
+                     kwargs["fixed_mask"].GetSize(), kwargs["initial_transform"]))
+        return real(small, large, **kwargs)
+
+    monkeypatch.setattr(intensity_refinement, "register_intensity", recording)
+    refiner = IntensityRefiner(shrink_factors=(4, 2, 1), smoothing_sigmas_mm=(4.0, 2.0, 1.0))
+    start = rigid(4.0, (0.0, 1.0, 0.3), (-6.0, 5.0, -3.0)) @ truth
+    refined = refiner.register(pair, start)
+    size = np.asarray(pair.moving.GetSize())
+    assert [r[0] for r in runs] == [tuple(int(n) for n in size // f) for f in (4, 2, 1)]  # the shrunk copies
+    assert [r[1] for r in runs] == [tuple(int(n) for n in np.asarray(pair.fixed.GetSize()) // f) for f in (4, 2, 1)]
+    assert all(r[2] == [1] and r[3] == [0.0] and r[4] == pair.moving.GetSize() for r in runs)
+    np.testing.assert_allclose(runs[0][5], np.linalg.inv(start))  # small (moving) -> large: the inverse
+    assert not np.allclose(runs[1][5], runs[0][5])  # the 4 mm level starts where the 8 mm one ended
+    assert sample_ct_tre(refined, truth)[1].mean() < 2.0
+    cached = {k for k in pair.cache if k[0] == "coarse"}
+    assert cached == {("coarse", 4, 4.0), ("coarse", 2, 2.0), ("coarse", 1, 1.0)}
+    copies = {k: pair.cache[k] for k in cached}
+    refiner.register(pair, start)
+    assert all(pair.cache[k] is copies[k] for k in cached)
+
+
 class _ScriptedRefiner(IntensityRefiner):
     """A refiner whose registration runs return poses 1, 2, 3, ... (as translations along x) and whose score is
     ``mi_of[x]``: the restart logic alone, without an image."""

@@ -4,9 +4,10 @@ compared by.
 A candidate from the embeddings (:mod:`~samv2_components.registration.candidates`) is right to within a voxel of
 the embedding grid at best; mutual information sharpens it. The refinement is
 :func:`~samv2_components.registration.intensity_baselines.register_intensity` (rigid, Mattes MI, multi-resolution,
-RegularStepGradientDescent) started from the candidate, with **the scan whose body is smaller as ITK's fixed
-image** and the metric restricted to its **footprint**: its body mask dilated by ``overlap_margin_mm`` (so the
-body outline, MI's strongest cue, is inside). Every sample of the footprint then has a partner in the large scan
+RegularStepGradientDescent; one ITK run per level on the pair's cached smoothed and shrunk copy) started from the
+candidate, with **the scan whose body is smaller as ITK's fixed image** and the metric restricted to its
+**footprint**: its body mask dilated by ``overlap_margin_mm`` (so the body outline, MI's strongest cue, is
+inside). Every sample of the footprint then has a partner in the large scan
 when the pose is right, and the optimiser cannot raise the metric by sliding a slab or a cropped scan off the
 anatomy it lacks (the failure of sampling on the large scan: samples that leave the small scan are dropped, so
 a pose that hides the missing anatomy scores well; measured on the phantom benchmark, a refinement started at the
@@ -291,18 +292,29 @@ class IntensityRefiner:
         """Rigid Mattes-MI registration of ``pair`` from ``initial`` (fixed -> moving 4x4 LPS), the small scan's
         footprint as the metric's domain; the refined fixed -> moving 4x4. The keyword arguments override the
         refiner's settings (the turn search's coarse level). Raises SAMv2InputError when every sample leaves the
-        large scan."""
-        result = register_intensity(
-            pair.small_image, pair.large_image, transform="rigid", metric="mattes",
-            shrink_factors=self.shrink_factors if shrink_factors is None else shrink_factors,
-            smoothing_sigmas_mm=self.smoothing_sigmas_mm if smoothing_sigmas_mm is None else smoothing_sigmas_mm,
-            sampling_percentage=self.sampling_percentage if sampling_percentage is None else sampling_percentage,
-            iterations=self.iterations if iterations is None else iterations, seed=self.seed,
-            fixed_mask=pair.footprint(self.overlap_margin_mm), learning_rate_mm=self.learning_rate_mm,
-            min_step_mm=self.min_step_mm if min_step_mm is None else min_step_mm,
-            initial_transform=pair.small_to_large(initial),
-        )
-        return pair.fixed_to_moving(sitk_transform_to_matrix(result.transform))
+        large scan.
+
+        One ITK run per pyramid level, each on the pair's cached smoothed and shrunk copy (:meth:`ScanPair.coarse`),
+        rather than ITK's own pyramid: ITK smooths and shrinks both full scans again at every level of every run,
+        which cost most of a coarse refinement (measured on a validation case: 1.14 s per candidate for the 8 and
+        4 mm levels, 0.22 s on the cached copies, the refined poses as close to the truth). The footprint mask
+        stays the full-resolution one (ITK reads a mask at physical points)."""
+        shrink = self.shrink_factors if shrink_factors is None else [int(f) for f in shrink_factors]
+        sigmas = self.smoothing_sigmas_mm if smoothing_sigmas_mm is None else [float(s) for s in smoothing_sigmas_mm]
+        matrix = np.asarray(initial, dtype=np.float64)
+        for factor, sigma in zip(shrink, sigmas):
+            level = pair if factor == 1 and sigma == 0.0 else pair.coarse(factor, sigma)
+            result = register_intensity(
+                level.small_image, level.large_image, transform="rigid", metric="mattes", shrink_factors=[1],
+                smoothing_sigmas_mm=[0.0],
+                sampling_percentage=self.sampling_percentage if sampling_percentage is None else sampling_percentage,
+                iterations=self.iterations if iterations is None else iterations, seed=self.seed,
+                fixed_mask=pair.footprint(self.overlap_margin_mm), learning_rate_mm=self.learning_rate_mm,
+                min_step_mm=self.min_step_mm if min_step_mm is None else min_step_mm,
+                initial_transform=pair.small_to_large(matrix),
+            )
+            matrix = pair.fixed_to_moving(sitk_transform_to_matrix(result.transform))
+        return matrix
 
     def __call__(self, pair: ScanPair, name: str, initial: np.ndarray, min_overlap: float = 0.0,
                  levels: slice = slice(None), restarts: int | None = None) -> RefinedCandidate:
