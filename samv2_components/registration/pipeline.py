@@ -154,7 +154,7 @@ class SAMv2RigidPipeline:
         vote_bandwidth_mm: float = 10.0,
         support_tolerance_mm: float = 10.0,
         agreement_mm: float = 8.0,
-        mi_margin: float = 0.05,
+        mi_margin: float = 0.03,
         support_margin: float = 0.1,
         min_support: float = 0.2,
         min_support_cross_modality: float = 0.0,

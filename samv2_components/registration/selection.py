@@ -115,7 +115,7 @@ def select_candidate(
     candidates: list[ScoredCandidate],
     points: np.ndarray,
     agreement_mm: float = 8.0,
-    mi_margin: float = 0.05,
+    mi_margin: float = 0.03,
     support_margin: float = 0.1,
     min_support: float = 0.05,
     min_overlap: float = 0.3,
