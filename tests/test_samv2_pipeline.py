@@ -372,12 +372,21 @@ def test_selection_refuses_when_no_candidate_shares_information():
 
 def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
     """Rule 6: a candidate turned 180 deg that leads the best upright answer by less than turn_margin is a refusal
-    (a thin slab looks alike turned about the anterior axis); by more, it wins."""
-    turned = lambda name, mi: ScoredCandidate(name, rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), mi, 0.3, 0.9)  # noqa: E731
+    (a thin slab looks alike turned about the anterior axis), even where more SAM support makes it the clear
+    winner of rule 5; by more, it wins."""
+    turned = lambda name, mi, support=0.3: ScoredCandidate(name, rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), mi, support, 0.9)  # noqa: E731
     sel = select_candidate([turned("turned", 0.54), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
+    assert not sel.success and sel.record["rival"] == "upright"
+    sel = select_candidate([turned("turned", 0.54, support=0.5), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
     assert not sel.success and "turned 180 deg" in sel.reason and sel.record["rival"] == "upright"
     sel = select_candidate([turned("turned", 0.60), _candidate("upright", mi=0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
     assert sel.success and sel.winner.name == "turned"
+    # a turned winner needs turn_margin over its rival too, turned or not (mi_margin would pass 3.4 %)
+    other_turn = ScoredCandidate("turned_other", rigid(90.0, (1, 0, 0), (0.0, 0.0, 0.0)), 0.58, 0.3, 0.9)
+    sel = select_candidate([turned("turned", 0.60), other_turn, _candidate("upright", mi=0.40)], CORNERS, mi_margin=0.03, turn_margin=0.1)
+    assert not sel.success and sel.record["rival"] == "turned_other" and "no clear winner: turned" in sel.reason
+    other_turn.mi = 0.53
+    assert select_candidate([turned("turned", 0.60), other_turn, _candidate("upright", mi=0.40)], CORNERS, mi_margin=0.03, turn_margin=0.1).success
     # an upright winner needs only the ordinary margin over a turned rival
     sel = select_candidate([_candidate("upright", mi=0.54), turned("turned", 0.50)], CORNERS, mi_margin=0.05, turn_margin=0.1)
     assert sel.success and sel.winner.name == "upright"
