@@ -52,7 +52,8 @@ from samv2_components.registration.intensity_baselines import (
     sitk_transform_to_matrix,
 )
 
-__all__ = ["IntensityRefiner", "RefinedCandidate", "ScanPair", "footprint_mi", "overlap_mask", "without_padding"]
+__all__ = ["IntensityRefiner", "RefinedCandidate", "ScanPair", "footprint_mi", "mattes_mutual_information", "overlap_mask",
+           "without_padding"]
 
 
 @dataclass
@@ -224,22 +225,59 @@ def footprint_mi(pair: ScanPair, fixed_to_moving: np.ndarray, footprint, bins: i
     resampled onto its grid through ``fixed_to_moving`` (linear; outside the large scan: its background), over
     every voxel of ``footprint`` (a mask on the small scan's grid, :meth:`ScanPair.footprint`). The same samples
     for every transform. 0 when the footprint meets only the large scan's background (nothing shared); NaN for an
-    empty footprint."""
+    empty footprint. The value is ITK's (:func:`mattes_mutual_information`)."""
     sitk = _sitk()
-    if not sitk_any(footprint):
+    inside = sitk.GetArrayViewFromImage(footprint) > 0
+    if not inside.any():
         return float("nan")
     resampled = sitk.Resample(pair.large_image, pair.small_image, matrix_to_sitk_transform(pair.small_to_large(fixed_to_moving)),
                               sitk.sitkLinear, pair.background(), sitk.sitkFloat32)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetMetricFixedMask(footprint)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetInitialTransform(sitk.Transform(3, sitk.sitkIdentity))
-    try:
-        return -float(reg.MetricEvaluate(pair.small_image, resampled))  # ITK's Mattes metric is the negated MI
-    except RuntimeError:  # a constant resampled image (all background): ITK's histogram is degenerate
+    moving = sitk.GetArrayViewFromImage(resampled)
+    return mattes_mutual_information(sitk.GetArrayViewFromImage(pair.small_image)[inside], moving[inside],
+                                     (float(moving.min()), float(moving.max())), bins)
+
+
+def mattes_mutual_information(fixed_values: np.ndarray, moving_values: np.ndarray, moving_range: tuple[float, float],
+                              bins: int = 50) -> float:
+    """The value of ITK's ``MattesMutualInformationImageToImageMetricv4`` (negated: nats, >= 0) for paired samples.
+
+    Why not ITK's own: scoring a candidate with ``MetricEvaluate`` over every footprint voxel took 0.3-0.45 s, a
+    fifth of a pipeline run's time; this computes the same number (to 1e-14 on the tests' transforms) 4x faster.
+
+    As ITK: ``bins`` bins, 2 of them padding at each end; the fixed range from the samples (ITK: the fixed image
+    under its mask), the moving range ``moving_range`` (ITK: the whole moving image without a moving mask); a fixed
+    sample falls in one bin (``floor``, clamped to ``[2, bins - 3]``), a moving sample spreads over the four bins
+    around its own by the cubic B-spline Parzen window; the joint histogram normalised to 1;
+    ``sum p(f, m) log(p(f, m) / (p(f) p(m)))`` over ``p(f, m) > 1e-16``. 0 when either range is empty (ITK
+    refuses a constant image).
+
+    Args:
+        fixed_values, moving_values: ``(N,)`` the two images' values at the same N points.
+        moving_range: ``(min, max)`` of the moving image.
+        bins: histogram bins.
+    """
+    fixed = np.asarray(fixed_values, dtype=np.float64).ravel()
+    moving = np.asarray(moving_values, dtype=np.float64).ravel()
+    padding = 2
+    fixed_min, fixed_max = float(fixed.min()), float(fixed.max())
+    moving_min, moving_max = float(moving_range[0]), float(moving_range[1])
+    if not (fixed_max > fixed_min and moving_max > moving_min):
         return 0.0
+    fixed_bin = (fixed_max - fixed_min) / (bins - 2 * padding)
+    moving_bin = (moving_max - moving_min) / (bins - 2 * padding)
+    fixed_index = np.clip((fixed / fixed_bin - (fixed_min / fixed_bin - padding)).astype(np.int64), 2, bins - 3)
+    moving_term = moving / moving_bin - (moving_min / moving_bin - padding)
+    moving_index = np.clip(moving_term.astype(np.int64), 2, bins - 3)
+    joint = np.zeros(bins * bins)
+    for offset in (-1, 0, 1, 2):
+        column = moving_index + offset
+        u = np.abs(column - moving_term)
+        weight = np.where(u < 1.0, (4.0 - 6.0 * u**2 + 3.0 * u**3) / 6.0, np.where(u < 2.0, (2.0 - u) ** 3 / 6.0, 0.0))
+        joint += np.bincount(fixed_index * bins + column, weights=weight, minlength=bins * bins)
+    joint = joint.reshape(bins, bins) / joint.sum()
+    outer = joint.sum(1)[:, None] * joint.sum(0)[None, :]
+    nonzero = joint > 1e-16
+    return float(np.sum(joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])))
 
 
 class IntensityRefiner:
@@ -358,8 +396,3 @@ class IntensityRefiner:
                 break
             matrix, mi, fraction = again, mi_again, fraction_again
         return matrix, mi, fraction
-
-
-def sitk_any(image) -> bool:
-    """Whether a SimpleITK mask has any foreground voxel."""
-    return bool(_sitk().GetArrayViewFromImage(image).any())
