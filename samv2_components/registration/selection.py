@@ -179,11 +179,13 @@ def select_candidate(
         record["tilts_set_aside"] = [c.name for c in tilted]
         eligible = others
     winner = eligible[0]
-    rival = next((c for c in eligible[1:] if not transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm)), None)
-    record["agreeing"] = [c.name for c in eligible if transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm)]
+    agrees = [transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm) for c in eligible]
+    record["agreeing"] = [c.name for c, agree in zip(eligible, agrees) if agree]
+    rival = next((c for c, agree in zip(eligible[1:], agrees[1:]) if not agree), None)
+    turned_deg = rotation_angle_deg(winner.fixed_to_moving)  # from the headers' orientation (rule 6)
     if rival is not None:
         record["rival"] = rival.name
-        margin = turn_margin if rotation_angle_deg(winner.fixed_to_moving) > turn_deg else mi_margin  # rule 6
+        margin = turn_margin if turned_deg > turn_deg else mi_margin
         mi_clear = winner.mi >= rival.mi * (1.0 + margin) if rival.mi > 0 else winner.mi > rival.mi
         support_clear = winner.support >= rival.support + support_margin
         support_against = rival.support >= winner.support + support_margin
@@ -193,13 +195,12 @@ def select_candidate(
                 f"{rival.name} (MI {rival.mi:.3f}, support {100 * rival.support:.0f} %) disagree by more than "
                 f"{agreement_mm:g} mm", rival=rival,
             )
-    if rotation_angle_deg(winner.fixed_to_moving) > turn_deg:
-        upright = next((c for c in eligible if rotation_angle_deg(c.fixed_to_moving) <= turn_deg
-                        and not transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm)), None)
+    if turned_deg > turn_deg:
+        upright = next((c for c, agree in zip(eligible, agrees) if not agree and rotation_angle_deg(c.fixed_to_moving) <= turn_deg), None)
         if upright is not None and not winner.mi >= upright.mi * (1.0 + turn_margin):
             record["rival"] = upright.name
             return refuse(
-                f"no clear winner: {winner.name}, turned {rotation_angle_deg(winner.fixed_to_moving):.0f} deg from the "
+                f"no clear winner: {winner.name}, turned {turned_deg:.0f} deg from the "
                 f"headers' orientation (MI {winner.mi:.3f}), does not beat {upright.name} at the headers' orientation "
                 f"(MI {upright.mi:.3f}) by {100 * turn_margin:.0f} %", rival=upright,
             )
