@@ -29,6 +29,7 @@ from samv2_components.sample_data import sample_path
 from helpers import interior_points
 
 LEVELS = [AffineLevel(32.0, 2.0, 100, 1.0), AffineLevel(16.0, 1.0, 40)]
+GAUSS_NEWTON_LEVELS = [AffineLevel(32.0, 2.0, 30, 1.0, optimizer="gauss_newton"), AffineLevel(16.0, 1.0, 20, optimizer="gauss_newton")]
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +104,17 @@ def test_sampling_on_several_threads_is_one_grid_sample_bit_for_bit(ct, n_rows):
     assert torch.equal(torch.autograd.grad(samples.sum(), world)[0], torch.autograd.grad(plain.sum(), world)[0])
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "gauss_newton"])
 @pytest.mark.parametrize("similarity", ["ncc", "mind"])
-def test_a_known_affine_is_recovered(ct, affine_pair, similarity):
+def test_a_known_affine_is_recovered(ct, affine_pair, similarity, optimizer):
     query, linear, offset = affine_pair
     points = _inner_points(ct, 24, seed=1)
     truth = points @ linear.T + offset
     rng = np.random.default_rng(2)
     start = truth + rng.uniform(-3.0, 3.0, truth.shape)
     given = start.copy()
-    result = register_patches(ct, points, query, start, np.eye(3), LEVELS, similarity)
+    levels = LEVELS if optimizer == "adam" else GAUSS_NEWTON_LEVELS
+    result = register_patches(ct, points, query, start, np.eye(3), levels, similarity)
     before, after = np.linalg.norm(start - truth, axis=1), np.linalg.norm(result.points_lps - truth, axis=1)
     assert np.median(after) < 0.5 < np.median(before)
     # most of the turn and scale is found (the 16 mm patch of the last level constrains it only loosely)
@@ -152,6 +155,49 @@ def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affi
     np.testing.assert_array_equal(once.points_lps, ten.points_lps)
 
 
+def test_gauss_newton_finds_a_pure_shift_in_a_few_iterations_and_stops(ct, monkeypatch):
+    """The query is the template's own grid moved by a known shift (no resampling): from 2.5 mm off, a few damped
+    Gauss-Newton steps land within 0.05 mm (a wrong derivative, e.g. a sign or axis order, would not converge);
+    points stop once a step is below ``tolerance_mm``, so far fewer rows are sampled than iterations allow."""
+    import samv2_components.matching.patch_affine as patch_affine
+    from samv2_components.transforms.known_transform import moved_scan
+
+    shift = np.array([1.3, -2.1, 0.8])
+    moved = np.eye(4)
+    moved[:3, 3] = shift
+    query = moved_scan(ct, moved)
+    points = _inner_points(ct, 12, seed=11)
+    truth = points + shift
+    start = truth + np.random.default_rng(12).uniform(-2.5, 2.5, truth.shape)
+    sampled_rows = []
+    real_sampler = patch_affine.sample_world_points
+
+    def counting_sampler(volume, to_grid, world):
+        sampled_rows.append(len(world))
+        return real_sampler(volume, to_grid, world)
+
+    monkeypatch.setattr(patch_affine, "sample_world_points", counting_sampler)
+    level = AffineLevel(24.0, 1.0, 50, 0.5, tolerance_mm=0.01, optimizer="gauss_newton")
+    result = register_patches(ct, points, query, start, np.eye(3), [level])
+    assert np.linalg.norm(result.points_lps - truth, axis=1).max() < 0.05
+    np.testing.assert_allclose(result.linear, np.broadcast_to(np.eye(3), result.linear.shape), atol=0.01)
+    assert np.all(result.similarity_final > 0.999)
+    # start and final scores, and one evaluation per iteration: stopping points leave far fewer than 50 x 12 rows
+    assert sum(sampled_rows) < 0.5 * 50 * len(points)
+
+
+def test_the_linear_prior_holds_the_linear_part_near_its_start(ct, affine_pair):
+    """Gauss-Newton's ``linear_prior``: a huge weight keeps each linear part at its start (only the shift moves),
+    none lets the patch fit the turn and scale."""
+    query, linear, offset = affine_pair
+    points = _inner_points(ct, 8, seed=13)
+    start = points @ linear.T + offset
+    held = register_patches(ct, points, query, start, np.eye(3), [AffineLevel(32.0, 2.0, 20, 1.0, optimizer="gauss_newton", linear_prior=1e9)])
+    free = register_patches(ct, points, query, start, np.eye(3), [AffineLevel(32.0, 2.0, 20, 1.0, optimizer="gauss_newton", linear_prior=0.0)])
+    assert np.abs(held.linear - np.eye(3)).max() < 1e-5
+    assert np.median(np.linalg.norm(free.linear - linear, axis=(1, 2))) < 0.5 * np.linalg.norm(np.eye(3) - linear)
+
+
 def test_refiner_with_affine_levels_beats_the_translation_search(ct, affine_pair):
     """Under a turned and scaled query, the affine stage brings refined matches below a millimetre; it never moves
     a point beyond the trust radius."""
@@ -190,6 +236,10 @@ def test_bad_levels_are_refused(ct):
         register_patches(ct, points, ct, points, None, [{"patch_mm": 0.0, "step_mm": 1.0}])
     with pytest.raises(ValueError, match="tolerance_mm"):
         register_patches(ct, points, ct, points, None, [{"patch_mm": 16.0, "step_mm": 1.0, "tolerance_mm": -1.0}])
+    with pytest.raises(ValueError, match="optimizer"):
+        register_patches(ct, points, ct, points, None, [{"patch_mm": 16.0, "step_mm": 1.0, "optimizer": "lbfgs"}])
+    with pytest.raises(ValueError, match="linear_prior"):
+        register_patches(ct, points, ct, points, None, [{"patch_mm": 16.0, "step_mm": 1.0, "linear_prior": -0.1}])
     with pytest.raises(ValueError, match="similarity"):
         register_patches(ct, points, ct, points, None, LEVELS, "mutual_information")
     with pytest.raises(ValueError, match="start points"):
