@@ -55,6 +55,21 @@ def affine_pair(tmp_path_factory):
     return load_scan(path), linear, offset
 
 
+@pytest.fixture
+def sampled_rows(monkeypatch) -> list:
+    """The number of patches sampled by each call of ``sample_world_points`` in ``register_patches``."""
+    import samv2_components.matching.patch_affine as patch_affine
+
+    rows, real_sampler = [], patch_affine.sample_world_points
+
+    def counting_sampler(volume, to_grid, world):
+        rows.append(len(world))
+        return real_sampler(volume, to_grid, world)
+
+    monkeypatch.setattr(patch_affine, "sample_world_points", counting_sampler)
+    return rows
+
+
 def _inner_points(image, n: int, seed: int) -> np.ndarray:
     """Points far enough inside the 30-slice CT for a 32 mm patch around a few millimetres of error."""
     return interior_points(image, n, seed, max_margin=25, margin_divisor=3)
@@ -123,7 +138,7 @@ def test_a_known_affine_is_recovered(ct, affine_pair, similarity, optimizer):
     np.testing.assert_array_equal(start, given)  # the caller's array is not overwritten
 
 
-def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affine_pair, monkeypatch):
+def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affine_pair, sampled_rows):
     """With ``tolerance_mm`` a point whose patch moved less than it over the last window stops there: fewer points
     are sampled per step, a point still moving follows exactly the steps of the run without it, and a stopped one
     stays close to where the full run ends (it was barely moving)."""
@@ -133,14 +148,6 @@ def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affi
     points = _inner_points(ct, 24, seed=7)
     start = points @ linear.T + offset + np.random.default_rng(8).uniform(-3.0, 3.0, points.shape)
     levels = [AffineLevel(32.0, 2.0, 150, 1.0), AffineLevel(16.0, 1.0, 60)]
-    sampled_rows = []
-    real_sampler = patch_affine.sample_world_points
-
-    def counting_sampler(volume, to_grid, world):
-        sampled_rows.append(len(world))
-        return real_sampler(volume, to_grid, world)
-
-    monkeypatch.setattr(patch_affine, "sample_world_points", counting_sampler)
     full = register_patches(ct, points, query, start, np.eye(3), levels)
     work_full, sampled_rows[:] = sum(sampled_rows), []
     tolerance = [AffineLevel(32.0, 2.0, 150, 1.0, tolerance_mm=0.05), AffineLevel(16.0, 1.0, 60, tolerance_mm=0.05)]
@@ -155,11 +162,10 @@ def test_converged_points_stop_early_and_the_others_take_the_same_steps(ct, affi
     np.testing.assert_array_equal(once.points_lps, ten.points_lps)
 
 
-def test_gauss_newton_finds_a_pure_shift_in_a_few_iterations_and_stops(ct, monkeypatch):
+def test_gauss_newton_finds_a_pure_shift_in_a_few_iterations_and_stops(ct, sampled_rows):
     """The query is the template's own grid moved by a known shift (no resampling): from 2.5 mm off, a few damped
     Gauss-Newton steps land within 0.05 mm (a wrong derivative, e.g. a sign or axis order, would not converge);
     points stop once a step is below ``tolerance_mm``, so far fewer rows are sampled than iterations allow."""
-    import samv2_components.matching.patch_affine as patch_affine
     from samv2_components.transforms.known_transform import moved_scan
 
     shift = np.array([1.3, -2.1, 0.8])
@@ -169,14 +175,6 @@ def test_gauss_newton_finds_a_pure_shift_in_a_few_iterations_and_stops(ct, monke
     points = _inner_points(ct, 12, seed=11)
     truth = points + shift
     start = truth + np.random.default_rng(12).uniform(-2.5, 2.5, truth.shape)
-    sampled_rows = []
-    real_sampler = patch_affine.sample_world_points
-
-    def counting_sampler(volume, to_grid, world):
-        sampled_rows.append(len(world))
-        return real_sampler(volume, to_grid, world)
-
-    monkeypatch.setattr(patch_affine, "sample_world_points", counting_sampler)
     level = AffineLevel(24.0, 1.0, 50, 0.5, tolerance_mm=0.01, optimizer="gauss_newton")
     result = register_patches(ct, points, query, start, np.eye(3), [level])
     assert np.linalg.norm(result.points_lps - truth, axis=1).max() < 0.05
