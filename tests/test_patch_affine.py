@@ -98,6 +98,21 @@ def test_sampling_grid_matrix_agrees_with_the_voxel_world_conversion(ct):
     assert np.all(patch_similarity(ct, points, ct, points + [3.0, 0, 0], identity, probe) < 0.999)
 
 
+def test_smoothing_is_monai_gaussian_filter_and_leaves_onednn_as_it_was(ct):
+    """``smoothed_volume`` runs MONAI's Gaussian filter (sigma in voxels per axis from the spacing) with oneDNN off
+    (its conv3d is slow on whole scans) and restores the setting, even when the filter fails."""
+    from monai.networks.layers import GaussianFilter
+
+    spacing = np.linalg.norm(np.asarray(ct.affine)[:3, :3], axis=0)
+    expected = GaussianFilter(3, [1.5 / s for s in spacing])(torch.as_tensor(ct.as_tensor(), dtype=torch.float32)[None])
+    assert torch.backends.mkldnn.enabled
+    np.testing.assert_allclose(smoothed_volume(ct, 1.5).numpy(), expected.numpy(), atol=1e-3)
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(Exception):
+        smoothed_volume(ct[:, :0], 1.5)  # an empty volume: the filter raises
+    assert torch.backends.mkldnn.enabled
+
+
 @pytest.mark.parametrize("n_rows", [1, 5, 64])
 def test_sampling_on_several_threads_is_one_grid_sample_bit_for_bit(ct, n_rows):
     """The rows dealt out to one batch entry per thread (padded to a multiple of the thread count) give the very
