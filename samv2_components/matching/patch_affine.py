@@ -25,17 +25,17 @@ batched tensor problem, which is why this is written here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import jvp, vmap
 from monai.data import MetaTensor
 from monai.networks.layers import GaussianFilter
+from torch.func import jvp, vmap
 
 from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample_matrix, world_to_voxel
 
@@ -288,8 +288,9 @@ def register_patches(
             if level.optimizer == "adam":
                 _adam(score, shift, matrix, level, lr_t, lr_a)
             else:
+                features = partial(_features, similarity, side=side)
                 sample = partial(sample_world_points, moving_volume, to_query)
-                _gauss_newton(_features(similarity, fixed, side), sample, offsets, shift, matrix, level, partial(_features, similarity, side=side))
+                _gauss_newton(features(fixed), sample, offsets, shift, matrix, level, features)
             with torch.no_grad():
                 final_score[sl] = score().numpy()
             points[sl], linear[sl] = shift.detach().double().numpy(), matrix.detach().double().numpy()
