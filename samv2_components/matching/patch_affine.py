@@ -355,6 +355,8 @@ def _gauss_newton(fixed_features: torch.Tensor, sample, offsets: torch.Tensor, s
     has ``dq_k/dshift = g_k`` and ``dq_k/dmatrix_ij = g_ki o_kj``, ``g_k`` the interpolated volume's gradient at
     ``y_k`` (every sample depends on its own location only, so one backward pass of their sum gives every ``g_k``).
     """
+    if level.iterations == 0:
+        return
     n = len(shift)
     params = torch.cat([shift, matrix.flatten(1)], dim=1).double()  # (N, 12)
     start_linear = params[:, 3:].clone()
