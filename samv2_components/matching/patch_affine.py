@@ -199,22 +199,21 @@ def sample_world_points(volume: torch.Tensor, to_grid: torch.Tensor, world: torc
     return samples[:, 0, :, :, 0].reshape(-1, m)[:n]
 
 
-def _ncc(template: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """ZNCC ``(N,)`` of sample rows ``(N, M)``."""
-    t = template - template.mean(dim=1, keepdim=True)
-    q = query - query.mean(dim=1, keepdim=True)
-    return (t * q).sum(1) / (t.norm(dim=1) * q.norm(dim=1)).clamp_min(1e-6)
+def _features(measure: str, samples: torch.Tensor, side: int) -> torch.Tensor:
+    """``(N, D)`` rows whose squared distance is the patches' dissimilarity, from sample rows ``(N, side^3)``:
+    unit zero-mean rows for NCC (``|a - b|^2 = 2 - 2 ZNCC``), MIND descriptors over ``sqrt(D)`` for MIND
+    (``|a - b|^2 = 1 - similarity``)."""
+    if measure == "ncc":
+        centred = samples - samples.mean(dim=1, keepdim=True)
+        return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    mind = mind_descriptors(samples.view(-1, 1, side, side, side)).flatten(1)
+    return mind / math.sqrt(mind.shape[1])
 
 
-def _mind_similarity(template: torch.Tensor, query: torch.Tensor, side: int) -> torch.Tensor:
-    """``1 - mean squared MIND difference`` ``(N,)`` of sample rows ``(N, side^3)`` (cubes)."""
-    mt = mind_descriptors(template.view(-1, 1, side, side, side))
-    mq = mind_descriptors(query.view(-1, 1, side, side, side))
-    return 1.0 - ((mt - mq) ** 2).flatten(1).mean(1)
-
-
-def _similarity(measure: str, template: torch.Tensor, query: torch.Tensor, side: int) -> torch.Tensor:
-    return _ncc(template, query) if measure == "ncc" else _mind_similarity(template, query, side)
+def _similarity(measure: str, template: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` patch similarity of two rows of :func:`_features`: ZNCC (the dot product of the unit rows) or
+    ``1 - mean squared MIND difference``."""
+    return (template * query).sum(1) if measure == "ncc" else 1.0 - ((template - query) ** 2).sum(1)
 
 
 #: Adam steps over which a point's movement is measured for :attr:`AffineLevel.tolerance_mm`
@@ -274,23 +273,23 @@ def register_patches(
         for first in range(0, n, max_points_per_batch):
             sl = slice(first, min(n, first + max_points_per_batch))
             centre = torch.as_tensor(centres[sl], dtype=torch.float32)
-            with torch.no_grad():
-                fixed = sample_world_points(fixed_volume, to_template, centre[:, None, :] + offsets[None])
+            features = partial(_features, similarity, side=side)
+            with torch.no_grad():  # the template's side is fixed: its features once per batch
+                fixed = features(sample_world_points(fixed_volume, to_template, centre[:, None, :] + offsets[None]))
             shift = torch.as_tensor(points[sl], dtype=torch.float32)
             matrix = torch.as_tensor(linear[sl], dtype=torch.float32)
+            sample = partial(sample_world_points, moving_volume, to_query)
 
             def score(rows=slice(None)) -> torch.Tensor:
                 moved = shift[rows, None, :] + offsets[None] @ matrix[rows].transpose(1, 2)
-                return _similarity(similarity, fixed[rows], sample_world_points(moving_volume, to_query, moved), side)
+                return _similarity(similarity, fixed[rows], features(sample(moved)))
 
             with torch.no_grad():
                 start_score[sl] = score().numpy()
             if level.optimizer == "adam":
                 _adam(score, shift, matrix, level, lr_t, lr_a)
             else:
-                features = partial(_features, similarity, side=side)
-                sample = partial(sample_world_points, moving_volume, to_query)
-                _gauss_newton(features(fixed), sample, offsets, shift, matrix, level, features)
+                _gauss_newton(fixed, sample, offsets, shift, matrix, level, features)
             with torch.no_grad():
                 final_score[sl] = score().numpy()
             points[sl], linear[sl] = shift.detach().double().numpy(), matrix.detach().double().numpy()
@@ -323,17 +322,6 @@ def _adam(score, shift: torch.Tensor, matrix: torch.Tensor, level: AffineLevel, 
     matrix.requires_grad_(False)
 
 
-def _features(measure: str, samples: torch.Tensor, side: int) -> torch.Tensor:
-    """``(N, D)`` rows whose squared distance is the patches' dissimilarity, from sample rows ``(N, side^3)``:
-    unit zero-mean rows for NCC (``|a - b|^2 = 2 - 2 ZNCC``), MIND descriptors over ``sqrt(D)`` for MIND
-    (``|a - b|^2 = 1 - similarity``)."""
-    if measure == "ncc":
-        centred = samples - samples.mean(dim=1, keepdim=True)
-        return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    mind = mind_descriptors(samples.view(-1, 1, side, side, side)).flatten(1)
-    return mind / math.sqrt(mind.shape[1])
-
-
 #: Levenberg-Marquardt damping (a multiple of the diagonal of ``J^T J``) of a point's first Gauss-Newton step; divided
 #: by :data:`DAMPING_DOWN` after a step that lowers the point's residual, multiplied by :data:`DAMPING_UP` after one
 #: that does not (the step is then retaken, shorter, from the same map)
@@ -361,11 +349,12 @@ def _gauss_newton(fixed_features: torch.Tensor, sample, offsets: torch.Tensor, s
     params = torch.cat([shift, matrix.flatten(1)], dim=1).double()  # (N, 12)
     start_linear = params[:, 3:].clone()
     extent = level.half_size * level.step_mm
+    offsets64 = offsets.double()
 
     def evaluate(p: torch.Tensor, target: torch.Tensor, linear_start: torch.Tensor):
         """Cost ``(n,)``, ``J^T J`` ``(n, 12, 12)`` and ``J^T r`` ``(n, 12)`` of ``n`` points at the maps ``p``
         ``(n, 12)``, against their fixed features ``target`` ``(n, D)`` and linear start ``(n, 9)``."""
-        world = (p[:, None, :3] + offsets.double()[None] @ p[:, 3:].view(-1, 3, 3).transpose(1, 2)).float().requires_grad_(True)
+        world = (p[:, None, :3] + offsets64[None] @ p[:, 3:].view(-1, 3, 3).transpose(1, 2)).float().requires_grad_(True)
         samples = sample(world)
         (slope,) = torch.autograd.grad(samples.sum(), world)  # (n, M, 3): each sample's derivative in its location
         samples = samples.detach()
