@@ -25,6 +25,7 @@ from samv2_components.matching import (
     present_heads,
     query_descriptor_map,
 )
+from samv2_components.matching.coarse_head import CoarseHeadOnFineGrid
 from samv2_components.metrics import (
     cpm,
     error_percentile,
@@ -93,11 +94,14 @@ def test_descriptor_at_voxel_centre_equals_map_column(embedded):
     idx[1] = np.array(dmap.grid_shape) - 1  # corners: the coarse head is clamped at its border on both sides
     desc = descriptor_at_points(heads, dmap.voxel_to_world(idx))
     # the inferer's float16 heads give a float16 map (half the memory): equal up to float16 rounding, 2**-11 relative
-    # per rounding (the coarse head is rounded twice: upsampled, then normalised)
+    # (the coarse head is computed in float32 from its float16 grid)
     assert heads["fine"].dtype == dmap.dtype == torch.float16
-    columns = torch.cat([v[idx[:, 0], idx[:, 1], idx[:, 2]] for v in dmap.head_volumes()], dim=1).float()
+    columns = torch.cat([dmap.head_planes(h, 0, dmap.grid_shape[0])[idx[:, 0], idx[:, 1], idx[:, 2]]
+                         for h in range(dmap.n_heads)], dim=1).float()
     torch.testing.assert_close(desc, columns, atol=2e-5, rtol=2.0**-10)
-    torch.testing.assert_close(dmap.rows(torch.as_tensor(np.ravel_multi_index(idx.T, dmap.grid_shape))), columns)
+    linear = torch.as_tensor(np.ravel_multi_index(idx.T, dmap.grid_shape))
+    torch.testing.assert_close(dmap.rows(linear), columns)
+    torch.testing.assert_close(torch.stack([dmap.row_range(int(i), int(i) + 1)[0] for i in linear]), columns)
     # every head's part of a descriptor is unit length
     np.testing.assert_allclose(desc.view(25, 3, 128).norm(dim=2).numpy(), 1.0, atol=1e-5)
 
@@ -110,8 +114,10 @@ def test_descriptor_map_uses_unit_fine_grid_heads_in_place(embedded):
     for name in ("fine", "semantic"):
         block = dmap.blocks[dmap.head_names.index(name)]
         assert block.untyped_storage().data_ptr() == heads[name].untyped_storage().data_ptr()
+    # the coarse head is not stored upsampled: its own grid (32 times smaller) and one inverse length per fine voxel
     coarse = dmap.blocks[dmap.head_names.index("coarse")]
-    assert coarse.untyped_storage().data_ptr() != heads["coarse"].untyped_storage().data_ptr()
+    assert isinstance(coarse, CoarseHeadOnFineGrid)
+    assert coarse.nbytes < dmap.n_voxels * 128 * 2 / 8
 
     scaled = dict(heads, fine=heads["fine"] * 2)  # same layout and type, twice unit length
     before = scaled["fine"].clone()
@@ -132,8 +138,13 @@ def test_descriptor_map_matches_network_forward():
     heads = SAMv2Inferer(bf16=False, channels_last=False, output_dtype="float32")(image, net)
     with torch.no_grad():
         expected = net(x)[0]
-    volumes = query_descriptor_map(heads).head_volumes()
+    dmap = query_descriptor_map(heads)
+    volumes = [dmap.head_planes(h, 0, dmap.grid_shape[0]) for h in range(dmap.n_heads)]
     torch.testing.assert_close(torch.cat([v.permute(3, 0, 1, 2) for v in volumes]), expected, atol=1e-4, rtol=0)
+    # and every voxel's row, read one by one or as a range, is the network's channel vector
+    rows = dmap.row_range(0, dmap.n_voxels)
+    torch.testing.assert_close(rows.T.reshape(expected.shape), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(dmap.rows(torch.arange(dmap.n_voxels)), rows, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- sub-voxel fit

@@ -51,8 +51,9 @@ def test_coarse_to_fine_windows_cover_the_grid_exactly():
     flat = torch.nn.functional.normalize(torch.randn(int(np.prod(shape)), 8), dim=1)
     dmap = DescriptorMap([flat], shape, np.eye(4), "LPS", ("fine",))
     search = CoarseToFineSearch(dmap, cell_size=(2, 4, 4), top_k=1, margin=0)
-    windows = search._window_indices(torch.arange(int(np.prod(search.cell_grid_shape))))
+    starts, windows = search._window_indices(torch.arange(int(np.prod(search.cell_grid_shape))))
     assert torch.unique(windows).numel() == flat.shape[0]
+    np.testing.assert_array_equal(windows[:, 0].numpy(), np.ravel_multi_index(starts.numpy().T, shape))
 
 
 def test_coarse_to_fine_exhaustive_when_windows_cover_everything(embedded):
@@ -203,7 +204,7 @@ def test_cell_sums_equal_torch_pooling(shape, kernel, stride):
         dmap = DescriptorMap([flat], shape, np.eye(4), "LPS", ("fine",))
         search = CoarseToFineSearch(dmap, cell_size=stride, top_k=1, margin=0)
         assert search._kernel == tuple(kernel)
-        cell_sums = search._cell_sums(flat.view(*shape, 4))
+        cell_sums = search._cell_sums(lambda start, stop: flat.view(*shape, 4)[start:stop], shape[0])
         assert cell_sums.dtype == torch.float32
         torch.testing.assert_close(cell_sums, exact, atol=1e-4, rtol=1e-5)
 

@@ -123,7 +123,8 @@ class CoarseToFineSearch:
         self.window_size = tuple(min(k + 2 * m, n) for k, m, n in zip(self._kernel, self.margin, shape))
         # per-cell sums straight from each head's voxel-major rows (a (C, d, h, w) pooling would first need a 1 GB
         # transpose on a chest CT); the scale of a sum does not matter, since each head is re-normalised
-        sums = torch.cat([self._cell_sums(head) for head in descriptor_map.head_volumes()], dim=3)
+        sums = torch.cat([self._cell_sums(lambda start, stop, h=h: descriptor_map.head_planes(h, start, stop), shape[0])
+                          for h in range(descriptor_map.n_heads)], dim=3)
         self.cell_grid_shape = tuple(sums.shape[:3])
         cell_rows = sums.reshape(-1, descriptor_map.n_heads, sums.shape[3] // descriptor_map.n_heads)
         # each head re-normalised: the cell's mean direction, so a varied cell (an edge) is not penalised for it
@@ -139,8 +140,9 @@ class CoarseToFineSearch:
         self._strides = torch.tensor(strides, device=device)
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _cell_sums(self, voxels: torch.Tensor) -> torch.Tensor:
-        """Per-cell sums ``(cd, ch, cw, C)`` float32 of the map's rows viewed as ``(d, h, w, C)``.
+    def _cell_sums(self, read_planes, depth: int) -> torch.Tensor:
+        """Per-cell sums ``(cd, ch, cw, C)`` float32 of one head's rows; ``read_planes(start, stop)`` gives the rows
+        of depth planes ``start:stop`` as ``(stop - start, h, w, C)``, ``depth`` is ``d``.
 
         The two in-plane axes are pooled a few depth planes at a time into a buffer of ``(d, ch, cw, C)``, then
         depth: pooling depth first would hold a float32 intermediate of ``d / cell_size[0]`` whole planes (430 MB
@@ -148,12 +150,12 @@ class CoarseToFineSearch:
         times smaller than the map.
         """
         planes = None
-        for d0 in range(0, voxels.shape[0], _PLANES_PER_BLOCK):
-            block = voxels[d0 : d0 + _PLANES_PER_BLOCK]
+        for d0 in range(0, depth, _PLANES_PER_BLOCK):
+            block = read_planes(d0, min(d0 + _PLANES_PER_BLOCK, depth))
             for axis in (1, 2):
                 block = _box_sums(block, axis, self._kernel[axis], self.cell_size[axis])
             if planes is None:
-                planes = block.new_empty((voxels.shape[0], *block.shape[1:]))
+                planes = block.new_empty((depth, *block.shape[1:]))
             planes[d0 : d0 + len(block)] = block
         return _box_sums(planes, 0, self._kernel[0], self.cell_size[0])
 
@@ -163,24 +165,24 @@ class CoarseToFineSearch:
         return torch.cat([(chunk.to(self.cell_dtype) @ self.cell_rows.T).topk(k, dim=1).indices
                           for chunk in descriptors.split(part)])
 
-    def _window_indices(self, cells: torch.Tensor) -> torch.Tensor:
-        """Linear fine-voxel indices ``(n, W)`` of the windows of cells (linear cell indices ``(n,)``)."""
+    def _window_indices(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """First voxels ``(n, 3)`` and linear fine-voxel indices ``(n, W)`` of the windows of cells (linear cell
+        indices ``(n,)``)."""
         cell_pos = torch.stack(torch.unravel_index(cells, self.cell_grid_shape), dim=1)  # (n, 3)
         shape = torch.tensor(self.map.grid_shape, device=cells.device)
         size = torch.tensor(self.window_size, device=cells.device)
         lead = torch.tensor([k // 2 + m for k, m in zip(self._kernel, self.margin)], device=cells.device)
         step = torch.tensor(self.cell_size, device=cells.device)
         start = torch.minimum((cell_pos * step - lead).clamp(min=0), shape - size)
-        return (start * self._strides).sum(1, keepdim=True) + self._window_offsets[None]
+        return start, (start * self._strides).sum(1, keepdim=True) + self._window_offsets[None]
 
     def _search_windows(
-        self, descriptors: torch.Tensor, cells: torch.Tensor, windows: torch.Tensor, staging: torch.Tensor
+        self, descriptors: torch.Tensor, cells: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact best voxel inside the windows of ``cells`` ``(N, K)`` for each descriptor ``(N, C)``.
 
-        ``windows``: a ``(n_heads, cells_per_batch * W, C_head)`` float32 buffer for the gathered windows, reused by
-        every batch; ``staging``: a ``(cells_per_batch * W, C_head)`` buffer of the map's own type: each head's rows
-        are gathered there, then converted into ``windows``.
+        ``buffers``: the map's :meth:`~DescriptorMap.window_buffers` for ``cells_per_batch`` windows, reused by every
+        batch.
         Returns ``(best_index (N,), best_raw_score (N,))``; the raw score is the dot product (``n_heads`` x score).
         """
         n, k = cells.shape
@@ -198,22 +200,16 @@ class CoarseToFineSearch:
 
         pair_score = torch.empty(len(pair_cell), dtype=torch.float32, device=cells.device)
         pair_index = torch.empty(len(pair_cell), dtype=torch.long, device=cells.device)
-        window_voxels = len(self._window_offsets)
         for c0 in range(0, len(unique), self.cells_per_batch):
             c1 = min(c0 + self.cells_per_batch, len(unique))
             pairs = order[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
             local_cell, rank = label[pairs] - c0, rank_in_cell[first_pair[c0] : first_pair[c1 - 1] + counts[c1 - 1]]
-            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), self.map.n_channels, dtype=windows.dtype,
-                                 device=windows.device)
+            padded = torch.zeros(c1 - c0, int(counts[c0:c1].max()), self.map.n_channels, dtype=torch.float32,
+                                 device=descriptors.device)
             padded[local_cell, rank] = descriptors[pair_point[pairs]]
-            window_index = self._window_indices(unique[c0:c1])  # (G, W)
-            gathered = self.map.gather_head_rows(window_index.reshape(-1), windows[:, : window_index.numel()], staging)
-            width = gathered.shape[2]
-            scores = None  # (G, P_max, W): the dot products summed head by head
-            for h, head_rows in enumerate(gathered):
-                part = padded[..., h * width : (h + 1) * width]
-                head_rows = head_rows.view(c1 - c0, window_voxels, width).transpose(1, 2)
-                scores = torch.bmm(part, head_rows) if scores is None else scores.baddbmm_(part, head_rows)
+            starts, window_index = self._window_indices(unique[c0:c1])  # (G, 3), (G, W)
+            # (G, P_max, W): the dot products summed head by head
+            scores = self.map.window_scores(padded, starts, window_index, self.window_size, buffers)
             best_score, best_pos = scores.max(dim=2)
             pair_score[pairs] = best_score[local_cell, rank].float()
             pair_index[pairs] = window_index[local_cell, best_pos[local_cell, rank]]
@@ -254,16 +250,14 @@ class CoarseToFineSearch:
             # is returned to the OS and faulted in again each time, which cost more than the gather itself (lung2:
             # 1,000 points 0.61 -> 0.20 s)
             n_rows = min(self.cells_per_batch, len(descriptors) * k) * len(self._window_offsets)
-            windows = torch.empty(self.map.n_heads, n_rows, n_channels // self.map.n_heads, dtype=torch.float32,
-                                  device=device)
-            staging = torch.empty(n_rows, n_channels // self.map.n_heads, dtype=self.map.dtype, device=device)
+            buffers = self.map.window_buffers(n_rows)
         for p0 in range(0, len(descriptors), self.points_per_batch):
             batch = descriptors[p0 : p0 + self.points_per_batch]
             if self.exhaustive:
                 best = self._search_exhaustive(batch)
             else:
                 cells = self._best_cells(batch, k)
-                best = self._search_windows(batch, cells, windows, staging)
+                best = self._search_windows(batch, cells, buffers)
             index[p0 : p0 + len(batch)], score[p0 : p0 + len(batch)] = best[0], best[1] / self.map.n_heads
         return index, score
 

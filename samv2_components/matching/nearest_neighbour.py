@@ -12,7 +12,8 @@ Conventions:
   at the point on that head's own grid, re-normalised, concatenated: ``(N, 128 * n_heads)``.
 * **Score** (design notes §2 "Score", `docs/design.md`): the mean of the per-head cosines, i.e. ``descriptor . map / n_heads``, in
   ``[-1, 1]``. On the query side the coarse head is upsampled to the fine grid with
-  :func:`~samv2_components.networks.upsample_to_fine_grid` and re-normalised, as in ``SAMv2Net.forward``.
+  :func:`~samv2_components.networks.upsample_to_fine_grid` and re-normalised, as in ``SAMv2Net.forward`` (computed
+  where it is read, not stored: :mod:`~samv2_components.matching.coarse_head`).
 * NN searches the whole query **fine grid**; the answer is the world position of the best fine voxel, optionally
   refined to sub-voxel precision by a per-axis quadratic fit of the score (``subvoxel=True``).
 
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from samv2_components.geometry import affine_and_space, as_points, voxel_to_world, world_to_voxel
-from samv2_components.networks import HEAD_NAMES, upsample_to_fine_grid
+from samv2_components.matching.coarse_head import CoarseHeadOnFineGrid
+from samv2_components.networks import HEAD_NAMES
 
 __all__ = [
     "DescriptorMap",
@@ -45,22 +47,23 @@ MAX_SCORE_BLOCK = 32 * 1024 * 1024
 _ROW_BLOCK = 1 << 16
 #: how far from 1 a float16 unit vector's length may be (rounding each channel moves it by at most 2**-11)
 _UNIT_TOLERANCE = 1e-3
-#: coarse channels upsampled to the fine grid at once
-_UPSAMPLE_CHANNELS = 4
 
 
 class DescriptorMap:
     """The query's matching descriptor on its fine grid, one block of rows per head.
 
-    Each head is a ``(d * h * w, C)`` matrix (row = voxel in C order of ``(d, h, w)``, every row unit length);
-    the descriptor of a voxel is the concatenation of its rows in :attr:`head_names` order, ``C_total = C * n_heads``
-    channels. Heads already on the fine grid are **views of the heads' own storage** when the inferer's
-    channels-last layout makes them row matrices and they are unit length (no copy of two thirds of the map:
-    0.55 GB for a 512 x 512 x 600 CT); so the heads must not be modified while the map is in use.
+    Each head is a ``(d * h * w, C)`` block of rows (row = voxel in C order of ``(d, h, w)``, every row unit
+    length); the descriptor of a voxel is the concatenation of its rows in :attr:`head_names` order,
+    ``C_total = C * n_heads`` channels. Heads already on the fine grid are stored: **views of the heads' own storage**
+    when the inferer's channels-last layout makes them row matrices and they are unit length (no copy of two thirds of
+    the map: 0.55 GB for a 512 x 512 x 600 CT); so the heads must not be modified while the map is in use. The coarse
+    head is a :class:`~samv2_components.matching.coarse_head.CoarseHeadOnFineGrid`: its rows are computed where they
+    are read, from the coarse grid (32 times smaller) and one inverse length per fine voxel.
 
     Args:
         blocks: per head a ``(n_voxels, C)`` float tensor (float16 for the bundles' maps: half the memory; every
-            score is computed in float32), all of one type and device.
+            score is computed in float32), all of one type and device, or a ``CoarseHeadOnFineGrid`` of ``n_voxels``
+            rows of ``C`` channels.
         grid_shape: ``(d, h, w)`` of the fine grid.
         affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in ``space``.
         space: ``"RAS"`` (MONAI default) or ``"LPS"``: the space of :attr:`affine`, not of any points.
@@ -74,13 +77,15 @@ class DescriptorMap:
         self.space = str(space)
         self.head_names = tuple(head_names)
         n_voxels = int(np.prod(self.grid_shape))
-        if len(self.blocks) != len(self.head_names) or any(
-            b.ndim != 2 or b.shape != self.blocks[0].shape or b.shape[0] != n_voxels for b in self.blocks
-        ):
-            raise ValueError(f"one ({n_voxels}, C) block per head {self.head_names} expected, got "
-                             f"{[tuple(b.shape) for b in self.blocks]}")
-        if len({(b.dtype, b.device) for b in self.blocks}) != 1:
-            raise ValueError("the map's blocks must share one dtype and device")
+        stored = [b for b in self.blocks if isinstance(b, torch.Tensor)]
+        shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else (b.n_rows, b.n_channels) for b in self.blocks]
+        if (len(self.blocks) != len(self.head_names) or not stored or len(stored[0].shape) != 2
+                or any(shape != (n_voxels, stored[0].shape[1]) for shape in shapes)):
+            raise ValueError(f"one ({n_voxels}, C) block per head {self.head_names} expected, got {shapes}")
+        if len({(b.dtype, b.device) for b in stored}) != 1:
+            raise ValueError("the map's stored blocks must share one dtype and device")
+        self._width = int(stored[0].shape[1])
+        self._box_sizes: dict = {}
 
     @property
     def n_heads(self) -> int:
@@ -88,55 +93,102 @@ class DescriptorMap:
 
     @property
     def n_voxels(self) -> int:
-        return int(self.blocks[0].shape[0])
+        return int(np.prod(self.grid_shape))
 
     @property
     def n_channels(self) -> int:
         """``C_total``: the length of a voxel's descriptor."""
-        return int(self.blocks[0].shape[1]) * self.n_heads
+        return self._width * self.n_heads
 
     @property
     def dtype(self) -> torch.dtype:
-        """Storage type of the rows (scores are float32 whatever it is)."""
-        return self.blocks[0].dtype
+        """Storage type of the stored rows (scores are float32 whatever it is)."""
+        return next(b for b in self.blocks if isinstance(b, torch.Tensor)).dtype
 
     @property
     def device(self) -> torch.device:
         return self.blocks[0].device
 
-    def head_volumes(self) -> tuple:
-        """Per head the rows viewed as ``(d, h, w, C)`` (no copy)."""
-        return tuple(b.view(*self.grid_shape, b.shape[1]) for b in self.blocks)
+    @property
+    def n_stored(self) -> int:
+        """Heads whose rows are stored (the others are computed where they are read)."""
+        return sum(isinstance(b, torch.Tensor) for b in self.blocks)
 
-    def gather_head_rows(self, index: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
-        """Write each head's rows of the voxels ``index`` ``(N,)`` into ``out`` ``(n_heads, N, C)`` float32 (one
-        contiguous matrix per head: a copy into the columns of one ``(N, C_total)`` matrix is slower);
-        ``staging``: an optional ``(>= N, C)`` buffer of the map's type reused for the gathers (no fresh tensor per
-        call)."""
-        for block, rows in zip(self.blocks, out):
-            if block.dtype == rows.dtype and rows.is_contiguous():
-                torch.index_select(block, 0, index, out=rows)  # a float32 map: no conversion to stage
-            elif staging is None:
-                rows.copy_(block.index_select(0, index))
+    def head_planes(self, head: int, start: int, stop: int) -> torch.Tensor:
+        """Rows of head ``head`` (its position in :attr:`head_names`) for the depth planes ``start:stop``, as
+        ``(stop - start, h, w, C)`` (a view of a stored head; float32 for a computed one)."""
+        block = self.blocks[head]
+        if isinstance(block, torch.Tensor):
+            return block.view(*self.grid_shape, self._width)[start:stop]
+        return block.planes(start, stop)
+
+    def window_buffers(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for :meth:`window_scores` of windows of ``n_rows`` voxels in all: ``(n_stored, n_rows, C)`` float32
+        for the stored heads' gathered rows and ``(n_rows, C)`` of the map's type for staging each gather."""
+        windows = torch.empty(self.n_stored, n_rows, self._width, dtype=torch.float32, device=self.device)
+        return windows, torch.empty(n_rows, self._width, dtype=self.dtype, device=self.device)
+
+    def window_scores(self, descriptors: torch.Tensor, starts: torch.Tensor, window_index: torch.Tensor,
+                      window_size, buffers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Dot products ``(G, P, W)`` float32 (``n_heads`` x score) of ``P`` descriptors per window with each voxel
+        of ``G`` windows.
+
+        Args:
+            descriptors: ``(G, P, C_total)`` float32.
+            starts: ``(G, 3)`` first voxel of each window; ``window_index``: ``(G, W)`` linear indices of its voxels
+                (C order of ``window_size``, a box inside the grid).
+            window_size: ``(wd, wh, ww)``.
+            buffers: from :meth:`window_buffers`, large enough for ``G * W`` rows (reused by every call: a fresh
+                tensor of tens of MB per call is returned to the OS and faulted in again each time).
+
+        A stored head's rows are gathered (one contiguous float32 matrix per head, staged in the map's type) and
+        multiplied; a computed head scores its coarse voxels and interpolates the scores.
+        """
+        windows, staging = buffers
+        n_windows, n_voxels = window_index.shape
+        index = window_index.reshape(-1)
+        scores, stored = None, 0
+        for h, block in enumerate(self.blocks):
+            part = descriptors[..., h * self._width : (h + 1) * self._width]
+            if isinstance(block, torch.Tensor):
+                rows = windows[stored, : len(index)]
+                stored += 1
+                if block.dtype == rows.dtype:
+                    torch.index_select(block, 0, index, out=rows)  # a float32 map: no conversion to stage
+                else:
+                    rows.copy_(torch.index_select(block, 0, index, out=staging[: len(index)]))
+                rows = rows.view(n_windows, n_voxels, self._width).transpose(1, 2)
+                scores = torch.bmm(part, rows) if scores is None else scores.baddbmm_(part, rows)
             else:
-                rows.copy_(torch.index_select(block, 0, index, out=staging[: len(index)]))
-        return out
+                key = (h, tuple(window_size))
+                if key not in self._box_sizes:
+                    self._box_sizes[key] = block.box_size(window_size)
+                scores = block.window_scores(part, starts, window_index, window_size, self._box_sizes[key], out=scores)
+        return scores
+
+    def _head_rows(self, block, index: torch.Tensor) -> torch.Tensor:
+        return block.index_select(0, index).float() if isinstance(block, torch.Tensor) else block.rows(index)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Descriptors ``(N, C_total)`` float32 of the voxels with linear indices ``index`` ``(N,)``, whatever the
         map's storage type (a float16 map is converted row by row, never whole)."""
         index = torch.as_tensor(index, device=self.device).reshape(-1)
-        return torch.cat([block.index_select(0, index).float() for block in self.blocks], dim=1)
+        return torch.cat([self._head_rows(block, index) for block in self.blocks], dim=1)
 
     def row_range(self, start: int, stop: int) -> torch.Tensor:
         """Descriptors ``(stop - start, C_total)`` float32 of the voxels ``start:stop`` (C order)."""
-        return torch.cat([b[start:stop].float() for b in self.blocks], dim=1)
+        stop = min(stop, self.n_voxels)
+        return torch.cat([b[start:stop].float() if isinstance(b, torch.Tensor) else b.row_range(start, stop)
+                          for b in self.blocks], dim=1)
 
     def scores(self, descriptor: torch.Tensor) -> torch.Tensor:
         """SAMv2 score ``(d * h * w,)`` float32 of one descriptor ``(C_total,)`` with every voxel (C order)."""
         parts = descriptor.to(device=self.device, dtype=torch.float32).chunk(self.n_heads)
         out = torch.zeros(self.n_voxels, dtype=torch.float32, device=self.device)
         for block, part in zip(self.blocks, parts):
+            if not isinstance(block, torch.Tensor):
+                out += block.scores(part)
+                continue
             for v0 in range(0, self.n_voxels, _ROW_BLOCK):
                 out[v0 : v0 + _ROW_BLOCK].addmv_(block[v0 : v0 + _ROW_BLOCK].float(), part)
         return out.div_(self.n_heads)
@@ -300,8 +352,10 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
 
     The fine-grid heads are used in place, as views of their own storage, when their layout is already voxel-major
     (the inferer's channels-last output) and their vectors unit length (a float16 head to its rounding, 2**-11);
-    otherwise they are copied (and a float16 or bfloat16 head normalised). Only the upsampled coarse head is new
-    memory: 0.27 GB for a 512 x 512 x 600 CT where one concatenated map held 0.82 GB.
+    otherwise they are copied (and a float16 or bfloat16 head normalised). The coarse head is not stored upsampled:
+    a :class:`~samv2_components.matching.coarse_head.CoarseHeadOnFineGrid` computes its rows (and window scores)
+    where they are read, from its own grid and one inverse length per fine voxel (4 MB where the upsampled float16
+    block was 0.27 GB for a 512 x 512 x 600 CT).
 
     Raises:
         ValueError: the coarse grid is not a strided sub-grid of the fine one sharing its first voxel centre, or
@@ -325,13 +379,7 @@ def query_descriptor_map(heads: Mapping[str, torch.Tensor]) -> DescriptorMap:
                 fine_to_head[:3, 3], 0.0, atol=1e-3
             ):
                 raise ValueError("the coarse grid is not aligned with the fine grid (are the heads from one scan?)")
-            block = torch.empty((n_voxels, n_channels), dtype=dtype, device=fine.device)
-            # a few channels at a time: the whole head upsampled in float32 would be as large as a float32 head
-            for c0 in range(0, n_channels, _UPSAMPLE_CHANNELS):
-                part = upsample_to_fine_grid(vol[None, c0 : c0 + _UPSAMPLE_CHANNELS].float(), size,
-                                             [float(r) for r in ratios])[0]
-                block[:, c0 : c0 + part.shape[0]].view(*size, -1).copy_(part.permute(1, 2, 3, 0))
-            _normalise_rows(block)  # interpolated unit vectors are shorter than 1
+            block = CoarseHeadOnFineGrid(vol, size, [float(r) for r in ratios])
         else:
             if list(vol.shape[1:]) != size or not np.allclose(fine_to_head, np.eye(4), atol=1e-4):
                 raise ValueError(f"head {name!r} is not on the fine grid (are the heads from one scan?)")
