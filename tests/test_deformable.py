@@ -233,3 +233,30 @@ def test_bad_inputs(case):
     far[:3, 3] = 1000.0
     with pytest.raises(SAMv2InputError, match="outside the moving image"):
         refine_deformable(case.fixed, case.moving, far)
+
+
+def test_require_itk_elastix_checks_without_loading_itk_modules():
+    """The workflow's early check finds itk-elastix without loading ITK's compiled modules (0.7 GB held for the rest
+    of the process); they load only when the deformable stage runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from samv2_components.registration.deformable import require_itk_elastix\n"
+            "require_itk_elastix()\n"
+            "loaded = [m for m in sys.modules if m.startswith('itk.') and m.endswith('Python')]\n"
+            "print(len(loaded))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0"
+
+
+def test_require_itk_elastix_names_the_missing_extra(monkeypatch):
+    import importlib.util
+
+    from samv2_components.errors import MissingExtraError
+    from samv2_components.registration import deformable
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "itk.ElastixPython" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r'itk-elastix: not installed .*pip install -e "\.\[registration\]"'):
+        deformable.require_itk_elastix()

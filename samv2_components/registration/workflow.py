@@ -21,6 +21,7 @@ When only the optional deformable stage fails (elastix can), the rigid outputs a
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from samv2_components.errors import DeformableStageFailed, RegistrationFailed, SAMv2InputError, parse_bool
+from samv2_components.inference.embedder import return_freed_heap_memory
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
@@ -141,9 +143,9 @@ class AdaRegWorkflow:
         # the optional packages are checked now, not after minutes of embedding and fitting
         _sitk()
         if self.deformable:
-            from samv2_components.registration.deformable import _itk, check_deformable_settings
+            from samv2_components.registration.deformable import check_deformable_settings, require_itk_elastix
 
-            _itk()
+            require_itk_elastix()  # ITK's modules themselves are loaded by the deformable stage (0.7 GB)
             unknown = set(self.deformable_kwargs) - set(inspect.signature(check_deformable_settings).parameters) - {"prefix"}
             if unknown:
                 raise SAMv2InputError(f"deformable_kwargs#{sorted(unknown)[0]}", "unknown setting of the deformable stage")
@@ -195,6 +197,11 @@ class AdaRegWorkflow:
         embed_s = time.perf_counter() - t0
         stage("rigid fit")
         rigid = self._register_rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        # the embeddings and preprocessed scans are not needed after the rigid fit: freed before ITK's modules and the
+        # full-resolution images of the deformable stage come in
+        del fixed_image, fixed_heads, moving_image, moving_heads
+        gc.collect()
+        return_freed_heap_memory()
         name = f"{case_name(self.paths['fixed'])}__{case_name(self.paths['moving'])}"
         summary: dict[str, Any] = {
             "fixed": self.paths["fixed"],
