@@ -260,3 +260,24 @@ def test_require_itk_elastix_names_the_missing_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "itk.ElastixPython" else real(name, *a))
     with pytest.raises(MissingExtraError, match=r'itk-elastix: not installed .*pip install -e "\.\[registration\]"'):
         deformable.require_itk_elastix()
+
+
+def test_working_grid_for_a_fixed_image_finer_than_field_spacing(case):
+    """A fixed image finer than ``field_spacing_mm`` is registered on a coarser grid over its extent (same origin and
+    direction): the field lives there, the resampled moving image on the fixed grid, and the mapping still recovers
+    the known deformation; the default keeps a grid as coarse as 2 mm."""
+    result = refine_deformable(case.fixed, case.moving, case.A, iterations=200, field_spacing_mm=4.0, **FAST)
+    field = result.displacement_field
+    assert field.GetSpacing() == (4.0, 4.0, 4.0)
+    assert field.GetOrigin() == case.fixed.GetOrigin() and field.GetDirection() == case.fixed.GetDirection()
+    last_fixed = (np.asarray(SIZE) - 1) * np.asarray(SPACING)
+    last_field = (np.asarray(field.GetSize()) - 1) * 4.0
+    assert np.all(last_field >= last_fixed) and np.all(last_field - 4.0 < last_fixed)  # covers it, no more
+    for attr in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(result.resampled_moving, attr)() == getattr(case.fixed, attr)()
+    x = _grid_points(field)
+    np.testing.assert_allclose(x + sitk.GetArrayFromImage(field).reshape(-1, 3), result.map_points(x), atol=1e-6)
+    err = np.linalg.norm(result.map_points(case.points) - case.truth(case.points), axis=1)
+    assert err.mean() < 1.5 and np.percentile(err, 90) < 2.5, err.mean()
+    with pytest.raises(SAMv2InputError, match="field_spacing_mm"):
+        refine_deformable(case.fixed, case.moving, case.A, field_spacing_mm=0.0)

@@ -202,3 +202,14 @@ def test_affine_default_settings(ct, centre, body_points):
     result = register_intensity(ct, _warp(ct, truth))
     err = np.linalg.norm(result.map_points(body_points) - _apply(truth, body_points), axis=1)
     assert err.max() < 2.0, f"mean {err.mean():.2f} max {err.max():.2f} mm"
+
+
+def test_read_sitk_image_of_a_float32_image_is_independent_of_it(ct):
+    """A float32 SimpleITK image is returned without a second buffer (SimpleITK copies on write), yet writing to the
+    result leaves the caller's image as it was; other types are converted."""
+    out = read_sitk_image(ct)
+    assert out is not ct and out.GetPixelID() == sitk.sitkFloat32
+    before = ct[0, 0, 0]
+    out[0, 0, 0] = before + 123.0
+    assert ct[0, 0, 0] == before and out[0, 0, 0] == before + 123.0
+    assert read_sitk_image(sitk.Cast(ct, sitk.sitkInt16)).GetPixelID() == sitk.sitkFloat32

@@ -134,6 +134,25 @@ def test_moving_offset_shows_as_green_shift(offset, expected):
         assert tile[..., 2].max() == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+@pytest.mark.parametrize(
+    "offset, expected",
+    [((10.0, 0.0, 0.0), {"axial": (0, 10), "coronal": (0, 10)}), ((0.0, 0.0, 10.0), {"coronal": (-10, 0), "sagittal": (-10, 0)})],
+)
+def test_fixed_sitk_offset_shows_as_red_shift(offset, expected, dtype):
+    """The SimpleITK fixed image (oblique, anisotropic; read without a copy when float32) is placed by its own geometry:
+    its ball moved off the grid centre moves the red blob."""
+    fixed = to_sitk(ball(F_AFF, F_SHAPE, P + np.asarray(offset)).astype(dtype), F_AFF)
+    moving = to_metatensor(ball(M_AFF, M_SHAPE, P), M_AFF)
+    img = registration_overlay_image(fixed, moving, point_lps=P, field_of_view_mm=FOV, fixed_window=WINDOW,
+                                     moving_window=WINDOW)
+    half = int(FOV / 2)
+    for view, shift in expected.items():
+        tile = panels(img)[view]
+        np.testing.assert_allclose(centroid(tile[..., 0]), np.add([half, half], shift), atol=0.6)
+        np.testing.assert_allclose(centroid(tile[..., 1]), [half, half], atol=0.5)
+
+
 def test_red_is_fixed_intensity_and_green_moving_intensity():
     """A ramp along LPS x in each image: the channels are the windowed intensities at the pixels' world points."""
     fixed = to_sitk(world_of(F_AFF, F_SHAPE)[..., 0].astype(np.float32), F_AFF)

@@ -238,7 +238,6 @@ class AdaRegWorkflow:
 
         sitk = _sitk()
 
-        moving_rigid = _resample(moving, fixed, matrix)
         deformable = None
         if self.deformable:
             from samv2_components.registration.deformable import refine_deformable
@@ -253,6 +252,7 @@ class AdaRegWorkflow:
             else:
                 summary["deformable"] = {"success": True}
                 summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
+        moving_rigid = _resample(moving, fixed, matrix)  # after the deformable stage: not held through it
         stage("write")
         with atomic_directory(self.output_dir, name) as tmp:
             write_itk_transform(matrix, os.path.join(tmp, "rigid.tfm"), transform_type="rigid")
