@@ -1,12 +1,14 @@
-"""Peak memory and time of ``samv2 embed`` and ``samv2 match`` on a large CT, as a user runs them; prints a table.
+"""Peak memory and time of ``samv2 embed``, ``samv2 match`` and ``samv2 register`` on a large CT, as a user runs them;
+prints a table.
 
 The scan is made from real anatomy: the shipped sample CT resampled (linear) onto a ``--size`` grid (X, Y, Z voxels,
 default 512 x 512 x 600, a full-resolution chest-abdomen-pelvis CT) at ``--spacing`` mm (default 0.7 x 0.7 x 0.8),
 written as an uncompressed int16 NIfTI (about 300 MB). Each command runs in its own process; its peak is that
 process's peak resident memory (``ru_maxrss`` of the waited child), so the numbers include reading the file,
-resampling it to 2 mm and everything the bundle holds.
+resampling it to 2 mm and everything the bundle holds. ``samv2 register`` runs twice: the large CT as the fixed scan
+and the sample CT as the moving one (the same anatomy), and the README tour's CT-MR pair (3 mm phantom scans).
 
-Reproduce the figures in ``bundles/semantic_sam/docs/README.md``::
+Reproduce the figures in ``bundles/semantic_sam/docs/README.md`` and ``bundles/crosssam_registration/docs/README.md``::
 
     python scripts/benchmark_memory.py --work_dir /tmp/samv2_memory
 """
@@ -62,8 +64,10 @@ def measure(command: list[str]) -> tuple[float, float, int]:
     return wall, usage.ru_maxrss / 1024.0, status  # ru_maxrss is KiB on Linux
 
 
-def main(work_dir: str = "samv2_memory", size: str = "512,512,600", spacing: str = "0.7,0.7,0.8") -> None:
-    """Make the large CT in ``work_dir`` and print the table (one row per command)."""
+def main(work_dir: str = "samv2_memory", size: str = "512,512,600", spacing: str = "0.7,0.7,0.8",
+         register: bool = True) -> None:
+    """Make the large CT in ``work_dir`` and print the table (one row per command); ``register``: also the two
+    ``samv2 register`` rows (a few minutes more)."""
     os.makedirs(work_dir, exist_ok=True)
     size_xyz = [int(v) for v in str(size).strip("()[] ").split(",")]
     spacing_xyz = [float(v) for v in str(spacing).strip("()[] ").split(",")]
@@ -77,6 +81,16 @@ def main(work_dir: str = "samv2_memory", size: str = "512,512,600", spacing: str
             "match", "--template", sample_path("ct_abdomen"), "--points", sample_path("ct_abdomen_points"),
             "--query", scan, "--output_dir", os.path.join(work_dir, "match")]),
     ]
+    if register:
+        rows += [
+            ("register (fixed = large CT, moving = sample CT, CT-CT)", cli + [
+                "register", "--fixed", scan, "--fixed_modality", "ct", "--moving", sample_path("ct_abdomen"),
+                "--moving_modality", "ct", "--output_dir", os.path.join(work_dir, "register_large")]),
+            ("register (the README tour's CT-MR pair, 3 mm)", cli + [
+                "register", "--fixed", sample_path("phantom_ct"), "--fixed_modality", "ct", "--moving",
+                sample_path("phantom_mr"), "--moving_modality", "mr", "--output_dir",
+                os.path.join(work_dir, "register_tour")]),
+        ]
     print(f"large CT: {'x'.join(map(str, size_xyz))} voxels at {'x'.join(map(str, spacing_xyz))} mm "
           f"({os.path.getsize(scan) / 2**20:.0f} MiB on disk); threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print("| command | wall (s) | peak RSS (MiB) | exit |")
