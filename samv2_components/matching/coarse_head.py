@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
 __all__ = ["CoarseHeadOnFineGrid"]
 
 #: fine depth planes interpolated at once when the inverse lengths are computed
@@ -141,6 +140,8 @@ class CoarseHeadOnFineGrid:
     def planes(self, start: int, stop: int) -> torch.Tensor:
         """Rows of the fine depth planes ``start:stop`` as ``(stop - start, h, w, C)`` float32."""
         stop = min(stop, self.fine_shape[0])
+        if stop <= start:
+            return torch.empty(0, *self.fine_shape[1:], self.n_channels, device=self.device)
         block = _interpolate_axis(self._depth_and_height(start, stop), 2, *self._axes[2])
         plane = self.fine_shape[1] * self.fine_shape[2]
         lengths = self.inverse_length[start * plane : stop * plane].view(stop - start, *self.fine_shape[1:])
@@ -163,10 +164,9 @@ class CoarseHeadOnFineGrid:
     # ------------------------------------------------------------------------------------------ window search
     def box_size(self, window_size) -> tuple[int, int, int]:
         """Coarse voxels ``(bd, bh, bw)`` under any window of ``window_size`` fine voxels inside the grid."""
-        box = []
-        for (low, high, _), n in zip(self._axes, window_size):
-            box.append(max(int(high[s + n - 1] - low[s]) + 1 for s in range(len(low) - n + 1)))
-        return tuple(box)
+        # along each axis: the window starting at s spans coarse voxels low[s] .. high[s + n - 1]
+        return tuple(int((high[n - 1 :] - low[: len(low) - n + 1]).max()) + 1
+                     for (low, high, _), n in zip(self._axes, window_size))
 
     def window_scores(self, descriptors: torch.Tensor, starts: torch.Tensor, window_index: torch.Tensor,
                       window_size, box_size, out: torch.Tensor | None = None) -> torch.Tensor:

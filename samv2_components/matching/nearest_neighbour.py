@@ -167,6 +167,7 @@ class DescriptorMap:
         return scores
 
     def _head_rows(self, block, index: torch.Tensor) -> torch.Tensor:
+        """One head's rows ``(N, C)`` float32 of the voxels ``index``, stored or computed."""
         return block.index_select(0, index).float() if isinstance(block, torch.Tensor) else block.rows(index)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
