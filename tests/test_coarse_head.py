@@ -60,7 +60,7 @@ def test_window_scores_equal_the_dot_products_of_the_windows_rows(coarse_shape, 
     window_index = (starts * strides).sum(1)[:, None] + (
         offsets[0][:, None, None] + offsets[1][None, :, None] + offsets[2][None, None, :]).reshape(1, -1)
     descriptors = torch.randn(30, 4, 16, generator=generator)
-    scores = head.window_scores(descriptors, starts, window_index, size, head.box_size(size))
+    scores = head.window_scores(descriptors, starts, window_index, size)
     expected = torch.bmm(descriptors, reference[window_index].transpose(1, 2))
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
 

@@ -112,7 +112,7 @@ def test_descriptor_map_uses_unit_fine_grid_heads_in_place(embedded):
     heads = embedded["template"]
     dmap = query_descriptor_map(heads)
     for name in ("fine", "semantic"):
-        block = dmap.blocks[dmap.head_names.index(name)]
+        block = dmap.blocks[dmap.head_names.index(name)].data
         assert block.untyped_storage().data_ptr() == heads[name].untyped_storage().data_ptr()
     # the coarse head is not stored upsampled: its own grid (32 times smaller) and one inverse length per fine voxel
     coarse = dmap.blocks[dmap.head_names.index("coarse")]
@@ -121,9 +121,9 @@ def test_descriptor_map_uses_unit_fine_grid_heads_in_place(embedded):
 
     scaled = dict(heads, fine=heads["fine"] * 2)  # same layout and type, twice unit length
     before = scaled["fine"].clone()
-    block = query_descriptor_map(scaled).blocks[0]
+    block = query_descriptor_map(scaled).blocks[0].data
     assert block.untyped_storage().data_ptr() != scaled["fine"].untyped_storage().data_ptr()
-    torch.testing.assert_close(block.float(), dmap.blocks[0].float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(block.float(), dmap.blocks[0].data.float(), atol=1e-3, rtol=0)
     np.testing.assert_allclose(block.float().norm(dim=1).numpy(), 1.0, atol=1e-3)
     assert torch.equal(scaled["fine"], before)
 

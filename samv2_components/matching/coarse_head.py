@@ -78,6 +78,7 @@ class CoarseHeadOnFineGrid:
         self._coarse_strides = (self.coarse_shape[1] * self.coarse_shape[2], self.coarse_shape[2], 1)
         self._axes = [tuple(t.to(self.device) for t in _axis_weights(n, c, r))
                       for n, c, r in zip(self.fine_shape, self.coarse_shape, self.ratios)]
+        self._box_sizes: dict = {}
         self.inverse_length = torch.empty(self.n_rows, dtype=torch.float32, device=self.device)
         plane = self.fine_shape[1] * self.fine_shape[2]
         for d0 in range(0, self.fine_shape[0], _PLANES_PER_BLOCK):
@@ -163,13 +164,17 @@ class CoarseHeadOnFineGrid:
 
     # ------------------------------------------------------------------------------------------ window search
     def box_size(self, window_size) -> tuple[int, int, int]:
-        """Coarse voxels ``(bd, bh, bw)`` under any window of ``window_size`` fine voxels inside the grid."""
-        # along each axis: the window starting at s spans coarse voxels low[s] .. high[s + n - 1]
-        return tuple(int((high[n - 1 :] - low[: len(low) - n + 1]).max()) + 1
-                     for (low, high, _), n in zip(self._axes, window_size))
+        """Coarse voxels ``(bd, bh, bw)`` under any window of ``window_size`` fine voxels inside the grid (computed
+        once per window size: a search asks for it with every batch of windows)."""
+        key = tuple(int(n) for n in window_size)
+        if key not in self._box_sizes:
+            # along each axis: the window starting at s spans coarse voxels low[s] .. high[s + n - 1]
+            self._box_sizes[key] = tuple(int((high[n - 1 :] - low[: len(low) - n + 1]).max()) + 1
+                                         for (low, high, _), n in zip(self._axes, key))
+        return self._box_sizes[key]
 
     def window_scores(self, descriptors: torch.Tensor, starts: torch.Tensor, window_index: torch.Tensor,
-                      window_size, box_size, out: torch.Tensor | None = None) -> torch.Tensor:
+                      window_size, out: torch.Tensor | None = None, workspace=None) -> torch.Tensor:
         """Dot products ``(G, P, W)`` of descriptors with every fine voxel of ``G`` windows.
 
         Args:
@@ -177,14 +182,14 @@ class CoarseHeadOnFineGrid:
             starts: ``(G, 3)`` first fine voxel of each window (the window lies inside the grid).
             window_index: ``(G, W)`` linear fine indices of each window's voxels, C order of ``window_size``.
             window_size: ``(wd, wh, ww)`` fine voxels, ``W`` their product.
-            box_size: :meth:`box_size` of ``window_size``.
             out: ``(G, P, W)`` float32 scores to add to (in place), or ``None`` for a new tensor.
+            workspace: unused (the stored heads' interface: they gather rows into a buffer).
 
         The descriptors are scored on the window's coarse box (``B`` voxels) and the scores carried to the window's
         voxels by one ``(W, B)`` matrix per window: the product of the three axes' linear-interpolation weights,
         each row scaled by its voxel's inverse length.
         """
-        n_windows = len(starts)
+        n_windows, box_size = len(starts), self.box_size(window_size)
         box_index, weights = 0, []
         for axis, ((low, high, weight), n, b) in enumerate(zip(self._axes, window_size, box_size)):
             position = starts[:, axis, None] + torch.arange(n, device=self.device)  # (G, n)

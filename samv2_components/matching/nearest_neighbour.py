@@ -34,6 +34,7 @@ from samv2_components.networks import HEAD_NAMES
 
 __all__ = [
     "DescriptorMap",
+    "StoredHead",
     "present_heads",
     "descriptor_at_points",
     "query_descriptor_map",
@@ -49,21 +50,93 @@ _ROW_BLOCK = 1 << 16
 _UNIT_TOLERANCE = 1e-3
 
 
-class DescriptorMap:
-    """The query's matching descriptor on its fine grid, one block of rows per head.
-
-    Each head is a ``(d * h * w, C)`` block of rows (row = voxel in C order of ``(d, h, w)``, every row unit
-    length); the descriptor of a voxel is the concatenation of its rows in :attr:`head_names` order,
-    ``C_total = C * n_heads`` channels. Heads already on the fine grid are stored: **views of the heads' own storage**
-    when the inferer's channels-last layout makes them row matrices and they are unit length (no copy of two thirds of
-    the map: 0.55 GB for a 512 x 512 x 600 CT); so the heads must not be modified while the map is in use. The coarse
-    head is a :class:`~samv2_components.matching.coarse_head.CoarseHeadOnFineGrid`: its rows are computed where they
-    are read, from the coarse grid (32 times smaller) and one inverse length per fine voxel.
+class StoredHead:
+    """A head on the fine grid held as rows: a ``(n_voxels, C)`` float tensor (row = voxel in C order of the fine
+    grid, unit length; float16 for the bundles' maps, every score computed in float32), often a view of the
+    inferer's own head. Reads the same way as :class:`~samv2_components.matching.coarse_head.CoarseHeadOnFineGrid`.
 
     Args:
-        blocks: per head a ``(n_voxels, C)`` float tensor (float16 for the bundles' maps: half the memory; every
-            score is computed in float32), all of one type and device, or a ``CoarseHeadOnFineGrid`` of ``n_voxels``
-            rows of ``C`` channels.
+        data: the ``(n_voxels, C)`` rows.
+        grid_shape: ``(d, h, w)`` of the fine grid.
+    """
+
+    def __init__(self, data: torch.Tensor, grid_shape):
+        self.data = data
+        self.grid_shape = tuple(int(n) for n in grid_shape)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``(N, C)`` float32 of the voxels ``index`` (a float16 map is converted row by row, never whole)."""
+        return self.data.index_select(0, index).float()
+
+    def row_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``(stop - start, C)`` float32 of the voxels ``start:stop`` (C order)."""
+        return self.data[start:stop].float()
+
+    def planes(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of the depth planes ``start:stop`` as ``(stop - start, h, w, C)``, a view (the stored type)."""
+        return self.data.view(*self.grid_shape, self.n_channels)[start:stop]
+
+    def scores(self, descriptor: torch.Tensor) -> torch.Tensor:
+        """Cosines ``(n_rows,)`` float32 of one head descriptor ``(C,)`` with every voxel, in float32 blocks."""
+        out = torch.empty(self.n_rows, dtype=torch.float32, device=self.device)
+        for v0 in range(0, self.n_rows, _ROW_BLOCK):
+            torch.mv(self.data[v0 : v0 + _ROW_BLOCK].float(), descriptor, out=out[v0 : v0 + _ROW_BLOCK])
+        return out
+
+    def window_workspace(self, n_rows: int, staging: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A float32 ``(n_rows, C)`` buffer for :meth:`window_scores`' gathered rows, and ``staging`` (a buffer of
+        the stored type, shared by the heads) unless the rows need no conversion."""
+        buffer = torch.empty(n_rows, self.n_channels, dtype=torch.float32, device=self.device)
+        return buffer, None if self.dtype == torch.float32 else staging
+
+    def window_scores(self, descriptors: torch.Tensor, starts: torch.Tensor, window_index: torch.Tensor, window_size,
+                      out: torch.Tensor | None = None, workspace=None) -> torch.Tensor:
+        """Dot products ``(G, P, W)`` of descriptors ``(G, P, C)`` with the voxels ``window_index`` ``(G, W)`` of
+        ``G`` windows, added to ``out`` when given: the rows are gathered into ``workspace``
+        (:meth:`window_workspace`, staged in the stored type) as one contiguous float32 matrix, then multiplied.
+        ``starts`` and ``window_size`` are not needed here (the computed head's interface)."""
+        buffer, staging = workspace
+        n_windows, n_voxels = window_index.shape
+        index = window_index.reshape(-1)
+        rows = buffer[: len(index)]
+        if staging is None:
+            torch.index_select(self.data, 0, index, out=rows)
+        else:
+            rows.copy_(torch.index_select(self.data, 0, index, out=staging[: len(index)]))
+        rows = rows.view(n_windows, n_voxels, self.n_channels).transpose(1, 2)
+        return torch.bmm(descriptors, rows) if out is None else out.baddbmm_(descriptors, rows)
+
+
+class DescriptorMap:
+    """The query's matching descriptor on its fine grid, one head of rows per head.
+
+    Each head reads as a ``(d * h * w, C)`` block of rows (row = voxel in C order of ``(d, h, w)``, every row unit
+    length); the descriptor of a voxel is the concatenation of its rows in :attr:`head_names` order,
+    ``C_total = C * n_heads`` channels. Heads already on the fine grid are :class:`StoredHead` s: **views of the
+    heads' own storage** when the inferer's channels-last layout makes them row matrices and they are unit length (no
+    copy of two thirds of the map: 0.55 GB for a 512 x 512 x 600 CT); so the heads must not be modified while the map
+    is in use. The coarse head is a :class:`~samv2_components.matching.coarse_head.CoarseHeadOnFineGrid`: its rows
+    are computed where they are read, from the coarse grid (32 times smaller) and one inverse length per fine voxel.
+
+    Args:
+        blocks: per head a :class:`StoredHead`, a ``CoarseHeadOnFineGrid`` or a ``(n_voxels, C)`` float tensor (made a
+            ``StoredHead``), of ``n_voxels`` rows of ``C`` channels; the stored ones of one type and device.
         grid_shape: ``(d, h, w)`` of the fine grid.
         affine: 4x4 voxel-to-world affine of the fine grid (float64 numpy), expressed in ``space``.
         space: ``"RAS"`` (MONAI default) or ``"LPS"``: the space of :attr:`affine`, not of any points.
@@ -71,21 +144,20 @@ class DescriptorMap:
     """
 
     def __init__(self, blocks, grid_shape, affine, space: str, head_names):
-        self.blocks = tuple(blocks)
         self.grid_shape = tuple(int(n) for n in grid_shape)
+        self.blocks = tuple(StoredHead(b, self.grid_shape) if isinstance(b, torch.Tensor) else b for b in blocks)
         self.affine = np.asarray(affine, dtype=np.float64)
         self.space = str(space)
         self.head_names = tuple(head_names)
         n_voxels = int(np.prod(self.grid_shape))
-        stored = [b for b in self.blocks if isinstance(b, torch.Tensor)]
-        shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else (b.n_rows, b.n_channels) for b in self.blocks]
-        if (len(self.blocks) != len(self.head_names) or not stored or len(stored[0].shape) != 2
-                or any(shape != (n_voxels, stored[0].shape[1]) for shape in shapes)):
+        stored = [b for b in self.blocks if isinstance(b, StoredHead)]
+        shapes = [tuple(b.data.shape) if isinstance(b, StoredHead) else (b.n_rows, b.n_channels) for b in self.blocks]
+        if (len(self.blocks) != len(self.head_names) or not stored
+                or any(shape != (n_voxels, stored[0].n_channels) for shape in shapes)):
             raise ValueError(f"one ({n_voxels}, C) block per head {self.head_names} expected, got {shapes}")
         if len({(b.dtype, b.device) for b in stored}) != 1:
             raise ValueError("the map's stored blocks must share one dtype and device")
-        self._width = int(stored[0].shape[1])
-        self._box_sizes: dict = {}
+        self._stored = stored
 
     @property
     def n_heads(self) -> int:
@@ -98,101 +170,68 @@ class DescriptorMap:
     @property
     def n_channels(self) -> int:
         """``C_total``: the length of a voxel's descriptor."""
-        return self._width * self.n_heads
+        return self._stored[0].n_channels * self.n_heads
 
     @property
     def dtype(self) -> torch.dtype:
         """Storage type of the stored rows (scores are float32 whatever it is)."""
-        return next(b for b in self.blocks if isinstance(b, torch.Tensor)).dtype
+        return self._stored[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0].device
+        return self._stored[0].device
 
-    @property
-    def n_stored(self) -> int:
-        """Heads whose rows are stored (the others are computed where they are read)."""
-        return sum(isinstance(b, torch.Tensor) for b in self.blocks)
+    def _parts(self, descriptors: torch.Tensor) -> tuple:
+        """Each head's channels of ``(..., C_total)`` descriptors."""
+        return descriptors.chunk(self.n_heads, dim=-1)
 
     def head_planes(self, head: int, start: int, stop: int) -> torch.Tensor:
         """Rows of head ``head`` (its position in :attr:`head_names`) for the depth planes ``start:stop``, as
         ``(stop - start, h, w, C)`` (a view of a stored head; float32 for a computed one)."""
-        block = self.blocks[head]
-        if isinstance(block, torch.Tensor):
-            return block.view(*self.grid_shape, self._width)[start:stop]
-        return block.planes(start, stop)
+        return self.blocks[head].planes(start, stop)
 
-    def window_buffers(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers for :meth:`window_scores` of windows of ``n_rows`` voxels in all: ``(n_stored, n_rows, C)`` float32
-        for the stored heads' gathered rows and ``(n_rows, C)`` of the map's type for staging each gather."""
-        windows = torch.empty(self.n_stored, n_rows, self._width, dtype=torch.float32, device=self.device)
-        return windows, torch.empty(n_rows, self._width, dtype=self.dtype, device=self.device)
+    def window_buffers(self, n_rows: int) -> tuple:
+        """Per head the workspace of :meth:`window_scores` for windows of ``n_rows`` voxels in all (reused by every
+        call: a fresh tensor of tens of MB per call is returned to the OS and faulted in again each time); the
+        stored heads share one staging buffer of the map's type."""
+        staging = torch.empty(n_rows, self._stored[0].n_channels, dtype=self.dtype, device=self.device)
+        return tuple(b.window_workspace(n_rows, staging) if isinstance(b, StoredHead) else None for b in self.blocks)
 
     def window_scores(self, descriptors: torch.Tensor, starts: torch.Tensor, window_index: torch.Tensor,
-                      window_size, buffers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                      window_size, buffers: tuple) -> torch.Tensor:
         """Dot products ``(G, P, W)`` float32 (``n_heads`` x score) of ``P`` descriptors per window with each voxel
-        of ``G`` windows.
+        of ``G`` windows, summed head by head.
 
         Args:
             descriptors: ``(G, P, C_total)`` float32.
             starts: ``(G, 3)`` first voxel of each window; ``window_index``: ``(G, W)`` linear indices of its voxels
                 (C order of ``window_size``, a box inside the grid).
             window_size: ``(wd, wh, ww)``.
-            buffers: from :meth:`window_buffers`, large enough for ``G * W`` rows (reused by every call: a fresh
-                tensor of tens of MB per call is returned to the OS and faulted in again each time).
+            buffers: from :meth:`window_buffers`, large enough for ``G * W`` rows.
 
-        A stored head's rows are gathered (one contiguous float32 matrix per head, staged in the map's type) and
-        multiplied; a computed head scores its coarse voxels and interpolates the scores.
+        A stored head's rows are gathered and multiplied; a computed head scores its coarse voxels and interpolates
+        the scores.
         """
-        windows, staging = buffers
-        n_windows, n_voxels = window_index.shape
-        index = window_index.reshape(-1)
-        scores, stored = None, 0
-        for h, block in enumerate(self.blocks):
-            part = descriptors[..., h * self._width : (h + 1) * self._width]
-            if isinstance(block, torch.Tensor):
-                rows = windows[stored, : len(index)]
-                stored += 1
-                if block.dtype == rows.dtype:
-                    torch.index_select(block, 0, index, out=rows)  # a float32 map: no conversion to stage
-                else:
-                    rows.copy_(torch.index_select(block, 0, index, out=staging[: len(index)]))
-                rows = rows.view(n_windows, n_voxels, self._width).transpose(1, 2)
-                scores = torch.bmm(part, rows) if scores is None else scores.baddbmm_(part, rows)
-            else:
-                key = (h, tuple(window_size))
-                if key not in self._box_sizes:
-                    self._box_sizes[key] = block.box_size(window_size)
-                scores = block.window_scores(part, starts, window_index, window_size, self._box_sizes[key], out=scores)
+        scores = None
+        for block, part, workspace in zip(self.blocks, self._parts(descriptors), buffers):
+            scores = block.window_scores(part, starts, window_index, window_size, out=scores, workspace=workspace)
         return scores
-
-    def _head_rows(self, block, index: torch.Tensor) -> torch.Tensor:
-        """One head's rows ``(N, C)`` float32 of the voxels ``index``, stored or computed."""
-        return block.index_select(0, index).float() if isinstance(block, torch.Tensor) else block.rows(index)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Descriptors ``(N, C_total)`` float32 of the voxels with linear indices ``index`` ``(N,)``, whatever the
         map's storage type (a float16 map is converted row by row, never whole)."""
         index = torch.as_tensor(index, device=self.device).reshape(-1)
-        return torch.cat([self._head_rows(block, index) for block in self.blocks], dim=1)
+        return torch.cat([block.rows(index) for block in self.blocks], dim=1)
 
     def row_range(self, start: int, stop: int) -> torch.Tensor:
         """Descriptors ``(stop - start, C_total)`` float32 of the voxels ``start:stop`` (C order)."""
         stop = min(stop, self.n_voxels)
-        return torch.cat([b[start:stop].float() if isinstance(b, torch.Tensor) else b.row_range(start, stop)
-                          for b in self.blocks], dim=1)
+        return torch.cat([block.row_range(start, stop) for block in self.blocks], dim=1)
 
     def scores(self, descriptor: torch.Tensor) -> torch.Tensor:
         """SAMv2 score ``(d * h * w,)`` float32 of one descriptor ``(C_total,)`` with every voxel (C order)."""
-        parts = descriptor.to(device=self.device, dtype=torch.float32).chunk(self.n_heads)
-        out = torch.zeros(self.n_voxels, dtype=torch.float32, device=self.device)
-        for block, part in zip(self.blocks, parts):
-            if not isinstance(block, torch.Tensor):
-                out += block.scores(part)
-                continue
-            for v0 in range(0, self.n_voxels, _ROW_BLOCK):
-                out[v0 : v0 + _ROW_BLOCK].addmv_(block[v0 : v0 + _ROW_BLOCK].float(), part)
-        return out.div_(self.n_heads)
+        parts = self._parts(descriptor.to(device=self.device, dtype=torch.float32))
+        return sum(block.scores(part) for block, part in zip(self.blocks, parts)).div_(self.n_heads)
 
     def voxel_to_world(self, indices) -> np.ndarray:
         """Fine-grid voxel coordinates ``(N, 3)`` (may be fractional) to world points ``(N, 3)``, LPS mm."""
