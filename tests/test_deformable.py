@@ -250,6 +250,29 @@ def test_require_itk_elastix_checks_without_loading_itk_modules():
     assert result.stdout.strip() == "0"
 
 
+def test_two_threads_with_the_bending_penalty_run_and_restore_itk_default():
+    """elastix's own ``SetNumberOfThreads`` with 2 threads and a multi-metric map (Mattes MI + bending penalty, the
+    default) ends the process with a segmentation fault; the thread count is set as ITK's process-wide default for
+    the call instead, and the previous default comes back afterwards. In a subprocess, so that a crash fails this
+    test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    code = ("import itk, numpy as np, SimpleITK as sitk\n"
+            "from samv2_components.registration.deformable import refine_deformable\n"
+            "rng = np.random.default_rng(0)\n"
+            "noise = sitk.GetImageFromArray(rng.normal(size=(24, 28, 26)).astype(np.float32))\n"
+            "image = sitk.SmoothingRecursiveGaussian(noise, 2.0)\n"
+            "image.SetSpacing((2.0, 2.0, 2.5))\n"
+            "itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(3)\n"
+            "out = refine_deformable(image, image, np.eye(4), grid_spacing_mm=20.0, resolutions=1, iterations=20,\n"
+            "                        bending_penalty=1.0, number_of_threads=2)\n"
+            "print(out.displacement_field.GetSize(), itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "(26, 28, 24) 3"
+
+
 def test_require_itk_elastix_names_the_missing_extra(monkeypatch):
     import importlib.util
 

@@ -45,6 +45,7 @@ All elastix/transformix files (log, parameter files) go to a temporary folder th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -96,6 +97,24 @@ def _itk():
     except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on the environment
         raise MissingExtraError("itk-elastix", "registration", "the deformable stage") from exc
     return itk
+
+
+@contextlib.contextmanager
+def _itk_threads(itk, number_of_threads: int | None):
+    """Run elastix and transformix on ``number_of_threads`` threads (``None``: ITK's default), restoring ITK's
+    process-wide default afterwards. The per-object ``ElastixRegistrationMethod.SetNumberOfThreads`` is not used:
+    with more than one thread and a multi-metric map (the metric plus the bending penalty) it crashes the process
+    with a segmentation fault (itk-elastix 0.2x, ITKElastix issue 160; reproduced here with 2 threads)."""
+    if number_of_threads is None:
+        yield
+        return
+    threader = itk.MultiThreaderBase
+    previous = threader.GetGlobalDefaultNumberOfThreads()
+    threader.SetGlobalDefaultNumberOfThreads(int(number_of_threads))
+    try:
+        yield
+    finally:
+        threader.SetGlobalDefaultNumberOfThreads(previous)
 
 
 @dataclass
@@ -332,8 +351,9 @@ def refine_deformable(
             The penalty is the mean squared second derivative of the displacement (mm^-2): for deformations of a
             few mm over tens of mm it is ~1e-3, so the default 1.0 (elastix's own) is a mild regulariser; use
             10-100 for stiffer fields.
-        number_of_threads: threads for elastix and transformix; ``None``: ITK's default (all cores). The random
-            sampling is split over threads, so results differ (slightly) between thread counts.
+        number_of_threads: threads for elastix and transformix (ITK's process-wide default, set for this call and
+            restored after it); ``None``: ITK's default (all cores). The random sampling is split over threads, so
+            results differ (slightly) between thread counts.
         seed: elastix ``RandomSeed`` of the random sample coordinates (same seed, inputs and threads: same result).
         number_of_samples: random samples per iteration (``NumberOfSpatialSamples``).
         field_spacing_mm: finest spacing of the working grid (elastix's fixed image and the displacement field);
@@ -398,7 +418,7 @@ def refine_deformable(
     parameters.AddParameterMap(pmap)
 
     image_type = itk.Image[itk.F, 3]
-    with tempfile.TemporaryDirectory(prefix="samv2_elastix_") as workdir:
+    with tempfile.TemporaryDirectory(prefix="samv2_elastix_") as workdir, _itk_threads(itk, number_of_threads):
         try:
             elastix = itk.ElastixRegistrationMethod[image_type, image_type].New()
             elastix.SetFixedImage(_to_itk(itk, sitk, work_fixed, itk.F))
@@ -411,8 +431,6 @@ def refine_deformable(
             elastix.SetLogToConsole(False)
             elastix.SetLogToFile(True)
             elastix.SetLogFileName("elastix.log")
-            if number_of_threads is not None:
-                elastix.SetNumberOfThreads(int(number_of_threads))
             elastix.UpdateLargestPossibleRegion()
             result_parameters = elastix.GetTransformParameterObject()
 
@@ -424,8 +442,6 @@ def refine_deformable(
             transformix.SetOutputDirectory(workdir)
             transformix.SetLogToConsole(False)
             transformix.SetLogToFile(False)
-            if number_of_threads is not None:
-                transformix.SetNumberOfWorkUnits(int(number_of_threads))
             transformix.UpdateLargestPossibleRegion()
             itk_field = transformix.GetOutputDeformationField()
         except RuntimeError as exc:  # elastix raises with a long multi-line ITK message
