@@ -90,7 +90,7 @@ class TranslationSearch:
         peaks: int = 2,
         peak_separation_mm: float = 24.0,
         max_samples: int = 20_000,
-        max_samples_per_chunk: int = 8_000_000,
+        max_samples_per_chunk: int = 2_000_000,
         seed: int = 0,
     ):
         if int(shrink_factor) < 1 or float(step_mm) <= 0 or float(range_mm) < 0 or int(bins) < 2 or int(peaks) < 1:

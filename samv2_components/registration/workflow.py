@@ -252,8 +252,9 @@ class AdaRegWorkflow:
             else:
                 summary["deformable"] = {"success": True}
                 summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
-        moving_rigid = _resample(moving, fixed, matrix)  # after the deformable stage: not held through it
         stage("write")
+        if self.write_qc:
+            from samv2_components.visualize import save_registration_overlay
         with atomic_directory(self.output_dir, name) as tmp:
             write_itk_transform(matrix, os.path.join(tmp, "rigid.tfm"), transform_type="rigid")
             write_transform_json(
@@ -264,20 +265,23 @@ class AdaRegWorkflow:
                 extra={"confidence": rigid.summary},
             )
             sitk.WriteImage(cropped, os.path.join(tmp, cropped_name), True)
+            centre = rigid.small_body_corners.mean(0) if small == "fixed" else box_large.mean(0)
+            # one copy of the moving scan on the fixed grid at a time (each is the fixed scan's size: 0.7 GB in all
+            # for a 512 x 512 x 600 CT), so the rigid copy is made here, after the deformable stage, and dropped
+            moving_rigid = _resample(moving, fixed, matrix)
             sitk.WriteImage(moving_rigid, os.path.join(tmp, "moving_rigid.nii.gz"), True)
+            if self.write_qc:
+                save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre,
+                                          title=f"{self._title(rigid)} rigid: fixed red, moving green")
+            del moving_rigid
             if deformable is not None:
                 from samv2_components.registration.deformable import write_displacement_field
 
-                sitk.WriteImage(deformable.resampled_moving, os.path.join(tmp, "moving_deformable.nii.gz"), True)
                 write_displacement_field(deformable, os.path.join(tmp, "deformable_field.nii.gz"))
                 with open(os.path.join(tmp, "deformable_elastix.txt"), "w", encoding="utf-8") as f:
                     f.write(deformable.elastix_parameters)
-            if self.write_qc:
-                from samv2_components.visualize import save_registration_overlay
-
-                centre = rigid.small_body_corners.mean(0) if small == "fixed" else box_large.mean(0)
-                save_registration_overlay(os.path.join(tmp, "qc_rigid.png"), fixed, moving_rigid, point_lps=centre, title=f"{self._title(rigid)} rigid: fixed red, moving green")
-                if deformable is not None:
+                sitk.WriteImage(deformable.resampled_moving, os.path.join(tmp, "moving_deformable.nii.gz"), True)
+                if self.write_qc:
                     save_registration_overlay(
                         os.path.join(tmp, "qc_deformable.png"), fixed, deformable.resampled_moving, point_lps=centre,
                         title=f"{self._title(rigid)} rigid + B-spline: fixed red, moving green",
