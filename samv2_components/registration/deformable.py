@@ -24,8 +24,13 @@ Method:
    grid" means the working grid.
 1. The moving image is resampled once with the initial (rigid) transform ``R`` onto the fixed grid, padded by
    ``grid_spacing_mm`` on every side (so a deformation near the border still finds moving data): the pre-aligned
-   moving image ``M'(y) = M(R(y))`` lives in the fixed physical frame. A moving mask marks where ``R(y)`` lies
-   inside the original moving scan; elastix ignores samples outside it (they are padding, not anatomy).
+   moving image ``M'(y) = M(R(y))`` lives in the fixed physical frame; beyond the moving scan's edge it repeats the
+   nearest edge value. elastix draws its samples only from the fixed voxels ``y`` whose ``R(y)`` lies inside the
+   moving scan (a fixed mask, intersected with ``fixed_mask``), so padding never counts as anatomy; a sample that the
+   B-spline moves a little past the edge still has a value. A moving mask instead (the choice before 0.9.3) drops
+   every sample pushed past the edge, which biases the metric towards pushing ill-fitting samples out: registering the
+   3 mm sample CT onto a crop of itself (identity truth, the fixed scan 18 mm longer at each end) moved points by
+   10.7 mm on average (max 38 mm; 1.05 mm with the fixed mask), and onto itself by 1.01 mm (max 7.2; now 0.39).
 2. elastix registers ``fixed`` to ``M'`` with its default ``"bspline"`` parameter map, adjusted: final control-point
    spacing ``grid_spacing_mm``, ``resolutions`` pyramid levels, ``iterations`` per level, ``metric``, optional
    bending-energy penalty, ``RandomSeed`` = ``seed``. This gives a B-spline ``B(x) = x + b(x)`` with
@@ -382,19 +387,22 @@ def refine_deformable(
     work = _working_grid(sitk, fixed_img, field_spacing_mm)
     work_fixed = fixed_img if work is None else sitk.Resample(
         _smoothed_for(sitk, fixed_img, work.GetSpacing()), work, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    if mask is not None and work is not None:
-        mask = sitk.Resample(mask, work, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if mask is not None:  # onto the working grid, where it meets the overlap mask below
+        mask = sitk.Resample(mask, work_fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
-    # 1. pre-align the moving image onto the padded fixed grid, with a mask of where it holds moving data
+    # 1. pre-align the moving image onto the padded fixed grid (edge values repeated beyond the moving scan), and
+    #    sample only the fixed voxels that the initial transform maps inside the moving scan
     grid = _padded_grid(sitk, work_fixed, float(grid_spacing_mm))
     moving_smoothed = moving_img if work is None else _smoothed_for(sitk, moving_img, work.GetSpacing())
-    prealigned = sitk.Resample(moving_smoothed, grid, initial, sitk.sitkLinear, air, sitk.sitkFloat32)
+    prealigned = sitk.Resample(moving_smoothed, grid, initial, sitk.sitkLinear, air, sitk.sitkFloat32, True)
     del moving_smoothed
     inside = sitk.Image(moving_img.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(moving_img)
-    moving_mask = sitk.Resample(inside, grid, initial, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    if not sitk.GetArrayViewFromImage(moving_mask).any():
+    overlap = sitk.Resample(inside, work_fixed, initial, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(overlap).any():
         raise SAMv2InputError("initial_fixed_to_moving", "maps the fixed image entirely outside the moving image")
+    mask = overlap if mask is None else sitk.And(mask, overlap)
+    del inside, overlap
 
     # 2. elastix B-spline
     parameters = itk.ParameterObject.New()
@@ -423,9 +431,7 @@ def refine_deformable(
             elastix = itk.ElastixRegistrationMethod[image_type, image_type].New()
             elastix.SetFixedImage(_to_itk(itk, sitk, work_fixed, itk.F))
             elastix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
-            elastix.SetMovingMask(_to_itk(itk, sitk, moving_mask, itk.UC))
-            if mask is not None:
-                elastix.SetFixedMask(_to_itk(itk, sitk, mask, itk.UC))
+            elastix.SetFixedMask(_to_itk(itk, sitk, mask, itk.UC))
             elastix.SetParameterObject(parameters)
             elastix.SetOutputDirectory(workdir)
             elastix.SetLogToConsole(False)
@@ -470,7 +476,7 @@ def refine_deformable(
         work_fixed.GetSpacing(),
         work_fixed.GetDirection(),
     )
-    del work_fixed, prealigned, moving_mask
+    del work_fixed, prealigned, mask
     resampled = sitk.Resample(moving_img, fixed_img, transform, sitk.sitkLinear, air, sitk.sitkFloat32)
     wall = time.perf_counter() - start
     return DeformableResult(
