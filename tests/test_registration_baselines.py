@@ -66,12 +66,9 @@ def _apply(transform, points) -> np.ndarray:
     return np.array([transform.TransformPoint(p) for p in np.asarray(points).tolist()])
 
 
-@pytest.mark.parametrize("gradient_images", [True, False])
-def test_rigid_recovers_known_transform(ct, centre, body_points, gradient_images):
-    """With ITK's precomputed gradient images and with central differences at the samples (the samv2 pipeline's
-    refinement), the known rigid motion is recovered."""
+def test_rigid_recovers_known_transform(ct, centre, body_points):
     truth = _rigid(centre)
-    result = register_intensity(ct, _warp(ct, truth), transform="rigid", gradient_images=gradient_images, **FAST)
+    result = register_intensity(ct, _warp(ct, truth), transform="rigid", **FAST)
     expected = _apply(truth, body_points)
     err = np.linalg.norm(result.map_points(body_points) - expected, axis=1)
     assert err.max() < 2.0, f"mean {err.mean():.2f} max {err.max():.2f} mm"

@@ -253,7 +253,6 @@ def register_intensity(
     learning_rate_mm: float = 2.0,
     min_step_mm: float = 1e-3,
     initial_transform=None,
-    gradient_images: bool = True,
 ) -> IntensityRegistrationResult:
     """Register ``moving`` to ``fixed`` by intensity (see the module docstring for the method).
 
@@ -273,10 +272,6 @@ def register_intensity(
             ``initialization`` (e.g. a candidate of :mod:`~samv2_components.registration.candidates`); the rotation
             centre is then the centre of ``fixed_mask`` (of the fixed image without a mask), where a rotation step
             moves the metric's samples least.
-        gradient_images: ITK's default, the metric's image gradients precomputed as a Gaussian-derivative image of
-            each scan (three float64 values per voxel: 185 MB for a 2 mm grid of a 512 x 512 x 600 CT); ``False``:
-            central differences at the samples only (the samv2 pipeline's refinement: 190 MB less at the peak of
-            ``samv2 register`` on a full-resolution CT, poses within 0.05 mm there).
 
     Returns:
         :class:`IntensityRegistrationResult` whose ``transform`` maps fixed points to moving points.
@@ -309,9 +304,6 @@ def register_intensity(
         if mask is not None:
             reg.SetMetricFixedMask(mask)
         reg.SetInterpolator(sitk.sitkLinear)
-        if not gradient_images:
-            reg.SetMetricUseFixedImageGradientFilter(False)
-            reg.SetMetricUseMovingImageGradientFilter(False)
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=float(learning_rate_mm),
             minStep=float(min_step_mm),

@@ -351,7 +351,6 @@ class IntensityRefiner:
                 fixed_mask=pair.footprint(self.overlap_margin_mm), learning_rate_mm=self.learning_rate_mm,
                 min_step_mm=self.min_step_mm if min_step_mm is None else min_step_mm,
                 initial_transform=pair.small_to_large(matrix),
-                gradient_images=False,  # no gradient image of either scan held: 190 MB less on a full-resolution CT
             )
             matrix = pair.fixed_to_moving(sitk_transform_to_matrix(result.transform))
         return matrix
