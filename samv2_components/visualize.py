@@ -137,10 +137,8 @@ def _window(volume: torch.Tensor, intensity_window) -> tuple[float, float]:
     if intensity_window is not None:
         lo, hi = float(intensity_window[0]), float(intensity_window[1])
     else:
-        # about 2 M voxels on a regular sub-grid: flattening the whole volume would copy it (a QC picture's volume
-        # is often a transposed view of a SimpleITK buffer: 0.7 GB for a 512 x 512 x 600 CT)
-        step = max(1, int(np.ceil((volume.numel() / 2_000_000) ** (1.0 / 3.0))))
-        flat = volume[..., ::step, ::step, ::step].reshape(-1).numpy()
+        flat = volume.reshape(-1).numpy()
+        flat = flat[:: max(1, flat.size // 2_000_000)]
         flat = flat[np.isfinite(flat)]
         lo, hi = (float(v) for v in np.percentile(flat, [1.0, 99.0])) if flat.size else (0.0, 1.0)
     if not hi > lo:

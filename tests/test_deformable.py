@@ -274,20 +274,26 @@ def test_two_threads_with_the_bending_penalty_run_and_restore_itk_default():
 
 
 def test_identity_truth_on_a_real_scan_larger_fixed_field_of_view():
-    """The sample CT (3 mm, real anatomy) registered onto a crop of itself from the exact identity: the truth is the
-    identity, and the fixed scan reaches 18 mm past the moving one at each end (as AdaReg's fixed crop reaches past
-    a small moving scan). A moving mask that drops the samples pushed past the moving scan's edge let the B-spline
+    """The sample CT (3 mm, real anatomy) registered onto a crop of itself: the truth is the identity (up to a known
+    shift), and the fixed scan reaches 18 mm past the moving one at each end (as AdaReg's fixed crop reaches past a
+    small moving scan). A moving mask that drops the samples pushed past the moving scan's edge let the B-spline
     push ill-fitting samples out: 10.7 mm mean displacement (max 38); sampling only where the initial transform
     lands inside the moving scan, with edge values beyond it: about 1 mm (max 5). Onto itself: 1.0 -> 0.4 mm."""
     from samv2_components.sample_data import sample_path
 
     ct = sitk.Cast(sitk.ReadImage(sample_path("ct_abdomen")), sitk.sitkFloat32)
     size = ct.GetSize()
+    # the crop also moved by a known shift t (its voxels keep their values, its origin moves): fixed -> moving is
+    # x + t, the initial transform; the sampling mask mapped the other way would miss the moving scan entirely
+    shift = np.array([30.0, -20.0, 40.0])
     crop = sitk.RegionOfInterest(ct, [size[0] - 20, size[1] - 20, size[2] - 12], [10, 10, 6])
+    crop.SetOrigin((np.asarray(crop.GetOrigin()) + shift).tolist())
     settings = dict(grid_spacing_mm=30.0, iterations=200, resolutions=3)  # the bundle's settings
-    for moving, mean_mm, max_mm in ((crop, 2.0, 8.0), (ct, 0.7, 3.0)):
-        result = refine_deformable(ct, moving, np.eye(4), **settings)
-        moved = np.linalg.norm(sitk.GetArrayFromImage(result.displacement_field), axis=-1)
+    for moving, t, mean_mm, max_mm in ((crop, shift, 2.0, 8.0), (ct, np.zeros(3), 0.7, 3.0)):
+        initial = np.eye(4)
+        initial[:3, 3] = t
+        result = refine_deformable(ct, moving, initial, **settings)
+        moved = np.linalg.norm(sitk.GetArrayFromImage(result.displacement_field) - t, axis=-1)
         assert moved.mean() < mean_mm and moved.max() < max_mm, (moving.GetSize(), moved.mean(), moved.max())
 
 

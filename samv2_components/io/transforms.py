@@ -114,16 +114,8 @@ def _itk_suffix(path: Path) -> str:
     return suffix
 
 
-def _sitk():
-    try:
-        import SimpleITK as sitk
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ImportError("SimpleITK is needed to read and write ITK transform files: pip install SimpleITK") from exc
-    return sitk
-
-
 def _sitk_transform(m: np.ndarray, transform_type: str, source: str):
-    sitk = _sitk()
+    import SimpleITK as sitk  # a dependency of the package, imported where a transform file is read or written
     if transform_type == "rigid":
         transform = sitk.VersorRigid3DTransform()
         transform.SetMatrix(_proper_rotation(m[:3, :3], source).ravel().tolist())
@@ -159,7 +151,7 @@ def write_itk_transform(matrix, path: _PathLike, transform_type: str = "rigid") 
     _itk_suffix(path)
     m = _check_matrix(matrix)
     transform = _sitk_transform(m, transform_type, "matrix")
-    sitk = _sitk()
+    import SimpleITK as sitk
 
     # ITK picks the file format from the extension: the temporary name keeps it
     with atomic_file(path) as tmp:
@@ -190,7 +182,8 @@ def read_itk_transform(path: _PathLike) -> np.ndarray:
     if not path.is_file():
         raise SAMv2InputError(path, "transform file not found")
     _itk_suffix(path)
-    sitk = _sitk()
+    import SimpleITK as sitk
+
     try:
         transform = sitk.ReadTransform(str(path))
     except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK message
