@@ -343,3 +343,88 @@ def test_gradients_reach_every_head_of_the_network():
         grads = [p.grad for p in head.parameters()]
         assert all(gr is not None and gr.abs().sum() > 0 for gr in grads), name
     assert all(p.grad is not None for p in net.encoder.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gradients against finite differences, in both memory layouts, and batched MetaTensor inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def directional_derivatives(loss_of, raw, direction, eps=1e-2):
+    """(autograd, central finite difference) of ``loss_of(raw)`` along ``direction``."""
+    raw = raw.detach().requires_grad_(True)
+    loss_of(raw).backward()
+    analytic = float((raw.grad * direction).sum())
+    with torch.no_grad():
+        numeric = (loss_of(raw + eps * direction).item() - loss_of(raw - eps * direction).item()) / (2 * eps)
+    return analytic, numeric
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # trilinear positives, candidates from both views
+        {"positive_mode": "nearest", "negatives_from": "b"},
+        {"num_global_negatives": 10_000},  # every voxel of the other pair, too
+    ],
+)
+def test_infonce_gradient_matches_finite_differences(overrides, channels_last):
+    # exhaustive anchors and negatives: the loss is then smooth in the embeddings (no top-k switching)
+    cfg = {**FINE_INFONCE_DEFAULTS, **ALL, "ignore_radius": 6.0, **overrides}
+    gen = torch.Generator().manual_seed(20)
+    raw = torch.randn(4, 8, *GRID, generator=gen)
+    direction = torch.randn(raw.shape, generator=gen)
+    if channels_last:  # the layout the training network's heads come out in
+        raw, direction = (t.contiguous(memory_format=torch.channels_last_3d) for t in (raw, direction))
+    corr, valid = affine_correspondence(2, SIZE, (0.9, 1.1, 0.95), (0.7, -1.3, 1.6))
+    loss_fn = VoxelInfoNCELoss(**cfg)
+
+    def loss_of(x):
+        emb_a, emb_b = F.normalize(x, dim=1).split(2)
+        return loss_fn(emb_a, emb_b, corr, valid, FINE_STRIDE, FINE_OFFSET)
+
+    analytic, numeric = directional_derivatives(loss_of, raw, direction)
+    assert abs(numeric) > 1e-3
+    assert analytic == pytest.approx(numeric, rel=1e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kwargs", [{}, {"per_sample": True}, {"normalize_prototypes": False}])
+def test_prototype_gradient_matches_finite_differences(kwargs, channels_last):
+    gen = torch.Generator().manual_seed(21)
+    raw = torch.randn(2, 6, 3, 4, 5, generator=gen)
+    direction = torch.randn(raw.shape, generator=gen)
+    if channels_last:
+        raw, direction = (t.contiguous(memory_format=torch.channels_last_3d) for t in (raw, direction))
+    labels = torch.randint(0, 4, (2, 1, 3, 4, 5), generator=gen)
+    labels[0, 0, 0, 0, :3] = -1  # ignored voxels
+    loss_fn = PrototypeContrastiveLoss(**kwargs)
+    analytic, numeric = directional_derivatives(lambda x: loss_fn(F.normalize(x, dim=1), labels), raw, direction)
+    assert abs(numeric) > 1e-3
+    assert analytic == pytest.approx(numeric, rel=1e-2)
+
+
+def test_losses_take_batched_metatensors():
+    """The bundle's semantic loader yields MetaTensors whose batch carries one affine per sample; the losses read
+    them per sample, which must not try to split that metadata."""
+    from monai.data import MetaTensor
+    from monai.data.utils import list_data_collate
+
+    def batched(tensors):
+        samples = [MetaTensor(t, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0 + i, 1.0]))) for i, t in enumerate(tensors)]
+        return list_data_collate([{"x": s} for s in samples])["x"]
+
+    emb = random_embedding((2, 6, 3, 4, 5), 22)
+    labels = torch.randint(0, 4, (2, 1, 3, 4, 5), generator=torch.Generator().manual_seed(23))
+    meta_emb, meta_labels = batched(emb.unbind(0)), batched(labels.unbind(0))
+    assert isinstance(meta_emb, MetaTensor) and meta_emb.is_batch
+    for per_sample in (False, True):
+        loss_fn = PrototypeContrastiveLoss(per_sample=per_sample)
+        assert loss_fn(meta_emb, meta_labels).item() == pytest.approx(loss_fn(emb, labels).item(), abs=1e-6)
+    corr, valid = affine_correspondence(2, SIZE, (1.0, 1.0, 1.0), (1.0, 2.0, -3.0))
+    emb_a, emb_b = random_embedding((2, 8, *GRID), 24), random_embedding((2, 8, *GRID), 25)
+    loss_fn = VoxelInfoNCELoss(**{**FINE_INFONCE_DEFAULTS, **ALL, "ignore_radius": 6.0})
+    expected = loss_fn(emb_a, emb_b, corr, valid, FINE_STRIDE, FINE_OFFSET).item()
+    got = loss_fn(batched(emb_a.unbind(0)), batched(emb_b.unbind(0)), corr, valid, FINE_STRIDE, FINE_OFFSET)
+    assert got.item() == pytest.approx(expected, abs=1e-6)

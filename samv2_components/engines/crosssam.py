@@ -101,7 +101,8 @@ class CrossSAMTrainer(SAMv2Trainer):
             valid_grid = labels_to_grid(valid, stride, offset, grid)
             fov_grid = None if body is None else labels_to_grid(body, stride, offset, grid)
             spacing = patch_mm * torch.tensor(stride, dtype=patch_mm.dtype, device=device)
-            losses[level] = loss_fn(emb[:n], emb[n:], valid_grid, fov_grid, spacing)
+            emb_a, emb_b = emb.split(n)  # (one concatenation in the backward pass, see SAMv2Trainer)
+            losses[level] = loss_fn(emb_a, emb_b, valid_grid, fov_grid, spacing)
         fine, coarse = losses["fine"], losses["coarse"]
         return {"loss": fine + self.cross_coarse_weight * coarse, "cross_fine": fine, "cross_coarse": coarse}
 

@@ -62,7 +62,9 @@ class HeadsModel(nn.Module):
 
     ``channels_last``: run the network in the ``channels_last_3d`` memory format (parameters converted once here,
     inputs on every call); with bf16 autocast on the CPU it cut the forward pass of a training batch from 1.2 s to
-    0.5 s (width 0.25, 4 x 32x96x96, one thread). The head outputs come back contiguous, as the losses flatten them.
+    0.5 s (width 0.25, 4 x 32x96x96, one thread). The head outputs stay channels_last: the losses read them as one
+    row per voxel (:func:`~samv2_components.losses.voxel_rows`, a view of that layout), so neither the forward pass
+    nor the gradient is copied into another layout.
     """
 
     def __init__(self, net: nn.Module, channels_last: bool = True):
@@ -75,8 +77,7 @@ class HeadsModel(nn.Module):
         wanted = None if heads is None else list(heads)
         if not self.channels_last:
             return self.net.forward_heads(x, wanted)
-        heads = self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d), wanted)
-        return {name: emb.contiguous() for name, emb in heads.items()}
+        return self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d), wanted)
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -193,8 +194,9 @@ class SAMv2Trainer(SupervisedTrainer):
         losses = {}
         for level, loss_fn in (("fine", self.fine_loss), ("coarse", self.coarse_loss)):
             stride, offset = HEAD_GRIDS[level]
-            emb = heads[level].float()
-            losses[level] = loss_fn(emb[:n], emb[n:], corr, valid, stride, offset, spacing["a"], spacing["b"])
+            # split, not two slices: the gradient is then one concatenation, not two zero-filled copies of the batch
+            emb_a, emb_b = heads[level].float().split(n)
+            losses[level] = loss_fn(emb_a, emb_b, corr, valid, stride, offset, spacing["a"], spacing["b"])
         fine, coarse = losses["fine"], losses["coarse"]
         return {"loss": fine + self.coarse_weight * coarse, "fine": fine, "coarse": coarse}
 

@@ -8,6 +8,7 @@ from samv2_components.losses.appearance import (
     coarse_infonce_loss,
     fine_infonce_loss,
     head_grid_positions,
+    voxel_rows,
 )
 from samv2_components.losses.cross_modal import (
     CROSS_COARSE_DEFAULTS,
@@ -31,5 +32,6 @@ __all__ = [
     "cross_modal_fine_loss",
     "fine_infonce_loss",
     "head_grid_positions",
+    "voxel_rows",
     "labels_to_grid",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.utils import LossReduction
 
 from samv2_components.losses.reduction import reduce_losses
@@ -36,6 +37,7 @@ __all__ = [
     "fine_infonce_loss",
     "coarse_infonce_loss",
     "head_grid_positions",
+    "voxel_rows",
 ]
 
 #: fine head (4 mm grid at 2 mm input). Upstream: 100 positives, 2000 hardest -> 500 random negatives,
@@ -89,29 +91,45 @@ def head_grid_positions(
     return idx * stride_t + offset_t
 
 
-def _trilinear(field: torch.Tensor, points: torch.Tensor, border: bool) -> torch.Tensor:
-    """Sample ``field`` ``(C, D, H, W)`` at voxel coordinates ``points`` ``(n, 3)``; returns ``(n, C)``.
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain tensor (same storage, layout and autograd graph): a batched MetaTensor's per-sample views
+    would try to split its metadata. (MONAI's ``convert_to_tensor`` would also make it contiguous: a copy.)"""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def voxel_rows(emb: torch.Tensor) -> torch.Tensor:
+    """``(B, C, d, h, w)`` -> ``(B, n, C)``: one row per voxel, voxels in C order.
+
+    A view (no copy) for a ``channels_last_3d`` tensor, which is how the training network's heads come out; the
+    losses work on rows so that neither the forward pass nor the gradient is transposed to ``(C, n)`` and back.
+    """
+    return emb.permute(0, 2, 3, 4, 1).reshape(emb.shape[0], -1, emb.shape[1])
+
+
+_CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])  # (8, 3) unit-cube corners
+
+
+def _trilinear(rows: torch.Tensor, grid_shape: Sequence[int], points: torch.Tensor, border: bool) -> torch.Tensor:
+    """Sample a field given as ``rows`` ``(n, C)`` (voxels of ``grid_shape`` ``(D, H, W)`` in C order) at voxel
+    coordinates ``points`` ``(N, 3)``; returns ``(N, C)``.
 
     ``border=False``: corners outside the field contribute zero (zero padding). ``border=True``: points are
-    clamped into the field first. Differentiable w.r.t. ``field``.
+    clamped into the field first. Differentiable w.r.t. ``rows``; the eight corners are gathered in one
+    indexing call, so the backward pass scatters into one zero tensor of the field's size, not eight.
     """
-    size = torch.tensor(field.shape[1:], device=points.device)
+    size = torch.tensor(list(grid_shape), device=points.device)
     if border:
         points = torch.minimum(points.clamp_min(0.0), (size - 1).to(points.dtype))
     base = points.floor()
     frac = points - base
-    base = base.long()
-    flat = field.reshape(field.shape[0], -1)
-    out = points.new_zeros((points.shape[0], field.shape[0]), dtype=field.dtype)
-    for corner in range(8):
-        bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=points.device)
-        idx = base + bits
-        weight = torch.where(bits.bool(), frac, 1.0 - frac).prod(dim=1)
-        inside = ((idx >= 0) & (idx < size)).all(dim=1)
-        idx = torch.minimum(idx.clamp_min(0), size - 1)
-        lin = (idx[:, 0] * size[1] + idx[:, 1]) * size[2] + idx[:, 2]
-        out = out + flat[:, lin].t() * (weight * inside).unsqueeze(1).to(field.dtype)
-    return out
+    corners = _CORNERS.to(points.device)
+    idx = base.long().unsqueeze(0) + corners.unsqueeze(1)  # (8, N, 3)
+    weight = torch.where(corners.bool().unsqueeze(1), frac.unsqueeze(0), 1.0 - frac.unsqueeze(0)).prod(dim=2)
+    weight = weight * ((idx >= 0) & (idx < size)).all(dim=2)  # (8, N)
+    idx = torch.minimum(idx.clamp_min(0), size - 1)
+    lin = (idx[..., 0] * size[1] + idx[..., 1]) * size[2] + idx[..., 2]
+    values = rows[lin.reshape(-1)].reshape(8, points.shape[0], rows.shape[1])
+    return (values * weight.unsqueeze(2).to(rows.dtype)).sum(dim=0)
 
 
 def _spacing_rows(spacing: Any, batch: int, device: torch.device) -> torch.Tensor:
@@ -291,6 +309,8 @@ class VoxelInfoNCELoss(_Loss):
             connected to both embeddings (``grad_fn`` set, zero gradients), so DDP does not wait for gradients
             that never come.
         """
+        # plain tensors: per-pair views of a batched MetaTensor would try to split its metadata
+        emb_a, emb_b = plain_tensor(emb_a), plain_tensor(emb_b)
         if emb_a.ndim != 5 or emb_b.ndim != 5:
             raise ValueError(f"embeddings must be (B, C, d, h, w), got {tuple(emb_a.shape)}, {tuple(emb_b.shape)}")
         if emb_a.shape[:2] != emb_b.shape[:2]:
@@ -328,7 +348,7 @@ class VoxelInfoNCELoss(_Loss):
         generator: torch.Generator | None,
     ) -> torch.Tensor | None:
         device = emb_a.device
-        batch, channels = emb_a.shape[:2]
+        batch = emb_a.shape[0]
         grid_a, grid_b = emb_a.shape[2:], emb_b.shape[2:]
         stride_t = torch.as_tensor(stride, dtype=torch.float32, device=device)
         offset_t = torch.as_tensor(offset, dtype=torch.float32, device=device)
@@ -336,17 +356,20 @@ class VoxelInfoNCELoss(_Loss):
         pos_b = head_grid_positions(grid_b, stride, offset, device)  # (Nb, 3) input voxels of b
         idx_b = (pos_b - offset_t) / stride_t  # (Nb, 3) head-grid indices of b
         size_b = torch.tensor(grid_b, dtype=torch.float32, device=device)
-        flat_a = emb_a.reshape(batch, channels, -1)
-        flat_b = emb_b.reshape(batch, channels, -1)
+        # one row per voxel, unbound per pair once: indexing a pair's rows then costs its own gradient buffer
+        # only, where selecting pair k of a (B, C, n) tensor at every use zero-filled the whole batch's
+        rows_a, rows_b = voxel_rows(emb_a).unbind(0), voxel_rows(emb_b).unbind(0)  # each (n, C)
         radius2 = self.ignore_radius**2
 
         out: list[torch.Tensor] = []
         for k in range(batch):
             # 1. anchors with a valid correspondence
             with torch.no_grad():
-                valid_k = valid[k].float()
-                weight = _trilinear(valid_k, pos_a, border=False)[:, 0]
-                target = _trilinear(corr[k] * valid_k, pos_a, border=False) / weight.clamp_min(_VALID_EPS)[:, None]
+                valid_k = valid[k].float()  # (1, D, H, W)
+                input_grid = valid_k.shape[1:]
+                weight = _trilinear(valid_k.reshape(-1, 1), input_grid, pos_a, border=False)[:, 0]
+                corr_rows = (corr[k] * valid_k).reshape(3, -1).t()
+                target = _trilinear(corr_rows, input_grid, pos_a, border=False) / weight.clamp_min(_VALID_EPS)[:, None]
                 usable = weight > 1.0 - _VALID_EPS
                 q = (target - offset_t) / stride_t
                 inside = ((q >= -0.5) & (q <= size_b - 0.5)).all(dim=1)
@@ -367,15 +390,15 @@ class VoxelInfoNCELoss(_Loss):
             if anchors.numel() == 0:
                 continue
             q_sel, t_sel = q[anchors], target[anchors]
-            anchor_emb = flat_a[k][:, anchors].t()  # (N, C)
+            anchor_emb = rows_a[k][anchors]  # (N, C)
 
             # 2. positives
             if self.positive_mode == "nearest":
                 near = nearest[anchors].long()
                 lin = (near[:, 0] * grid_b[1] + near[:, 1]) * grid_b[2] + near[:, 2]
-                positive = flat_b[k][:, lin].t()
+                positive = rows_b[k][lin]
             else:
-                positive = F.normalize(_trilinear(emb_b[k], q_sel, border=True), dim=1)
+                positive = F.normalize(_trilinear(rows_b[k], grid_b, q_sel, border=True), dim=1)
             s_pos = (anchor_emb * positive).sum(dim=1, keepdim=True)
 
             # 3. candidate negatives: b's voxels (and a's), outside the ignore radius and the positive's support
@@ -389,16 +412,16 @@ class VoxelInfoNCELoss(_Loss):
                     keep = torch.cat([keep_b, keep_a], dim=1)
                 else:
                     keep = keep_b
-            candidates = flat_b[k] if self.negatives_from == "b" else torch.cat([flat_b[k], flat_a[k]], dim=1)
-            sim = anchor_emb @ candidates  # (N, M)
+            sim = anchor_emb @ rows_b[k].t()  # (N, M): b's voxels, then a's
+            if self.negatives_from == "both":
+                sim = torch.cat([sim, anchor_emb @ rows_a[k].t()], dim=1)
             negatives = self._select_negatives(sim, keep, generator)
             parts = [s_pos, negatives]
 
             if self.num_global_negatives > 0 and batch > 1:
-                others = [j for j in range(batch) if j != k]
-                pool = torch.cat([torch.cat([flat_a[j], flat_b[j]], dim=1) for j in others], dim=1)
-                draw = _randperm(pool.shape[1], generator, device)[: self.num_global_negatives]
-                parts.append(anchor_emb @ pool[:, draw])
+                pool = torch.cat([rows[j] for j in range(batch) if j != k for rows in (rows_a, rows_b)])
+                draw = _randperm(pool.shape[0], generator, device)[: self.num_global_negatives]
+                parts.append(anchor_emb @ pool[draw].t())
 
             logits = torch.cat(parts, dim=1) / self.temperature
             out.append(torch.logsumexp(logits, dim=1) - logits[:, 0])

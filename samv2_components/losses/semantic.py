@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
 
+from samv2_components.losses.appearance import plain_tensor, voxel_rows
 from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 
@@ -121,6 +122,8 @@ class PrototypeContrastiveLoss(_Loss):
             (e.g. only background), a zero (or an empty tensor) still connected to ``emb`` (``grad_fn`` set, zero
             gradient), so DDP does not hang.
         """
+        # plain tensors: per-sample views of a batched MetaTensor would try to split its metadata
+        emb, labels = plain_tensor(emb), plain_tensor(labels)
         if emb.ndim != 5:
             raise ValueError(f"emb must be (B, C, d, h, w), got {tuple(emb.shape)}")
         if labels.shape != (emb.shape[0], 1, *emb.shape[2:]):
@@ -130,34 +133,41 @@ class PrototypeContrastiveLoss(_Loss):
             labels = labels.round()
         labels = labels.to(device=emb.device, dtype=torch.long)
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            flat = emb.float().flatten(2)  # (B, C, n)
+            rows = voxel_rows(emb.float())  # (B, n, C), a view of a channels_last map
             flat_labels = labels.flatten(1)  # (B, n)
             if self.per_sample:
-                parts = [self._class_losses(flat[b : b + 1], flat_labels[b : b + 1]) for b in range(emb.shape[0])]
+                pairs = zip(rows.unbind(0), flat_labels.unbind(0))
+                parts = [self._class_losses(sample_rows, sample_labels) for sample_rows, sample_labels in pairs]
                 parts = [p for p in parts if p is not None]
                 losses = torch.cat(parts) if parts else None
             else:
-                losses = self._class_losses(flat, flat_labels)
+                losses = self._class_losses(rows.reshape(-1, rows.shape[2]), flat_labels.reshape(-1))
         return reduce_losses(losses, self.reduction, emb)
 
-    def _class_losses(self, flat: torch.Tensor, flat_labels: torch.Tensor) -> torch.Tensor | None:
-        """Per-class losses ``(K,)`` for embeddings ``(B, C, n)`` and labels ``(B, n)``, or None if K == 0."""
-        keep = torch.ones_like(flat_labels, dtype=torch.bool)
+    def _class_losses(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-class losses ``(K,)`` for voxel embeddings ``rows`` ``(n, C)`` and their ``labels`` ``(n,)``, or None
+        if K == 0.
+
+        O(n K) and no ``(n, K)`` membership matrix: class sums by ``index_add``, and a class's mean logit
+        ``mean_x c_p . x / tau`` is ``c_p . mean_p / tau`` (the same value and gradient as averaging the logits)."""
         if self.ignore_label is not None:
-            keep = flat_labels != self.ignore_label
-        classes = torch.unique(flat_labels[keep])
+            keep = labels != self.ignore_label
+            if not bool(keep.all()):  # ignored voxels take no part at all
+                rows, labels = rows[keep], labels[keep]
+        classes = torch.unique(labels)
         if not self.include_background:
             classes = classes[classes != self.background_label]
-        if classes.numel() == 0:
+        n_classes = classes.numel()
+        if n_classes == 0:
             return None
-        # (B, n, K) memberships: O(n K)
-        member = (flat_labels.unsqueeze(-1) == classes) & keep.unsqueeze(-1)
-        weights = member.to(flat.dtype)
-        counts = weights.sum(dim=(0, 1))  # (K,)
-        prototypes = torch.einsum("bcn,bnk->kc", flat, weights) / counts.unsqueeze(1)
-        if self.normalize_prototypes:
-            prototypes = F.normalize(prototypes, dim=1)
-        logits = torch.einsum("kc,bcn->bnk", prototypes, flat) / self.temperature  # (B, n, K)
-        denominator = torch.logsumexp(logits.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(0, 1), dim=0)
-        positive = (logits * weights).sum(dim=(0, 1)) / counts
+        # each voxel's class index; n_classes for a voxel of no class (the background when it is not a class)
+        slot = torch.searchsorted(classes, labels).clamp_max(n_classes - 1)
+        slot = torch.where(classes[slot] == labels, slot, n_classes)
+        sums = rows.new_zeros(n_classes + 1, rows.shape[1]).index_add(0, slot, rows)[:n_classes]
+        counts = torch.bincount(slot, minlength=n_classes + 1)[:n_classes].to(rows.dtype)
+        means = sums / counts.unsqueeze(1)  # (K, C)
+        prototypes = F.normalize(means, dim=1) if self.normalize_prototypes else means
+        logits = rows @ prototypes.t() / self.temperature  # (n, K)
+        denominator = torch.logsumexp(logits, dim=0)
+        positive = (prototypes * means).sum(dim=1) / self.temperature
         return denominator - positive
