@@ -4,8 +4,8 @@ Each row runs ``python -m monai.bundle run --config_file bundles/semantic_sam/co
 process for ``--steps`` iterations (appearance and semantic steps as configured, data pipeline included) and reads
 the throughput that the bundle's ``TrainingClock`` logs (from the first iteration on, so the dataset caching is
 not counted). Rows: the default (channels_last, glibc malloc, as the bundle runs), jemalloc when installed,
-channels_last off, one thread, and the patch sampling and augmentation in a DataLoader worker process beside the
-training step.
+channels_last off, one thread, the patch sampling and augmentation in a DataLoader worker process beside the
+training step, and MONAI's ``ThreadDataLoader`` (the next batch prepared in a background thread).
 
 Usage::
 
@@ -59,6 +59,8 @@ def main(steps: int = 40, datalist_file: str | None = None, output: str | None =
         ("as default, channels_last off", 2, False, ["--network", NO_CHANNELS_LAST]),
         ("as default, 1 thread", 1, False, []),
         ("as default, augmentation in 1 loader worker", 2, False, ["--num_workers", "1"]),
+        ("as default, MONAI ThreadDataLoader (next batch prepared in a thread)", 2, False,
+         ["--train_loader#_target_", "ThreadDataLoader"]),
     ]
     if not jemalloc:
         rows.pop(1)
