@@ -189,3 +189,53 @@ def test_two_writers_of_one_registered_pair_do_not_collide(tmp_path, monkeypatch
     # the first writer finished last: its volumes are in place, complete
     assert np.all(np.asarray(nib.load(paths["image_a"]).dataobj) == 1.0)
     assert np.all(np.asarray(nib.load(paths["image_b"]).dataobj) == 1.0)
+
+
+class _StateDict:
+    """An object a checkpoint saves: its state is ``state`` (``torch.save`` fails on a lambda in it)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def _run_with_saver(saver_cls, folder, state, epochs=1, **kwargs):
+    from ignite.engine import Engine
+
+    engine = Engine(lambda engine, batch: None)
+    kwargs = {"save_interval": 1, "epoch_level": True, "file_prefix": "checkpoint", **kwargs}
+    saver_cls(save_dir=str(folder), save_dict={"model": _StateDict(state)}, **kwargs).attach(engine)
+    engine.run([0], max_epochs=epochs)
+
+
+def test_checkpoints_appear_complete_or_not_at_all(tmp_path, umask):
+    """MONAI's CheckpointSaver writes in place: a save that fails half-way leaves a torn file under the checkpoint's
+    name, from which the next run of the command would resume. The training bundles' saver leaves nothing."""
+    from monai.handlers import CheckpointSaver
+
+    from samv2_components.engines import AtomicCheckpointSaver, FinalModelSaver
+
+    unpicklable = {"w": torch.zeros(1000), "f": lambda: 0}
+    with pytest.raises(AttributeError, match="pickle"):
+        _run_with_saver(CheckpointSaver, tmp_path / "monai", unpicklable)
+    assert os.listdir(tmp_path / "monai") == ["checkpoint_model_epoch=1.pt"]  # the torn file this guards against
+    with pytest.raises(AttributeError, match="pickle"):
+        _run_with_saver(AtomicCheckpointSaver, tmp_path / "atomic", unpicklable)
+    assert os.listdir(tmp_path / "atomic") == []
+    with pytest.raises(AttributeError, match="pickle"):
+        _run_with_saver(FinalModelSaver, tmp_path / "final", unpicklable, save_interval=0)
+    assert os.listdir(tmp_path / "final") == []
+
+    # a good run: complete, loadable files with the usual permissions; old ones still removed (n_saved)
+    umask(0o022)
+    _run_with_saver(AtomicCheckpointSaver, tmp_path / "good", {"w": torch.arange(5.0)}, epochs=3, n_saved=2)
+    names = sorted(os.listdir(tmp_path / "good"))
+    assert names == ["checkpoint_model_epoch=2.pt", "checkpoint_model_epoch=3.pt"]
+    loaded = torch.load(tmp_path / "good" / names[-1], weights_only=True)
+    assert torch.equal(loaded["w"] if "w" in loaded else loaded["model"]["w"], torch.arange(5.0))
+    assert stat.S_IMODE(os.stat(tmp_path / "good" / names[-1]).st_mode) == 0o644

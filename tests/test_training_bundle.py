@@ -41,7 +41,7 @@ TINY = [
 # one thread per process: with more threads than free cores (e.g. beside another training run) torch's CPU
 # convolutions slow down by an order of magnitude; torchrun sets the same for its workers
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SAVING_HANDLERS = ["CheckpointSaver", "FinalModelSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
+SAVING_HANDLERS = ["AtomicCheckpointSaver", "FinalModelSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
 
 
 def run_train(output_dir, *overrides, configs=(TRAIN,), nproc=None):

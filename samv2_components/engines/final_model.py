@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from ignite.engine import Engine
-from monai.handlers import CheckpointSaver
+
+from samv2_components.engines.checkpoints import AtomicCheckpointSaver
 
 __all__ = ["FinalModelSaver"]
 
 
-class FinalModelSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` with ``save_final``, minus the save on an exception.
+class FinalModelSaver(AtomicCheckpointSaver):
+    """MONAI's ``CheckpointSaver`` with ``save_final``, minus the save on an exception, written atomically
+    (:class:`~samv2_components.engines.AtomicCheckpointSaver`).
 
     MONAI writes the final file also when the run raises (Ctrl-C included), under the same name as a completed
     run's (``model.pt``): a half-trained model that looks finished. Here an interrupted or failed run writes
