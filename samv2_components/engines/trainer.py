@@ -62,9 +62,9 @@ class HeadsModel(nn.Module):
 
     ``channels_last``: run the network in the ``channels_last_3d`` memory format (parameters converted once here,
     inputs on every call); with bf16 autocast on the CPU it cut the forward pass of a training batch from 1.2 s to
-    0.5 s (width 0.25, 4 x 32x96x96, one thread). The head outputs stay channels_last: the losses read them as one
-    row per voxel (:func:`~samv2_components.losses.voxel_rows`, a view of that layout), so neither the forward pass
-    nor the gradient is copied into another layout.
+    0.5 s (width 0.25, 4 x 32x96x96, one thread). The head outputs stay channels_last: the appearance and semantic
+    losses read them as one row per voxel (:func:`~samv2_components.losses.voxel_rows`, a view of that layout),
+    so neither the forward pass nor the gradient is copied into another layout.
     """
 
     def __init__(self, net: nn.Module, channels_last: bool = True):
