@@ -24,7 +24,16 @@ from monai.transforms import LoadImage, MapTransform
 
 from samv2_components.errors import SAMv2InputError
 
-__all__ = ["load_scan", "validate_scan", "LoadScand", "MIN_VOXELS_PER_AXIS", "MAX_SPACING_MM"]
+__all__ = ["load_scan", "validate_scan", "LoadScand", "plain_tensor", "MIN_VOXELS_PER_AXIS", "MAX_SPACING_MM"]
+
+def plain_tensor(x: Any) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor``: a MetaTensor's data (same storage, memory layout and autograd graph, no
+    copy), a tensor as it is, anything else through NumPy. Per-sample views of a *batched* MetaTensor try to split
+    its metadata, and MONAI's ``convert_to_tensor`` would also make the data contiguous (a copy)."""
+    if isinstance(x, MetaTensor):
+        return x.as_tensor()
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
 
 _itk_loader_instance: LoadImage | None = None
 _nifti_loader_instance: LoadImage | None = None

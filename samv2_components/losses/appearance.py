@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.utils import LossReduction
 
+from samv2_components.io.image import plain_tensor
 from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 
@@ -89,12 +89,6 @@ def head_grid_positions(
     stride_t = torch.as_tensor(stride, dtype=torch.float32, device=device)
     offset_t = torch.as_tensor(offset, dtype=torch.float32, device=device)
     return idx * stride_t + offset_t
-
-
-def plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a plain tensor (same storage, layout and autograd graph): a batched MetaTensor's per-sample views
-    would try to split its metadata. (MONAI's ``convert_to_tensor`` would also make it contiguous: a copy.)"""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def voxel_rows(emb: torch.Tensor) -> torch.Tensor:

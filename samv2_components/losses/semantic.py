@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
 
-from samv2_components.losses.appearance import plain_tensor, voxel_rows
+from samv2_components.io.image import plain_tensor
+from samv2_components.losses.appearance import voxel_rows
 from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 

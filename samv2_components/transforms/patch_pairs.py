@@ -36,6 +36,7 @@ from monai.utils import ensure_tuple
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import voxel_to_grid_sample
+from samv2_components.io.image import plain_tensor
 from samv2_components.transforms.aggressive_intensity import share_random_state
 
 __all__ = [
@@ -229,12 +230,6 @@ def _source_name(image: Any) -> str | None:
     meta = getattr(image, "meta", None)
     name = None if meta is None else meta.get("filename_or_obj")
     return None if name is None else str(name)
-
-
-def _plain(image: Any) -> torch.Tensor:
-    if isinstance(image, MetaTensor):
-        return image.as_tensor()
-    return torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
 
 
 class RandPatchPaird(MapTransform, Randomizable):
@@ -486,7 +481,7 @@ class RandPatchPaird(MapTransform, Randomizable):
 
     def _augment(self, patch: torch.Tensor) -> torch.Tensor:
         if self.intensity_augmentation is not None:
-            augmented = _plain(self.intensity_augmentation(patch)).to(torch.float32)
+            augmented = plain_tensor(self.intensity_augmentation(patch)).to(torch.float32)
             if augmented.shape != patch.shape:
                 raise ValueError(
                     f"intensity_augmentation changed the patch shape {tuple(patch.shape)} to {tuple(augmented.shape)}"
@@ -515,7 +510,7 @@ class RandPatchPaird(MapTransform, Randomizable):
         first = d[image_keys[0]]
         name = d.get(self.name_key) if self.name_key is not None else None
         source = str(name) if name is not None else _source_name(first) or str(image_keys[0])
-        volume = _plain(first)
+        volume = plain_tensor(first)
         if volume.ndim != 4:
             raise SAMv2InputError(source, f"expected an image of shape (C, D, H, W), got {tuple(volume.shape)}")
         size = volume.shape[1:]
@@ -543,7 +538,7 @@ class RandPatchPaird(MapTransform, Randomizable):
                     raise KeyError(f"key {key!r} is not in the data; set allow_missing_keys=True to skip it")
         for key, mode in jobs:
             value = d[key]
-            vol = _plain(value)
+            vol = plain_tensor(value)
             if vol.ndim != 4 or tuple(vol.shape[1:]) != tuple(size):
                 raise SAMv2InputError(source, f"{key!r} has shape {tuple(vol.shape)}, the image {tuple(volume.shape)}")
             if mode == "nearest":

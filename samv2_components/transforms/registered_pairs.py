@@ -32,12 +32,12 @@ from monai.utils import ensure_tuple
 from samv2_components.errors import RegistrationFailed, SAMv2InputError
 from samv2_components.geometry import affine_and_space, body_box_corners, body_mask, convert_affine, crop_index_range
 from samv2_components.io.atomic import atomic_file
+from samv2_components.io.image import plain_tensor
 from samv2_components.transforms.aggressive_intensity import share_random_state
 from samv2_components.transforms.patch_pairs import (
     _checked_offset,
     _checked_patch_size,
     _checked_scale_range,
-    _plain,
     _symmetric_ranges,
     apply_affine,
     patch_affine,
@@ -145,14 +145,14 @@ def registered_pair(
         raise RegistrationFailed(f"the {small_fov} scan's body does not overlap the {large} scan after the rigid fit")
     start, stop = box
     crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-    image_a = _plain(image_large)[(slice(None), *crop)].to(torch.float32).clone()
+    image_a = plain_tensor(image_large)[(slice(None), *crop)].to(torch.float32).clone()
     shift = np.eye(4)
     shift[:3, 3] = start
     aff_crop = aff_large @ shift
 
     # 2. resample the small scan: crop voxel -> LPS (a) -> LPS (b) -> small voxel
     crop_to_small_voxel = np.linalg.solve(aff_small, large_to_small @ aff_crop)
-    small = _plain(image_small)
+    small = plain_tensor(image_small)
     small_size = torch.tensor(small.shape[1:], dtype=torch.float64)
     shape = tuple(int(n) for n in stop - start)
     image_b = torch.empty((small.shape[0], *shape), dtype=torch.float32)
@@ -194,7 +194,7 @@ def save_registered_pair(pair: Mapping[str, Any], folder: str | os.PathLike) -> 
     for key in REGISTERED_KEYS:
         value = pair[key]
         affine, space = affine_and_space(value)
-        array = _plain(value)[0].cpu().numpy()
+        array = plain_tensor(value)[0].cpu().numpy()
         array = array.astype(np.uint8) if array.dtype == bool else array.astype(np.float32)
         path = os.path.join(folder, f"{key}.nii.gz")
         image = nib.Nifti1Image(array, convert_affine(affine, space, "RAS"))
@@ -370,7 +370,7 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
 
     def _augment(self, patch: torch.Tensor) -> torch.Tensor:
         if self.intensity_augmentation is not None:
-            augmented = _plain(self.intensity_augmentation(patch)).to(torch.float32)
+            augmented = plain_tensor(self.intensity_augmentation(patch)).to(torch.float32)
             if augmented.shape != patch.shape:
                 raise ValueError(f"intensity_augmentation changed the patch shape {tuple(patch.shape)}")
             patch = augmented
@@ -389,7 +389,7 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
         name = d.get(self.name_key) if self.name_key is not None else None
         meta = getattr(first, "meta", None) or {}
         source = str(name if name is not None else meta.get("filename_or_obj", image_keys[0]))
-        volume = _plain(first)
+        volume = plain_tensor(first)
         if volume.ndim != 4:
             raise SAMv2InputError(source, f"expected an image of shape (C, D, H, W), got {tuple(volume.shape)}")
         shape = tuple(volume.shape[1:])
@@ -399,7 +399,7 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
             spacing = tuple(float(x) for x in torch.linalg.norm(affine[:3, :3].to(torch.float64), dim=0))
         valid = None
         if self.valid_key in d:
-            valid = _plain(d[self.valid_key])
+            valid = plain_tensor(d[self.valid_key])
             if tuple(valid.shape) != (1, *shape):
                 raise SAMv2InputError(source, f"{self.valid_key!r} has shape {tuple(valid.shape)}, expected (1, *{shape})")
             valid = valid[0] > 0.5 if valid.dtype != torch.bool else valid[0]
@@ -411,7 +411,7 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
         masks = [k for k in (self.valid_key, *self.mask_keys) if k in d]
         for key, mode in [(k, "image") for k in image_keys] + [(k, "mask") for k in masks]:
             value = d[key]
-            vol = _plain(value)
+            vol = plain_tensor(value)
             if vol.ndim != 4 or tuple(vol.shape[1:]) != shape:
                 raise SAMv2InputError(source, f"{key!r} has shape {tuple(vol.shape)}, the image {tuple(volume.shape)}")
             if mode == "image":

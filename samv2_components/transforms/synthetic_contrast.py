@@ -41,6 +41,7 @@ from monai.transforms import (
     RandSimulateLowResolution,
 )
 
+from samv2_components.io.image import plain_tensor
 from samv2_components.io.label_vocabulary import SOURCE_ID_BLOCK
 from samv2_components.modality import check_modality
 
@@ -52,10 +53,6 @@ __all__ = ["TissueClassesd", "RandSynthContrastd", "CT_TISSUE_BANDS_HU", "ORGAN_
 CT_TISSUE_BANDS_HU = (-900.0, -500.0, -150.0, -30.0, 80.0, 250.0, 700.0)
 #: organ labels become ``ORGAN_OFFSET + harmonised id`` in the class map (tissue classes stay below it)
 ORGAN_OFFSET = 100
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 class TissueClassesd(MapTransform):
@@ -116,7 +113,7 @@ class TissueClassesd(MapTransform):
         for key in self.key_iterator(d):
             label = d.get(self.label_key) if self.label_key else None
             modality = check_modality(d.get(self.modality_key), str(key))
-            d[self.output_key] = self.classes(_plain(d[key]), modality, None if label is None else _plain(label))
+            d[self.output_key] = self.classes(plain_tensor(d[key]), modality, None if label is None else plain_tensor(label))
         return d
 
 
@@ -210,7 +207,7 @@ class RandSynthContrastd(Randomizable, MapTransform):
             if self.R.rand() >= self.prob:
                 continue
             image = d[key]
-            synthetic = self.synthesise(_plain(image), _plain(d[class_key]))
+            synthetic = self.synthesise(plain_tensor(image), plain_tensor(d[class_key]))
             meta = {k: v for k, v in image.meta.items() if k != "affine"} if isinstance(image, MetaTensor) else None
             d[key] = MetaTensor(synthetic, affine=image.affine, meta=meta) if meta is not None else synthetic
         return d
