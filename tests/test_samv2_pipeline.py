@@ -264,6 +264,39 @@ def test_mattes_value_of_degenerate_samples():
     assert same > 2.5 and shuffled < 0.02
 
 
+def test_normalized_gradient_fields_of_known_gradients():
+    """Equal gradients of one size: each damped by eps = that size, (g.g)^2 / (2 |g|^2)^2 = 1/4, whatever the sign
+    and scale of the contrast; orthogonal gradients and a constant image score 0; half the points agreeing, 1/8."""
+    from samv2_components.registration.edge_agreement import normalized_gradient_fields
+
+    g = np.tile([[3.0, 0.0, 4.0]], (50, 1))
+    assert normalized_gradient_fields(g, g) == pytest.approx(0.25)
+    assert normalized_gradient_fields(g, -2.0 * g) == pytest.approx(0.25)
+    assert normalized_gradient_fields(g, np.tile([[4.0, 0.0, -3.0]], (50, 1))) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_gradient_fields(g, np.zeros_like(g)) == 0.0
+    half = np.concatenate([g[:25], np.tile([[4.0, 0.0, -3.0]], (25, 1))])
+    assert normalized_gradient_fields(g, half) == pytest.approx(0.125)
+
+
+def test_edge_agreement_is_highest_at_the_truth_and_blind_to_the_contrast(slab_pair):
+    """On the slab: the truth's edge agreement beats the slab slid 20 mm along the body and tilted 6 deg; the large
+    scan with its contrast inverted and rescaled (bone dark, as in a T2 MR) scores the same; a pose that meets only
+    the large scan's background scores 0, an empty footprint NaN."""
+    from samv2_components.registration import footprint_edge_agreement
+
+    pair, truth = slab_pair
+    footprint = pair.footprint(10.0)
+    right = footprint_edge_agreement(pair, truth, footprint)
+    slid = footprint_edge_agreement(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 20.0)) @ truth, footprint)
+    tilted = footprint_edge_agreement(pair, rigid(6.0, (1, 0, 0), (0.0, 0.0, 0.0)) @ truth, footprint)
+    assert right > 1.2 * max(slid, tilted) and 0.0 < right < 1.0
+    inverted = ScanPair(pair.fixed * -0.5 + 100.0, pair.moving, pair.fixed_body, pair.moving_body, small="moving")
+    # equal up to the few footprint voxels that fall outside the CT's grid, where both take their own background
+    assert footprint_edge_agreement(inverted, truth, footprint) == pytest.approx(right, rel=0.05)
+    assert footprint_edge_agreement(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 400.0)) @ truth, footprint) == 0.0
+    assert np.isnan(footprint_edge_agreement(pair, truth, footprint * 0))
+
+
 def test_translation_vote_finds_the_shift_one_match_in_ten_agrees_on():
     rng = np.random.default_rng(0)
     rotation = rigid(30.0, (0.2, 0.3, 1.0), (0, 0, 0))[:3, :3]
@@ -413,6 +446,28 @@ def test_selection_refuses_when_no_candidate_shares_information():
     # a candidate below the floor is not eligible, so it is no rival either
     sel = select_candidate([_candidate("a", mi=0.30), _candidate("b", shift_mm=40.0, mi=0.04)], CORNERS)
     assert sel.success and sel.rival is None
+
+
+def test_edges_settle_a_near_tie_in_mi():
+    """Rule 5's edge witness (the values of a validation slab, seed 1: the right answer 1.3 % ahead in MI, 11.5 % in
+    edge agreement, of the slab slid one level, 21.8 mm off): a clear win with ``edge_margin`` 0.1, a refusal with
+    MI alone, with a smaller edge lead, with the edges behind the MI winner, or unmeasured; never for a turned
+    winner (rule 6 asks MI)."""
+    right, slid = _candidate("header", mi=0.5607), _candidate("shift_header_1", shift_mm=20.0, mi=0.5533)
+    right.edges, slid.edges = 0.0967, 0.0867
+    assert not select_candidate([right, slid], CORNERS, edge_margin=float("inf")).success
+    sel = select_candidate([right, slid], CORNERS, edge_margin=0.1)
+    assert sel.success and sel.winner.name == "header" and sel.record["candidates"][0]["edges"] == 0.0967
+    slid.edges = 0.09
+    sel = select_candidate([right, slid], CORNERS, edge_margin=0.1)
+    assert not sel.success and "edges 0.097" in sel.reason and "edges 0.090" in sel.reason
+    slid.edges, right.mi, slid.mi = 0.0867, 0.5533, 0.5607  # the edges favour the MI loser: no clear winner
+    assert not select_candidate([right, slid], CORNERS, edge_margin=0.1).success
+    right.mi, slid.mi, slid.edges = 0.5607, 0.5533, float("nan")
+    assert not select_candidate([right, slid], CORNERS, edge_margin=0.1).success
+    turned = ScoredCandidate("turned", rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), 0.5607, 0.3, 0.9, edges=0.0967)
+    other = ScoredCandidate("turned_other", rigid(90.0, (1, 0, 0), (0.0, 0.0, 0.0)), 0.5533, 0.3, 0.9, edges=0.0867)
+    assert not select_candidate([turned, other], CORNERS, edge_margin=0.1).success
 
 
 def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
@@ -569,6 +624,8 @@ class _RecordingRefiner:
     refinement answers ``results[name]`` (default: ``result``, None: the start) with ``mi_of.get(name, mi)``, a
     restart keeps the pose and adds 0.01 to its MI."""
 
+    overlap_margin_mm = 10.0
+
     def __init__(self, mi: float, overlap: float, result=None, results=None, mi_of=None):
         self.mi, self.overlap, self.result, self.results, self.mi_of, self.calls = mi, overlap, result, results or {}, mi_of or {}, []
 
@@ -644,6 +701,9 @@ def test_a_rival_refined_only_coarsely_gets_the_finest_level_before_a_refusal(ct
         assert calls == [("rival", slice(-1, None), None)] and scored[1].info["finest_level"] and scored[1].info["restarted"]
     else:
         assert not selection.success and selection.rival.name == "rival" and calls == []
+    # the finished answers' edge agreement is measured for the selection, the others' is not
+    assert np.isfinite(scored[0].edges) and np.isnan(scored[2].edges)
+    assert np.isfinite(scored[1].edges) == bool(settle_rivals)
     # a rival that is already fully refined is not refined again: the tie stands
     scored[1].fixed_to_moving, scored[1].mi, scored[1].support = rigid(0.0, (0, 0, 1), (20.0, 0.0, 0.0)), 0.49, 0.1
     scored[1].info["finest_level"] = True

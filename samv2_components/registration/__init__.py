@@ -28,6 +28,7 @@ from samv2_components.registration.orientation import (
     rotate_volume,
 )
 from samv2_components.registration.candidates import MatchSet, RigidCandidate, header_candidate, match_support, translation_vote
+from samv2_components.registration.edge_agreement import footprint_edge_agreement
 from samv2_components.registration.intensity_refinement import IntensityRefiner, RefinedCandidate, ScanPair
 from samv2_components.registration.pipeline import PIPELINES, SAMv2RigidPipeline
 from samv2_components.registration.selection import ScoredCandidate, Selection, select_candidate
@@ -52,6 +53,7 @@ __all__ = [
     "TranslationPeak",
     "TranslationSearch",
     "TurnCandidate",
+    "footprint_edge_agreement",
     "header_candidate",
     "match_support",
     "select_candidate",

@@ -220,19 +220,25 @@ def overlap_mask(pair: ScanPair, fixed_to_moving: np.ndarray, margin_mm: float):
     return shared, fraction
 
 
+def resampled_large(pair: ScanPair, fixed_to_moving: np.ndarray):
+    """The large scan resampled onto the small scan's grid through ``fixed_to_moving`` (linear; outside the large
+    scan: its background), float32: the image every footprint score compares with the small scan."""
+    sitk = _sitk()
+    return sitk.Resample(pair.large_image, pair.small_image, matrix_to_sitk_transform(pair.small_to_large(fixed_to_moving)),
+                         sitk.sitkLinear, pair.background(), sitk.sitkFloat32)
+
+
 def footprint_mi(pair: ScanPair, fixed_to_moving: np.ndarray, footprint, bins: int = 50) -> float:
     """Mattes mutual information (nats, >= 0, higher = better aligned) of the small scan against the large scan
-    resampled onto its grid through ``fixed_to_moving`` (linear; outside the large scan: its background), over
-    every voxel of ``footprint`` (a mask on the small scan's grid, :meth:`ScanPair.footprint`). The same samples
-    for every transform. 0 when the footprint meets only the large scan's background (nothing shared); NaN for an
-    empty footprint. The value is ITK's (:func:`mattes_mutual_information`)."""
+    resampled onto its grid through ``fixed_to_moving`` (:func:`resampled_large`), over every voxel of
+    ``footprint`` (a mask on the small scan's grid, :meth:`ScanPair.footprint`). The same samples for every
+    transform. 0 when the footprint meets only the large scan's background (nothing shared); NaN for an empty
+    footprint. The value is ITK's (:func:`mattes_mutual_information`)."""
     sitk = _sitk()
     inside = sitk.GetArrayViewFromImage(footprint) > 0
     if not inside.any():
         return float("nan")
-    resampled = sitk.Resample(pair.large_image, pair.small_image, matrix_to_sitk_transform(pair.small_to_large(fixed_to_moving)),
-                              sitk.sitkLinear, pair.background(), sitk.sitkFloat32)
-    moving = sitk.GetArrayViewFromImage(resampled)
+    moving = sitk.GetArrayFromImage(resampled_large(pair, fixed_to_moving))  # a copy: a view would outlive the image
     return mattes_mutual_information(sitk.GetArrayViewFromImage(pair.small_image)[inside], moving[inside],
                                      (float(moving.min()), float(moving.max())), bins)
 

@@ -25,9 +25,11 @@ intensity refines, the bundle checks.
    embeddings give the rotation roughly, intensity registration cannot cross the 2-5 cm a loose candidate leaves).
    Then the finest level for the ``refine_top_k`` best distinct answers.
 6. **Selection** (:mod:`~samv2_components.registration.selection`): every refined candidate scored by MI on the
-   small scan's footprint (the same samples for all) and by the support of SAM's matches (within
-   ``support_tolerance_mm``); the best wins, or the run refuses when the best two answers disagree (the small body's
-   points, every ``AGREEMENT_STEP_MM``, more than ``agreement_mm`` apart on average) and neither
+   small scan's footprint (the same samples for all), by the support of SAM's matches (within
+   ``support_tolerance_mm``) and, for the finished ones, by edge agreement on the same footprint
+   (:mod:`~samv2_components.registration.edge_agreement`; it settles near ties in MI); the best wins, or the run
+   refuses when the best two answers disagree (the small body's points, every ``AGREEMENT_STEP_MM``, more than
+   ``agreement_mm`` apart on average) and neither
    clearly wins (after the rival, if it had only the coarser levels, got the finest one too: ``settle_rivals``),
    when nothing overlaps, or when SAM supports none of them.
 
@@ -58,6 +60,7 @@ from samv2_components.registration.candidates import (
     match_support,
     vote_candidate,
 )
+from samv2_components.registration.edge_agreement import footprint_edge_agreement
 from samv2_components.registration.intensity_refinement import IntensityRefiner, ScanPair
 from samv2_components.registration.selection import (
     ScoredCandidate,
@@ -163,6 +166,7 @@ class SAMv2RigidPipeline:
         turn_deg: float = 60.0,
         turn_margin: float = 0.1,
         tilt_margin: float = 0.05,
+        edge_margin: float = 0.1,
         header_overlap_margin_mm: float = 100.0,
         classical: bool | dict[str, Any] = False,
         refinement: dict[str, Any] | None = None,
@@ -179,7 +183,8 @@ class SAMv2RigidPipeline:
         self.search_below_support, self.support_tolerance_mm = float(search_below_support), float(support_tolerance_mm)
         self.rules = {"agreement_mm": float(agreement_mm), "mi_margin": float(mi_margin), "support_margin": float(support_margin),
                       "min_support": float(min_support), "min_overlap": float(min_overlap), "min_mi": float(min_mi),
-                      "turn_deg": float(turn_deg), "turn_margin": float(turn_margin), "tilt_margin": float(tilt_margin)}
+                      "turn_deg": float(turn_deg), "turn_margin": float(turn_margin), "tilt_margin": float(tilt_margin),
+                      "edge_margin": float(edge_margin)}
         self.min_support_cross_modality = float(min_support_cross_modality)
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.classical = dict(classical) if isinstance(classical, dict) else ({} if classical else None)
@@ -283,12 +288,14 @@ class SAMv2RigidPipeline:
         rules = dict(self.rules)
         if not same_modality:
             rules["min_support"] = self.min_support_cross_modality
+        _measure_edges(pair, scored, self.refiner.overlap_margin_mm)
         selection = select_candidate(scored, points, **rules)
         for _ in range(self.settle_rivals):
             rival = selection.rival
             if selection.success or rival is None or rival.info.get("finest_level", True):
                 break
             self._refine_finest(pair, rival, match_sets)
+            _measure_edges(pair, scored, self.refiner.overlap_margin_mm)
             selection = select_candidate(scored, points, **rules)
         return selection
 
@@ -427,6 +434,21 @@ class SAMv2RigidPipeline:
             return small_points
         best = max(scored, key=lambda c: c.mi if math.isfinite(c.mi) else -math.inf)
         return apply_matrix(np.linalg.inv(best.fixed_to_moving), small_points)
+
+
+def _measure_edges(pair: ScanPair, scored: list[ScoredCandidate], margin_mm: float) -> None:
+    """Edge agreement (:func:`~samv2_components.registration.edge_agreement.footprint_edge_agreement`) of every
+    candidate that had the finest level, on the footprint the MI is measured on, in place (``nan`` for the rest:
+    the selection compares finished answers only); each pose measured once per pair."""
+    measured = pair.cache.setdefault("edges", {})
+    for c in scored:
+        if c.error or not c.info.get("finest_level"):
+            c.edges = math.nan
+            continue
+        key = np.round(c.fixed_to_moving, 6).tobytes()
+        if key not in measured:
+            measured[key] = footprint_edge_agreement(pair, c.fixed_to_moving, pair.footprint(margin_mm))
+        c.edges = measured[key]
 
 
 def _by_mi(scored: list[ScoredCandidate]) -> list[ScoredCandidate]:
