@@ -279,9 +279,10 @@ def test_normalized_gradient_fields_of_known_gradients():
 
 
 def test_edge_agreement_is_highest_at_the_truth_and_blind_to_the_contrast(slab_pair):
-    """On the slab: the truth's edge agreement beats the slab slid 20 mm along the body and tilted 6 deg; the large
-    scan with its contrast inverted and rescaled (bone dark, as in a T2 MR) scores the same; a pose that meets only
-    the large scan's background scores 0, an empty footprint NaN."""
+    """On the slab: the truth's edge agreement beats the slab slid 20 mm along the body and tilted 6 deg; with the
+    roles swapped (the slab as the fixed scan, the inverse map) it is the same map seen from the other side and
+    scores the same; the large scan with its contrast inverted and rescaled (bone dark, as in a T2 MR) scores the
+    same; a pose that meets only the large scan's background scores 0, an empty footprint NaN."""
     from samv2_components.registration import footprint_edge_agreement
 
     pair, truth = slab_pair
@@ -290,6 +291,8 @@ def test_edge_agreement_is_highest_at_the_truth_and_blind_to_the_contrast(slab_p
     slid = footprint_edge_agreement(pair, rigid(0.0, (0, 0, 1), (0.0, 0.0, 20.0)) @ truth, footprint)
     tilted = footprint_edge_agreement(pair, rigid(6.0, (1, 0, 0), (0.0, 0.0, 0.0)) @ truth, footprint)
     assert right > 1.2 * max(slid, tilted) and 0.0 < right < 1.0
+    swapped = ScanPair(pair.moving, pair.fixed, pair.moving_body, pair.fixed_body, small="fixed")
+    assert footprint_edge_agreement(swapped, np.linalg.inv(truth), footprint) == pytest.approx(right, rel=1e-6)
     inverted = ScanPair(pair.fixed * -0.5 + 100.0, pair.moving, pair.fixed_body, pair.moving_body, small="moving")
     # equal up to the few footprint voxels that fall outside the CT's grid, where both take their own background
     assert footprint_edge_agreement(inverted, truth, footprint) == pytest.approx(right, rel=0.05)

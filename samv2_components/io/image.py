@@ -26,6 +26,7 @@ from samv2_components.errors import SAMv2InputError
 
 __all__ = ["load_scan", "validate_scan", "LoadScand", "plain_tensor", "MIN_VOXELS_PER_AXIS", "MAX_SPACING_MM"]
 
+
 def plain_tensor(x: Any) -> torch.Tensor:
     """``x`` as a plain ``torch.Tensor``: a MetaTensor's data (same storage, memory layout and autograd graph, no
     copy), a tensor as it is, anything else through NumPy. Per-sample views of a *batched* MetaTensor try to split
