@@ -5,6 +5,10 @@ stored in RAS order reads in ITK). The known fixed -> moving mapping is ``G(x) =
 displacement ``d`` of 3-4 mm followed by a rigid ``A`` (4 degrees about S, ~8 mm shift) that is handed to the code
 as ``initial_fixed_to_moving``. The moving image lives on its own grid with ``moving(G(x)) = 50 + 300 fixed(x)``
 (another intensity scale, so the mutual information is exercised), made by inverting ``x + d(x)`` numerically.
+
+Both wrappings of elastix are tested where installed (``backend``): itk-elastix (the ``registration`` extra) and
+SimpleITK's own elastix filters (``SimpleITK-SimpleElastix``; the README's test command runs this file a second
+time with that build of SimpleITK first on the path).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ sitk = pytest.importorskip("SimpleITK")
 pytest.importorskip("itk")
 
 from samv2_components.errors import SAMv2InputError  # noqa: E402
+from samv2_components.registration import deformable as deformable_module  # noqa: E402
 from samv2_components.registration.deformable import (  # noqa: E402
     DeformableResult,
     refine_deformable,
+    require_elastix,
     write_displacement_field,
 )
 
@@ -30,6 +36,14 @@ SPACING = (2.0, 2.0, 2.5)
 ORIGIN = (30.0, -60.0, 100.0)
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 FAST = dict(grid_spacing_mm=20.0, resolutions=2, number_of_threads=1)
+_INSTALLED = {  # SimpleITK's first: it cannot run in a process once itk-elastix's modules are loaded
+    "simpleitk": deformable_module._simpleitk_has_elastix(),
+    "itk-elastix": deformable_module._itk_elastix_installed(),
+}
+BACKENDS = [
+    pytest.param(name, id=name, marks=pytest.mark.skipif(not found, reason=f"{name}'s elastix is not installed here"))
+    for name, found in _INSTALLED.items()
+]
 
 
 def _grid_points(image) -> np.ndarray:
@@ -112,15 +126,15 @@ def case() -> Case:
     return Case()
 
 
-@pytest.fixture(scope="module")
-def run(case, tmp_path_factory):
-    """One refinement with default metric and bending penalty, run from an empty working folder."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def run(case, tmp_path_factory, request):
+    """One refinement with default metric and bending penalty, run from an empty working folder, per backend."""
     workdir = tmp_path_factory.mktemp("cwd")
     before_tmp = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("samv2_elastix_")}
     old = os.getcwd()
     os.chdir(workdir)
     try:
-        result = refine_deformable(case.fixed, case.moving, case.A, iterations=200, **FAST)
+        result = refine_deformable(case.fixed, case.moving, case.A, iterations=200, backend=request.param, **FAST)
     finally:
         os.chdir(old)
     after_tmp = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("samv2_elastix_")}
@@ -189,10 +203,12 @@ def test_no_files_left_and_provenance(run):
     assert "(GridSpacing 20 20 20)" in text
     assert result.final_metric is not None and result.final_metric < 0
     assert result.wall_time_s > 0
+    assert result.backend in ("itk-elastix", "simpleitk")
 
 
-def test_initial_as_sitk_transform_and_seed_reproducible(case):
-    quick = dict(FAST, iterations=30, bending_penalty=None)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_initial_as_sitk_transform_and_seed_reproducible(case, backend):
+    quick = dict(FAST, iterations=30, bending_penalty=None, backend=backend)
     from_matrix = refine_deformable(case.fixed, case.moving, case.A, seed=3, **quick)
     transform = sitk.AffineTransform(case.A[:3, :3].flatten().tolist(), case.A[:3, 3].tolist())
     from_sitk = refine_deformable(case.fixed, case.moving, transform, seed=3, **quick)
@@ -229,51 +245,75 @@ def test_bad_inputs(case):
         refine_deformable(case.fixed, case.moving, np.eye(3))
     with pytest.raises(SAMv2InputError, match="grid_spacing_mm"):
         refine_deformable(case.fixed, case.moving, case.A, grid_spacing_mm=0)
+    with pytest.raises(SAMv2InputError, match="backend"):
+        refine_deformable(case.fixed, case.moving, case.A, backend="ants")
     far = np.eye(4)
     far[:3, 3] = 1000.0
     with pytest.raises(SAMv2InputError, match="outside the moving image"):
         refine_deformable(case.fixed, case.moving, far)
 
 
-def test_require_itk_elastix_checks_without_loading_itk_modules():
-    """The workflow's early check finds itk-elastix without loading ITK's compiled modules (0.7 GB held for the rest
-    of the process); they load only when the deformable stage runs."""
+def test_require_elastix_checks_without_loading_itk_modules():
+    """The workflow's early check finds an elastix wrapping without loading ITK's compiled modules (0.95 GB held for
+    the rest of the process); they load only when the deformable stage runs."""
     import subprocess
     import sys
 
     code = ("import sys\n"
-            "from samv2_components.registration.deformable import require_itk_elastix\n"
-            "require_itk_elastix()\n"
+            "from samv2_components.registration.deformable import require_elastix\n"
+            "print(require_elastix('auto'))\n"
             "loaded = [m for m in sys.modules if m.startswith('itk.') and m.endswith('Python')]\n"
             "print(len(loaded))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "0"
+    expected = "simpleitk" if _INSTALLED["simpleitk"] else "itk-elastix"
+    assert result.stdout.split() == [expected, "0"]
 
 
-def test_two_threads_with_the_bending_penalty_run_and_restore_itk_default():
-    """elastix's own ``SetNumberOfThreads`` with 2 threads and a multi-metric map (Mattes MI + bending penalty, the
-    default) ends the process with a segmentation fault; the thread count is set as ITK's process-wide default for
-    the call instead, and the previous default comes back afterwards. In a subprocess, so that a crash fails this
-    test instead of ending the test run."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_with_the_bending_penalty_run_and_restore_the_default(backend):
+    """itk-elastix's own ``SetNumberOfThreads`` with 2 threads and a multi-metric map (Mattes MI + bending penalty,
+    the default) ends the process with a segmentation fault; the thread count is set as the library's process-wide
+    default for the call instead, and the previous default comes back afterwards. In a subprocess, so that a crash
+    fails this test instead of ending the test run."""
     import subprocess
     import sys
 
+    threader = "itk.MultiThreaderBase" if backend == "itk-elastix" else "sitk.ProcessObject"
     code = ("import itk, numpy as np, SimpleITK as sitk\n"
             "from samv2_components.registration.deformable import refine_deformable\n"
             "rng = np.random.default_rng(0)\n"
             "noise = sitk.GetImageFromArray(rng.normal(size=(24, 28, 26)).astype(np.float32))\n"
             "image = sitk.SmoothingRecursiveGaussian(noise, 2.0)\n"
             "image.SetSpacing((2.0, 2.0, 2.5))\n"
-            "itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(3)\n"
+            f"{threader}.SetGlobalDefaultNumberOfThreads(3)\n"
             "out = refine_deformable(image, image, np.eye(4), grid_spacing_mm=20.0, resolutions=1, iterations=20,\n"
-            "                        bending_penalty=1.0, number_of_threads=2)\n"
-            "print(out.displacement_field.GetSize(), itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())\n")
+            f"                        bending_penalty=1.0, number_of_threads=2, backend={backend!r})\n"
+            f"print(out.displacement_field.GetSize(), {threader}.GetGlobalDefaultNumberOfThreads(), out.backend)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "(26, 28, 24) 3"
+    assert result.stdout.strip().splitlines()[-1] == f"(26, 28, 24) 3 {backend}"
+    assert "Writing image" not in result.stdout  # SimpleITK's elastix prints it; samv2's stdout is the result folder
 
 
-def test_identity_truth_on_a_real_scan_larger_fixed_field_of_view():
+@pytest.mark.skipif(not all(_INSTALLED.values()), reason="needs both SimpleITK's elastix and itk-elastix")
+def test_simpleitk_backend_refused_once_itk_modules_are_loaded():
+    """SimpleITK's elastix aborts the process (std::bad_alloc) once itk-elastix's modules are loaded; "auto" then
+    stays with itk-elastix and an explicit "simpleitk" is refused with one line. In a subprocess."""
+    import subprocess
+    import sys
+
+    code = ("import itk\n"
+            "itk.ElastixRegistrationMethod\n"
+            "from samv2_components.registration.deformable import require_elastix\n"
+            "print(require_elastix('auto'))\n"
+            "require_elastix('simpleitk')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["itk-elastix"]
+    assert "cannot run in a process that has already loaded itk-elastix's modules" in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identity_truth_on_a_real_scan_larger_fixed_field_of_view(backend):
     """The sample CT (3 mm, real anatomy) registered onto a crop of itself: the truth is the identity (up to a known
     shift), and the fixed scan reaches 18 mm past the moving one at each end (as AdaReg's fixed crop reaches past a
     small moving scan). A moving mask that drops the samples pushed past the moving scan's edge let the B-spline
@@ -292,21 +332,53 @@ def test_identity_truth_on_a_real_scan_larger_fixed_field_of_view():
     for moving, t, mean_mm, max_mm in ((crop, shift, 2.0, 8.0), (ct, np.zeros(3), 0.7, 3.0)):
         initial = np.eye(4)
         initial[:3, 3] = t
-        result = refine_deformable(ct, moving, initial, **settings)
+        result = refine_deformable(ct, moving, initial, backend=backend, **settings)
         moved = np.linalg.norm(sitk.GetArrayFromImage(result.displacement_field) - t, axis=-1)
         assert moved.mean() < mean_mm and moved.max() < max_mm, (moving.GetSize(), moved.mean(), moved.max())
 
 
-def test_require_itk_elastix_names_the_missing_extra(monkeypatch):
-    import importlib.util
+def test_both_wrappings_get_the_same_parameter_map():
+    """One function adjusts elastix's default B-spline map for both wrappings; the control grid's schedule is stated
+    (sqrt(2) per level, itk-elastix's default: SimpleITK's elastix defaults to 1.9881 / 1.41 / 1)."""
+    pmap = {"Metric1Weight": ["1"], "GridSpacingSchedule": ["1.988100", "1.410000", "1.000000"]}
+    deformable_module._configure_bspline_map(pmap, resolutions=3, grid_spacing_mm=30.0, iterations=200,
+                                             number_of_samples=2048, seed=5, metric="AdvancedMattesMutualInformation",
+                                             bending_penalty=None, air=-1000.0)
+    assert pmap["GridSpacingSchedule"] == ["2.0", "1.4142135623730951", "1.0"]
+    assert pmap["Metric"] == ["AdvancedMattesMutualInformation"] and "Metric1Weight" not in pmap
+    assert pmap["RandomSeed"] == ["5"] and pmap["DefaultPixelValue"] == ["-1000.0"]
+    deformable_module._configure_bspline_map(pmap, resolutions=1, grid_spacing_mm=30.0, iterations=200,
+                                             number_of_samples=2048, seed=5, metric="AdvancedMattesMutualInformation",
+                                             bending_penalty=2.0, air=0.0)
+    assert pmap["GridSpacingSchedule"] == ["1.0"]
+    assert pmap["Metric"] == ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"]
+    assert pmap["Metric1Weight"] == ["2.0"]
 
+
+def test_require_elastix_names_the_missing_package(monkeypatch):
     from samv2_components.errors import MissingExtraError
-    from samv2_components.registration import deformable
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "itk.ElastixPython" else real(name, *a))
+    monkeypatch.setattr(deformable_module, "_itk_elastix_installed", lambda: False)
+    monkeypatch.setattr(deformable_module, "_simpleitk_has_elastix", lambda: False)
     with pytest.raises(MissingExtraError, match=r'itk-elastix: not installed .*pip install -e "\.\[registration\]"'):
-        deformable.require_itk_elastix()
+        require_elastix("auto")
+    with pytest.raises(MissingExtraError, match="itk-elastix: not installed"):
+        require_elastix("itk-elastix")
+    with pytest.raises(SAMv2InputError, match=r"SimpleITK-SimpleElastix: not installed .*pip install SimpleITK-SimpleElastix"):
+        require_elastix("simpleitk")
+    with pytest.raises(SAMv2InputError, match="backend: unknown value 'elastix'"):
+        require_elastix("elastix")
+    # "auto" prefers SimpleITK's filters (a few MB) to itk-elastix's modules (0.95 GB)
+    monkeypatch.setattr(deformable_module, "_itk_elastix_installed", lambda: True)
+    assert require_elastix("auto") == "itk-elastix"
+    monkeypatch.setattr(deformable_module, "_simpleitk_has_elastix", lambda: True)
+    monkeypatch.setattr(deformable_module, "_itk_elastix_loaded", lambda: False)
+    assert require_elastix("auto") == "simpleitk" and require_elastix("itk-elastix") == "itk-elastix"
+    # once itk-elastix's modules are loaded, SimpleITK's elastix would abort the process
+    monkeypatch.setattr(deformable_module, "_itk_elastix_loaded", lambda: True)
+    assert require_elastix("auto") == "itk-elastix"
+    with pytest.raises(SAMv2InputError, match="backend: 'simpleitk' cannot run in a process"):
+        require_elastix("simpleitk")
 
 
 def test_working_grid_for_a_fixed_image_finer_than_field_spacing(case):

@@ -2,7 +2,9 @@
 
 SAMv2's AdaReg registers CT and MR in three steps: a rigid transform from embedding matches, a crop of the
 large-FOV scan, and a deformable refinement (the paper used DEEDS). :func:`refine_deformable` is that last step,
-with elastix's B-spline registration (``itk-elastix``, the maintained Python wrapping of elastix).
+with elastix's B-spline registration, run through SimpleITK's elastix filters where the installed SimpleITK has them
+(``SimpleITK-SimpleElastix``) and otherwise through ``itk-elastix`` (ITK's Python wrapping, about 0.95 GB more
+memory): :func:`require_elastix`.
 
 Conventions:
 
@@ -54,6 +56,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import sys
 import tempfile
 import time
 import uuid
@@ -70,8 +73,17 @@ from samv2_components.registration.intensity_baselines import _short, _sitk, mat
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK
 
-__all__ = ["DeformableResult", "check_deformable_settings", "refine_deformable", "write_displacement_field", "ELASTIX_METRICS"]
+__all__ = [
+    "DeformableResult",
+    "check_deformable_settings",
+    "refine_deformable",
+    "require_elastix",
+    "write_displacement_field",
+    "ELASTIX_BACKENDS",
+    "ELASTIX_METRICS",
+]
 
+ELASTIX_BACKENDS = ("auto", "simpleitk", "itk-elastix")
 ELASTIX_METRICS = (
     "AdvancedMattesMutualInformation",
     "NormalizedMutualInformation",
@@ -81,16 +93,60 @@ ELASTIX_METRICS = (
 _GEOMETRY_TOL = 1e-4  # relative tolerance on origin/spacing/direction read back from transformix
 
 
-def require_itk_elastix() -> None:
-    """Raise :class:`MissingExtraError` now when itk-elastix is not installed, without loading ITK's compiled modules:
-    their first use holds about 0.7 GB of memory for the rest of the process (measured: 437 -> 1,175 MiB), so a
-    workflow checks at its start and loads them only for the deformable stage."""
+def _simpleitk_has_elastix() -> bool:
+    """True when the installed SimpleITK is a build with elastix (the ``SimpleITK-SimpleElastix`` package)."""
     try:
-        found = importlib.util.find_spec("itk.ElastixPython") is not None
+        import SimpleITK
+    except ImportError:
+        return False
+    return hasattr(SimpleITK, "ElastixImageFilter") and hasattr(SimpleITK, "TransformixImageFilter")
+
+
+def _itk_elastix_installed() -> bool:
+    try:
+        return importlib.util.find_spec("itk.ElastixPython") is not None
     except ImportError:  # no itk at all
-        found = False
-    if not found:
+        return False
+
+
+def _itk_elastix_loaded() -> bool:
+    """True once this process has loaded itk-elastix's compiled modules."""
+    return any(name in sys.modules for name in ("itk._ElastixPython", "itk.ElastixPython"))
+
+
+def require_elastix(backend: str = "auto") -> str:
+    """Check that an elastix wrapping is installed, without loading it, and name the one the deformable stage uses.
+
+    ``"simpleitk"``: SimpleITK's own elastix filters (the ``SimpleITK-SimpleElastix`` build of SimpleITK), which add
+    a few MB to a process that already holds SimpleITK; ``"itk-elastix"``: the ITK Python package's wrapping, whose
+    first use loads 30 of ITK's wrapped modules and holds about 0.95 GB for the rest of the process (a bare
+    process: 38 -> 991 MiB); ``"auto"``: SimpleITK's where it has them, otherwise itk-elastix. The same elastix
+    parameter map runs either way. A workflow calls this at its start; the modules load when the stage runs. Once
+    itk-elastix's modules are loaded in a process, SimpleITK's elastix cannot run there (it aborts the process:
+    the two builds of elastix clash), so ``"auto"`` then stays with itk-elastix.
+
+    Raises:
+        SAMv2InputError: unknown ``backend``. MissingExtraError: the requested wrapping (or, for ``"auto"``, any) is
+        not installed.
+    """
+    if backend not in ELASTIX_BACKENDS:
+        raise SAMv2InputError("backend", f"unknown value {backend!r}; expected one of {', '.join(ELASTIX_BACKENDS)}")
+    if backend in ("auto", "simpleitk") and _simpleitk_has_elastix():
+        if not _itk_elastix_loaded():
+            return "simpleitk"
+        if backend == "simpleitk":  # measured: SimpleITK's elastix then aborts the process (std::bad_alloc)
+            raise SAMv2InputError(
+                "backend", "'simpleitk' cannot run in a process that has already loaded itk-elastix's modules "
+                "(the two elastix builds clash); use 'itk-elastix' or 'auto' here"
+            )
+    if backend == "simpleitk":
+        raise SAMv2InputError(
+            "SimpleITK-SimpleElastix", "not installed (backend 'simpleitk' needs SimpleITK built with elastix): "
+            "pip install SimpleITK-SimpleElastix"
+        )
+    if not _itk_elastix_installed():
         raise MissingExtraError("itk-elastix", "registration", "the deformable stage")
+    return "itk-elastix"
 
 
 def _itk():
@@ -105,15 +161,15 @@ def _itk():
 
 
 @contextlib.contextmanager
-def _itk_threads(itk, number_of_threads: int | None):
-    """Run elastix and transformix on ``number_of_threads`` threads (``None``: ITK's default), restoring ITK's
-    process-wide default afterwards. The per-object ``ElastixRegistrationMethod.SetNumberOfThreads`` is not used:
-    with more than one thread and a multi-metric map (the metric plus the bending penalty) it crashes the process
-    with a segmentation fault (itk-elastix 0.2x, ITKElastix issue 160; reproduced here with 2 threads)."""
+def _process_threads(threader, number_of_threads: int | None):
+    """Run elastix and transformix on ``number_of_threads`` threads (``None``: the library's default), through the
+    process-wide default of ``threader`` (``itk.MultiThreaderBase`` or ``SimpleITK.ProcessObject``), restored
+    afterwards. The per-object ``SetNumberOfThreads`` of itk-elastix is not used: with more than one thread and a
+    multi-metric map (the metric plus the bending penalty) it crashes the process with a segmentation fault
+    (itk-elastix 0.2x, ITKElastix issue 160; reproduced here with 2 threads)."""
     if number_of_threads is None:
         yield
         return
-    threader = itk.MultiThreaderBase
     previous = threader.GetGlobalDefaultNumberOfThreads()
     threader.SetGlobalDefaultNumberOfThreads(int(number_of_threads))
     try:
@@ -143,6 +199,7 @@ class DeformableResult:
         wall_time_s: seconds for the whole refinement (pre-alignment, elastix, transformix, composition).
         final_metric: elastix's final metric value of the last resolution (from its log; Mattes MI: negative,
             lower is better; includes the weighted bending penalty), or ``None`` if the log did not give it.
+        backend: the elastix wrapping that ran (``"simpleitk"`` or ``"itk-elastix"``).
     """
 
     displacement_field: "SimpleITK.Image"
@@ -151,6 +208,7 @@ class DeformableResult:
     elastix_parameters: str
     wall_time_s: float
     final_metric: float | None = None
+    backend: str = ""
 
     def map_points(self, fixed_points_lps) -> np.ndarray:
         """Fixed-image points ``(N, 3)`` (or one ``(3,)``) in LPS mm -> corresponding moving points ``(N, 3)``."""
@@ -194,27 +252,37 @@ def _to_itk(itk, sitk, image, pixel):
     return out
 
 
-def _itk_field_to_sitk(itk, sitk, field, reference):
-    """ITK vector image ``(x, y, z) -> 3`` as a SimpleITK float64 vector image; grid checked against ``reference``."""
+def _itk_field_to_sitk(itk, sitk, field):
+    """ITK vector image ``(x, y, z) -> 3`` as a SimpleITK float64 vector image with the same geometry."""
     array = np.asarray(itk.array_from_image(field), dtype=np.float64)  # (z, y, x, 3)
-    size = tuple(int(s) for s in field.GetLargestPossibleRegion().GetSize())
+    out = sitk.GetImageFromArray(array, isVector=True)
+    out.SetOrigin([float(v) for v in field.GetOrigin()])
+    out.SetSpacing([float(v) for v in field.GetSpacing()])
+    out.SetDirection(np.asarray(itk.array_from_matrix(field.GetDirection()), dtype=np.float64).flatten().tolist())
+    return out
+
+
+def _checked_field(sitk, field, reference):
+    """transformix's displacement field as a float64 vector image on exactly ``reference``'s grid; an error when it
+    came back on another grid (its geometry went through parameter text, hence the tolerance)."""
+    size = tuple(int(s) for s in field.GetSize())
     origin = np.asarray(field.GetOrigin(), dtype=np.float64)
     spacing = np.asarray(field.GetSpacing(), dtype=np.float64)
-    direction = np.asarray(itk.array_from_matrix(field.GetDirection()), dtype=np.float64)
+    direction = np.asarray(field.GetDirection(), dtype=np.float64)
     ref_spacing = np.asarray(reference.GetSpacing())
     if (
-        array.shape != (*reference.GetSize()[::-1], 3)
+        field.GetNumberOfComponentsPerPixel() != 3
         or size != tuple(reference.GetSize())
         or not np.allclose(spacing, ref_spacing, rtol=_GEOMETRY_TOL, atol=0)
         or not np.allclose(origin, reference.GetOrigin(), rtol=0, atol=_GEOMETRY_TOL * ref_spacing.min())
-        or not np.allclose(direction.flatten(), reference.GetDirection(), atol=_GEOMETRY_TOL)
+        or not np.allclose(direction, reference.GetDirection(), atol=_GEOMETRY_TOL)
     ):
         raise SAMv2InputError(
             "refine_deformable", f"transformix returned a field on another grid (size {size}, origin "
             f"{origin.tolist()}, spacing {spacing.tolist()}) than the fixed image"
         )
-    out = sitk.GetImageFromArray(array, isVector=True)
-    out.CopyInformation(reference)  # exact fixed geometry (transformix's copy went through text)
+    out = sitk.Cast(field, sitk.sitkVectorFloat64)
+    out.CopyInformation(reference)  # exact fixed geometry
     return out
 
 
@@ -286,6 +354,135 @@ def _provenance_header(initial) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# elastix and transformix, through either wrapping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _configure_bspline_map(
+    pmap, resolutions, grid_spacing_mm, iterations, number_of_samples, seed, metric, bending_penalty, air
+) -> None:
+    """Adjust elastix's default ``"bspline"`` parameter map in place (the same settings for both wrappings)."""
+    # the control grid's schedule stated explicitly: sqrt(2) apart per level (itk-elastix's default; SimpleITK's
+    # elastix writes the same schedule rounded to 1.9881 / 1.41)
+    pmap["GridSpacingSchedule"] = [repr(2.0 ** (level / 2)) for level in range(int(resolutions) - 1, -1, -1)]
+    pmap["MaximumNumberOfIterations"] = [str(int(iterations))]
+    pmap["NumberOfSpatialSamples"] = [str(int(number_of_samples))]
+    pmap["RandomSeed"] = [str(int(seed))]
+    pmap["ErodeMask"] = ["false"]
+    pmap["WriteResultImage"] = ["false"]  # resampled_moving is made from the original moving image instead
+    pmap["WriteIterationInfo"] = ["false"]
+    pmap["DefaultPixelValue"] = [repr(air)]
+    if bending_penalty:
+        pmap["Metric"] = [metric, "TransformBendingEnergyPenalty"]
+        pmap["Metric0Weight"] = ["1.0"]
+        pmap["Metric1Weight"] = [repr(float(bending_penalty))]
+    else:
+        pmap["Metric"] = [metric]
+        pmap["Metric0Weight"] = ["1.0"]
+        if "Metric1Weight" in pmap:
+            del pmap["Metric1Weight"]
+
+
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def _run_itk_elastix(work_fixed, prealigned, mask, settings: dict, workdir: str, number_of_threads):
+    """elastix and transformix through itk-elastix: ``(b as an ITK-derived SimpleITK vector image, the final
+    parameter text, elastix's log)``."""
+    sitk, itk = _sitk(), _itk()
+    parameters = itk.ParameterObject.New()
+    pmap = parameters.GetDefaultParameterMap("bspline", int(settings["resolutions"]), float(settings["grid_spacing_mm"]))
+    _configure_bspline_map(pmap, **settings)
+    parameters.AddParameterMap(pmap)
+    image_type = itk.Image[itk.F, 3]
+    with _process_threads(itk.MultiThreaderBase, number_of_threads):
+        elastix = itk.ElastixRegistrationMethod[image_type, image_type].New()
+        elastix.SetFixedImage(_to_itk(itk, sitk, work_fixed, itk.F))
+        elastix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
+        elastix.SetFixedMask(_to_itk(itk, sitk, mask, itk.UC))
+        elastix.SetParameterObject(parameters)
+        elastix.SetOutputDirectory(workdir)
+        elastix.SetLogToConsole(False)
+        elastix.SetLogToFile(True)
+        elastix.SetLogFileName("elastix.log")
+        elastix.UpdateLargestPossibleRegion()
+        result_parameters = elastix.GetTransformParameterObject()
+        if result_parameters.GetNumberOfParameterMaps() != 1:  # pragma: no cover - we give elastix one map
+            raise SAMv2InputError("refine_deformable", "elastix returned more than one transform")
+
+        transformix = itk.TransformixFilter[image_type].New()
+        transformix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
+        transformix.SetTransformParameterObject(result_parameters)
+        transformix.SetComputeDeformationField(True)
+        transformix.SetOutputDirectory(workdir)
+        transformix.SetLogToConsole(False)
+        transformix.SetLogToFile(False)
+        transformix.UpdateLargestPossibleRegion()
+        field = _itk_field_to_sitk(itk, sitk, transformix.GetOutputDeformationField())
+    param_file = os.path.join(workdir, f"final.{uuid.uuid4().hex}.txt")
+    result_parameters.WriteParameterFile(param_file)
+    return field, _read_text(param_file), _read_text(os.path.join(workdir, "elastix.log"))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what compiled code writes to the process's standard output to standard error meanwhile: SimpleITK's
+    elastix prints "Writing image ..." whatever its log settings, and ``samv2``'s standard output carries only the
+    result folder."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_simpleitk_elastix(work_fixed, prealigned, mask, settings: dict, workdir: str, number_of_threads):
+    """elastix and transformix through SimpleITK's own filters (``SimpleITK-SimpleElastix``); same return as
+    :func:`_run_itk_elastix`."""
+    sitk = _sitk()
+    pmap = sitk.GetDefaultParameterMap("bspline", int(settings["resolutions"]), float(settings["grid_spacing_mm"]))
+    _configure_bspline_map(pmap, **settings)
+    # the filters take the process default when they are made; their own SetNumberOfThreads also lowers ITK's global
+    # maximum for the rest of the process (measured: a default of 3 read back as 2 afterwards), so it is not called
+    with _process_threads(sitk.ProcessObject, number_of_threads):
+        elastix = sitk.ElastixImageFilter()
+        elastix.SetFixedImage(sitk.Cast(work_fixed, sitk.sitkFloat32))
+        elastix.SetMovingImage(sitk.Cast(prealigned, sitk.sitkFloat32))
+        elastix.SetFixedMask(sitk.Cast(mask, sitk.sitkUInt8))
+        elastix.SetParameterMap(pmap)
+        elastix.SetOutputDirectory(workdir)
+        elastix.LogToConsoleOff()
+        elastix.LogToFileOn()
+        elastix.SetLogFileName("elastix.log")
+        with _stdout_to_stderr():
+            elastix.Execute()  # it also resamples the moving image (its return value, unused here)
+        result_maps = elastix.GetTransformParameterMap()
+        if len(result_maps) != 1:  # pragma: no cover - we give elastix one map
+            raise SAMv2InputError("refine_deformable", "elastix returned more than one transform")
+        del elastix
+
+        transformix = sitk.TransformixImageFilter()
+        transformix.SetMovingImage(sitk.Cast(prealigned, sitk.sitkFloat32))
+        transformix.SetTransformParameterMap(result_maps)
+        transformix.ComputeDeformationFieldOn()
+        transformix.SetOutputDirectory(workdir)
+        transformix.LogToConsoleOff()
+        transformix.LogToFileOff()
+        transformix.Execute()
+        field = transformix.GetDeformationField()
+    param_file = os.path.join(workdir, f"final.{uuid.uuid4().hex}.txt")
+    sitk.WriteParameterFile(result_maps[0], param_file)
+    return field, _read_text(param_file), _read_text(os.path.join(workdir, "elastix.log"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main entry point
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -300,6 +497,7 @@ def check_deformable_settings(
     seed: int = 0,
     number_of_samples: int = 2048,
     field_spacing_mm: float | None = 2.0,
+    backend: str = "auto",
     prefix: str = "",
 ) -> None:
     """Raise :class:`SAMv2InputError` naming the first invalid setting of :func:`refine_deformable` (the workflow
@@ -321,6 +519,8 @@ def check_deformable_settings(
         raise SAMv2InputError(prefix + "number_of_threads", f"must be >= 1 or None, got {number_of_threads}")
     if field_spacing_mm is not None and not (np.isfinite(field_spacing_mm) and field_spacing_mm > 0):
         raise SAMv2InputError(prefix + "field_spacing_mm", f"must be positive or None, got {field_spacing_mm}")
+    if backend not in ELASTIX_BACKENDS:
+        raise SAMv2InputError(prefix + "backend", f"unknown value {backend!r}; expected one of {', '.join(ELASTIX_BACKENDS)}")
 
 
 def refine_deformable(
@@ -337,6 +537,7 @@ def refine_deformable(
     seed: int = 0,
     number_of_samples: int = 2048,
     field_spacing_mm: float | None = 2.0,
+    backend: str = "auto",
 ) -> DeformableResult:
     """Refine a rigid fixed -> moving alignment by elastix B-spline registration (see the module docstring).
 
@@ -363,18 +564,22 @@ def refine_deformable(
         number_of_samples: random samples per iteration (``NumberOfSpatialSamples``).
         field_spacing_mm: finest spacing of the working grid (elastix's fixed image and the displacement field);
             ``None``: the fixed image's own grid, however fine.
+        backend: which wrapping of elastix runs (:func:`require_elastix`): ``"simpleitk"`` (SimpleITK built with
+            elastix, ``SimpleITK-SimpleElastix``: a few MB), ``"itk-elastix"`` (ITK's Python wrapping: about
+            0.95 GB of ITK modules held by the process from then on) or ``"auto"`` (the first one installed). Same
+            parameter map and inputs; results agree to elastix's run-to-run variation, not bit for bit.
 
     Returns:
         :class:`DeformableResult`; its ``transform`` / ``displacement_field`` map fixed points to moving points.
 
     Raises:
         SAMv2InputError: unreadable inputs, bad arguments, or elastix failing (e.g. no overlap).
-        ImportError: ``itk-elastix`` / SimpleITK missing (``pip install samv2-components[registration]``).
+        MissingExtraError: no elastix wrapping installed (``pip install samv2-components[registration]``).
     """
     sitk = _sitk()
     check_deformable_settings(grid_spacing_mm, iterations, resolutions, metric, bending_penalty, number_of_threads, seed,
-                              number_of_samples, field_spacing_mm)
-    itk = _itk()
+                              number_of_samples, field_spacing_mm, backend)
+    backend = require_elastix(backend)
 
     fixed_img = read_sitk_image(fixed, "fixed")
     moving_img = read_sitk_image(moving, "moving")
@@ -404,66 +609,18 @@ def refine_deformable(
     mask = overlap if mask is None else sitk.And(mask, overlap)
     del inside, overlap
 
-    # 2. elastix B-spline
-    parameters = itk.ParameterObject.New()
-    pmap = parameters.GetDefaultParameterMap("bspline", int(resolutions), float(grid_spacing_mm))
-    pmap["MaximumNumberOfIterations"] = [str(int(iterations))]
-    pmap["NumberOfSpatialSamples"] = [str(int(number_of_samples))]
-    pmap["RandomSeed"] = [str(int(seed))]
-    pmap["ErodeMask"] = ["false"]
-    pmap["WriteResultImage"] = ["false"]  # resampled_moving is made from the original moving image instead
-    pmap["WriteIterationInfo"] = ["false"]
-    pmap["DefaultPixelValue"] = [repr(air)]
-    if bending_penalty:
-        pmap["Metric"] = [metric, "TransformBendingEnergyPenalty"]
-        pmap["Metric0Weight"] = ["1.0"]
-        pmap["Metric1Weight"] = [repr(float(bending_penalty))]
-    else:
-        pmap["Metric"] = [metric]
-        pmap["Metric0Weight"] = ["1.0"]
-        if "Metric1Weight" in pmap:
-            del pmap["Metric1Weight"]
-    parameters.AddParameterMap(pmap)
-
-    image_type = itk.Image[itk.F, 3]
-    with tempfile.TemporaryDirectory(prefix="samv2_elastix_") as workdir, _itk_threads(itk, number_of_threads):
+    # 2. elastix B-spline, 3. transformix: the displacement b on the working grid
+    settings = dict(
+        resolutions=resolutions, grid_spacing_mm=grid_spacing_mm, iterations=iterations,
+        number_of_samples=number_of_samples, seed=seed, metric=metric, bending_penalty=bending_penalty, air=air,
+    )
+    run = _run_simpleitk_elastix if backend == "simpleitk" else _run_itk_elastix
+    with tempfile.TemporaryDirectory(prefix="samv2_elastix_") as workdir:
         try:
-            elastix = itk.ElastixRegistrationMethod[image_type, image_type].New()
-            elastix.SetFixedImage(_to_itk(itk, sitk, work_fixed, itk.F))
-            elastix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
-            elastix.SetFixedMask(_to_itk(itk, sitk, mask, itk.UC))
-            elastix.SetParameterObject(parameters)
-            elastix.SetOutputDirectory(workdir)
-            elastix.SetLogToConsole(False)
-            elastix.SetLogToFile(True)
-            elastix.SetLogFileName("elastix.log")
-            elastix.UpdateLargestPossibleRegion()
-            result_parameters = elastix.GetTransformParameterObject()
-
-            # 3. transformix: the B-spline displacement b on the fixed grid
-            transformix = itk.TransformixFilter[image_type].New()
-            transformix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
-            transformix.SetTransformParameterObject(result_parameters)
-            transformix.SetComputeDeformationField(True)
-            transformix.SetOutputDirectory(workdir)
-            transformix.SetLogToConsole(False)
-            transformix.SetLogToFile(False)
-            transformix.UpdateLargestPossibleRegion()
-            itk_field = transformix.GetOutputDeformationField()
+            bspline_field, elastix_text, log_text = run(work_fixed, prealigned, mask, settings, workdir, number_of_threads)
         except RuntimeError as exc:  # elastix raises with a long multi-line ITK message
             raise SAMv2InputError("refine_deformable", f"elastix failed ({_short(exc)})") from exc
-        bspline_field = _itk_field_to_sitk(itk, sitk, itk_field, work_fixed)
-        param_file = os.path.join(workdir, f"final.{uuid.uuid4().hex}.txt")
-        if result_parameters.GetNumberOfParameterMaps() != 1:  # pragma: no cover - we give elastix one map
-            raise SAMv2InputError("refine_deformable", "elastix returned more than one transform")
-        result_parameters.WriteParameterFile(param_file)
-        with open(param_file, encoding="utf-8") as fh:
-            elastix_text = fh.read()
-        log_path = os.path.join(workdir, "elastix.log")
-        log_text = ""
-        if os.path.exists(log_path):
-            with open(log_path, encoding="utf-8", errors="replace") as fh:
-                log_text = fh.read()
+    bspline_field = _checked_field(sitk, bspline_field, work_fixed)
 
     # 4. complete mapping x -> R(x + b(x)) (CompositeTransform applies its list right to left)
     deformation = sitk.DisplacementFieldTransform(sitk.Image(bspline_field))  # the constructor empties its input
@@ -486,6 +643,7 @@ def refine_deformable(
         elastix_parameters=_provenance_header(initial) + elastix_text,
         wall_time_s=wall,
         final_metric=_final_metric_from_log(log_text),
+        backend=backend,
     )
 
 

@@ -143,13 +143,14 @@ class AdaRegWorkflow:
         # the optional packages are checked now, not after minutes of embedding and fitting
         _sitk()
         if self.deformable:
-            from samv2_components.registration.deformable import check_deformable_settings, require_itk_elastix
+            from samv2_components.registration.deformable import check_deformable_settings, require_elastix
 
-            require_itk_elastix()  # ITK's modules themselves are loaded by the deformable stage (0.7 GB)
             unknown = set(self.deformable_kwargs) - set(inspect.signature(check_deformable_settings).parameters) - {"prefix"}
             if unknown:
                 raise SAMv2InputError(f"deformable_kwargs#{sorted(unknown)[0]}", "unknown setting of the deformable stage")
             check_deformable_settings(**self.deformable_kwargs, prefix="deformable_kwargs#")
+            # checked, not loaded: the deformable stage loads the wrapping (itk-elastix's modules: 0.95 GB)
+            require_elastix(self.deformable_kwargs.get("backend", "auto"))
 
     def _embed(self, which: str):
         path = self.paths[which]
@@ -250,7 +251,7 @@ class AdaRegWorkflow:
                 summary["deformable"] = {"success": False, "error": f"{type(exc).__name__}: {reason}"}
                 logger.warning("%s: the deformable stage failed (%s); writing the rigid registration", self.paths["moving"], reason)
             else:
-                summary["deformable"] = {"success": True}
+                summary["deformable"] = {"success": True, "elastix": deformable.backend}
                 summary["deformable_seconds"] = round(deformable.wall_time_s, 2)
         stage("write")
         if self.write_qc:
