@@ -213,3 +213,36 @@ def test_read_sitk_image_of_a_float32_image_is_independent_of_it(ct):
     out[0, 0, 0] = before + 123.0
     assert ct[0, 0, 0] == before and out[0, 0, 0] == before + 123.0
     assert read_sitk_image(sitk.Cast(ct, sitk.sitkInt16)).GetPixelID() == sitk.sitkFloat32
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha"])
+def test_read_sitk_crop_equals_the_crop_of_the_whole_scan(ct, tmp_path, suffix):
+    """The large scan is read as its crop around the small scan's body (the registration workflow's write stage):
+    region first from a file, the same voxels and geometry as cropping the whole scan read as float32, on an
+    oblique int16 scan (so the cast and the index box are both exercised); None when the box misses the scan."""
+    from samv2_components.geometry import crop_index_range
+    from samv2_components.registration import read_sitk_crop
+
+    scan = sitk.Cast(ct, sitk.sitkInt16)
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))
+    scan.SetDirection((q * np.sign(np.linalg.det(q))).flatten().tolist())
+    path = str(tmp_path / f"scan{suffix}")
+    sitk.WriteImage(scan, path)
+    whole = read_sitk_image(path)
+    corners = np.array([whole.TransformContinuousIndexToPhysicalPoint(i) for i in ([20.5, 30.0, 4.0], [60.0, 75.5, 18.0])])
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(whole.GetDirection(), (3, 3)) @ np.diag(whole.GetSpacing())
+    affine[:3, 3] = whole.GetOrigin()
+    start, stop = crop_index_range(corners, affine, whole.GetSize(), 6.0)
+    assert np.all(start > 0) and np.all(stop < np.asarray(whole.GetSize()))  # a real crop on every axis
+    expected = sitk.RegionOfInterest(whole, (stop - start).tolist(), start.tolist())
+    for source in (path, whole):  # a file (region first) and an image in memory (cropped after)
+        crop = read_sitk_crop(source, corners, 6.0)
+        assert crop.GetPixelID() == sitk.sitkFloat32 and crop.GetSize() == expected.GetSize()
+        np.testing.assert_allclose(crop.GetOrigin(), expected.GetOrigin(), atol=1e-6)
+        assert crop.GetSpacing() == expected.GetSpacing()
+        np.testing.assert_allclose(crop.GetDirection(), expected.GetDirection(), atol=1e-7)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(crop), sitk.GetArrayViewFromImage(expected))
+    assert read_sitk_crop(path, corners + 5000.0, 6.0) is None
+    with pytest.raises(SAMv2InputError, match="file not found"):
+        read_sitk_crop(str(tmp_path / "missing.nii"), corners, 6.0)

@@ -841,3 +841,64 @@ def test_only_turns_ranked_above_the_headers_orientation_are_embedded(monkeypatc
     candidates, sets, record = pipeline._turn_candidates(None, None, {}, None, embed=lambda image: {})
     assert tried == embedded and record["embedded_turns"] == embedded and sets == []
     assert [c.name for c in candidates] == ["turn_17", "turn_0", "turn_15", "turn_16"]
+
+
+def test_spilled_heads_come_back_equal_and_leave_nothing_behind():
+    """The fixed scan's heads wait on disk while the refinement runs: the dict is emptied (the caller's memory goes),
+    the tensors come back with their values, dtypes and shapes, and the file goes when the block ends."""
+    import tempfile
+
+    from samv2_components.inference.spilled_heads import SpilledHeads
+
+    affine = torch.tensor([[0.0, 0.0, 4.0, -10.0], [0.0, 4.0, 0.0, 20.0], [-4.0, 0.0, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
+    heads = {"fine": MetaTensor(torch.randn(4, 3, 5, 6).half(), affine=affine), "coarse": torch.randn(2, 3, 5, 6)}
+    copies = {k: v.clone() for k, v in heads.items()}
+    with SpilledHeads(heads) as spilled:
+        assert heads == {} and os.path.isfile(spilled.path) and spilled.nbytes == 4 * 90 * 2 + 2 * 90 * 4
+        back = spilled.load()
+        assert back.keys() == copies.keys()
+        for name, tensor in back.items():
+            assert type(tensor) is type(copies[name]) and tensor.dtype == copies[name].dtype
+            torch.testing.assert_close(tensor.as_subclass(torch.Tensor), copies[name].as_subclass(torch.Tensor), rtol=0, atol=0)
+        # the matcher reads each head's grid from its affine (a MetaTensor, as SAMv2Inferer returns it)
+        torch.testing.assert_close(back["fine"].affine, copies["fine"].affine, rtol=0, atol=0)
+    assert not os.path.exists(os.path.dirname(spilled.path))
+    assert os.path.dirname(os.path.dirname(spilled.path)) == tempfile.gettempdir()
+
+
+@pytest.mark.parametrize("search", ["auto", "off"])
+def test_release_heads_empties_both_dicts_after_adaregs_fit_and_removes_the_spill(monkeypatch, search):
+    """``release_heads``: AdaReg's fit reads both heads; then both dicts are empty (the moving scan's are not read
+    again; the fixed scan's are on disk while the orientation search may still need them, ``auto``), and the spilled
+    file is gone however the registration ends (here: AdaReg finds no body points, a refusal)."""
+    from types import SimpleNamespace
+
+    from samv2_components.inference import spilled_heads
+    from samv2_components.registration import SAMv2RigidPipeline, RigidRegistration
+
+    seen, spills = {}, []
+
+    def fit(fixed_image, fixed_heads, moving_image, moving_heads):
+        seen["sizes"] = (len(fixed_heads), len(moving_heads))
+        return RigidRegistration(False, "no body", np.eye(4), "moving", np.zeros((0, 3)), np.zeros((0, 3)),
+                                 np.zeros(0), np.zeros(0, bool), {}, None)
+
+    real = spilled_heads.SpilledHeads
+
+    class Recorded(real):
+        def __init__(self, heads):
+            super().__init__(heads)
+            spills.append(self.path)
+
+    monkeypatch.setattr("samv2_components.registration.pipeline.SpilledHeads", Recorded)
+    image = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.eye(4))
+    fixed_heads, moving_heads = {"fine": torch.ones(2, 4, 4, 4)}, {"fine": torch.ones(2, 4, 4, 4)}
+    pipeline = SAMv2RigidPipeline(adareg=SimpleNamespace(rigid=fit), orientation_search=search)
+    result = pipeline.rigid(image, fixed_heads, image, moving_heads, embed=lambda im: {}, release_heads=True)
+    assert not result.success and seen["sizes"] == (1, 1)
+    assert fixed_heads == {} and moving_heads == {}
+    assert len(spills) == (1 if search == "auto" else 0) and not any(os.path.exists(p) for p in spills)
+    # without release_heads the caller's dicts stay as they were
+    kept = {"fine": torch.ones(2, 4, 4, 4)}
+    pipeline.rigid(image, kept, image, {"fine": torch.ones(1)}, embed=lambda im: {})
+    assert list(kept) == ["fine"]

@@ -17,6 +17,7 @@ from samv2_components.registration.adareg import (
 from samv2_components.registration.deformable import DeformableResult, refine_deformable, write_displacement_field
 from samv2_components.registration.intensity_baselines import (
     IntensityRegistrationResult,
+    read_sitk_crop,
     read_sitk_image,
     register_intensity,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "RobustRigidFit",
     "fit_rigid",
     "fit_rigid_robust",
+    "read_sitk_crop",
     "read_sitk_image",
     "register_intensity",
 ]

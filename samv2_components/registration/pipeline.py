@@ -40,6 +40,7 @@ winner. Matrices are 4x4 rigid **fixed -> moving**, LPS mm.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from monai.data import MetaTensor
 
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import apply_matrix, body_box_corners, body_mask, body_points, rotation_angle_deg
+from samv2_components.inference.spilled_heads import SpilledHeads
 from samv2_components.registration.adareg import AdaReg, RigidRegistration, transform_summary
 from samv2_components.registration.candidates import (
     MatchSet,
@@ -355,7 +357,7 @@ class SAMv2RigidPipeline:
 
     # ------------------------------------------------------------------------------------------------ run
     def rigid(self, fixed_image: MetaTensor, fixed_heads: dict, moving_image: MetaTensor, moving_heads: dict,
-              embed: Callable | None = None, same_modality: bool = False) -> RigidRegistration:
+              embed: Callable | None = None, same_modality: bool = False, release_heads: bool = False) -> RigidRegistration:
         """Register (module docstring).
 
         Args:
@@ -363,12 +365,30 @@ class SAMv2RigidPipeline:
             fixed_heads, moving_heads: their embeddings ``{head: (C, d, h, w)}``.
             embed: ``embed(image) -> heads`` for the turned moving scan (None: header orientation only).
             same_modality: both scans of one modality (``min_support`` applies, else ``min_support_cross_modality``).
+            release_heads: **empty both heads dicts** once AdaReg's fit has read them, so that a caller passing
+                its only references lets their memory go during the refinement (on a full-resolution CT the fixed
+                scan's heads are 0.55 GB): the moving scan's are not read again (turns are embedded afresh); the
+                fixed scan's wait in a temporary file (:class:`~samv2_components.inference.spilled_heads.SpilledHeads`)
+                until the orientation search needs them. The result is the same either way.
         """
+        with contextlib.ExitStack() as cleanup:  # removes the spilled heads' file, however the method ends
+            return self._rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed, same_modality,
+                               release_heads, cleanup)
+
+    def _rigid(self, fixed_image, fixed_heads, moving_image, moving_heads, embed, same_modality, release_heads,
+               cleanup: contextlib.ExitStack) -> RigidRegistration:
         t0 = time.perf_counter()
         summary: dict[str, Any] = {"pipeline": "samv2"}
         gap = fov_gap_mm(fixed_image, moving_image)
         summary["header_fov_gap_mm"] = round(gap, 1)
         adareg = self.adareg.rigid(fixed_image, fixed_heads, moving_image, moving_heads)
+        spilled = None
+        if release_heads:
+            moving_heads.clear()
+            if embed is not None and self.orientation_search != "off":
+                spilled = cleanup.enter_context(SpilledHeads(fixed_heads))  # empties fixed_heads
+            else:
+                fixed_heads.clear()
         summary["adareg"] = {k: adareg.summary.get(k) for k in ("success", "reason", "n_points", "n_inliers", "inlier_fraction", "rms_residual_mm")}
         for k in ("body_volume_ml", "small_fov"):
             summary[k] = adareg.summary.get(k)
@@ -397,7 +417,9 @@ class SAMv2RigidPipeline:
         selection = self._select(pair, scored, points, match_sets, same_modality)
         weak = not selection.success or selection.winner.support < self.search_below_support
         if embed is not None and (self.orientation_search == "always" or (self.orientation_search == "auto" and weak)):
-            found, sets, record = self._turn_candidates(pair, fixed_image, fixed_heads, moving_image, embed)
+            heads = fixed_heads if spilled is None else spilled.load()
+            found, sets, record = self._turn_candidates(pair, fixed_image, heads, moving_image, embed)
+            del heads
             summary["orientation_search"] = record
             if self.tilt_top_k > 0:
                 tilts, summary["tilt_search"] = self._tilt_candidates(pair)

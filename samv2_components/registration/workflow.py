@@ -40,8 +40,8 @@ from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
 from samv2_components.modality import check_modality
-from samv2_components.registration.adareg import AdaReg, crop_index_range
-from samv2_components.registration.intensity_baselines import _sitk, matrix_to_sitk_transform, read_sitk_image
+from samv2_components.registration.adareg import AdaReg
+from samv2_components.registration.intensity_baselines import _sitk, matrix_to_sitk_transform, read_sitk_crop, read_sitk_image
 
 __all__ = ["AdaRegWorkflow", "RegistrationFailed"]  # RegistrationFailed lives in samv2_components.errors
 
@@ -54,20 +54,6 @@ def _resample(moving, reference, matrix: np.ndarray):
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(moving)
     return sitk.Resample(moving, reference, matrix_to_sitk_transform(matrix), sitk.sitkLinear, stats.GetMinimum(), sitk.sitkFloat32)
-
-
-def _crop_to_box(image, corners_lps: np.ndarray, margin_mm: float):
-    """Crop a SimpleITK image to the world points ``corners_lps`` dilated by ``margin_mm``; None if they miss."""
-    sitk = _sitk()
-
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    box = crop_index_range(corners_lps, affine, image.GetSize(), margin_mm)  # SimpleITK index order (x, y, z)
-    if box is None:
-        return None
-    start, stop = box
-    return sitk.RegionOfInterest(image, (stop - start).tolist(), start.tolist())
 
 
 class AdaRegWorkflow:
@@ -171,8 +157,10 @@ class AdaRegWorkflow:
         from samv2_components.registration.orientation import register_rigid_with_orientation_search
 
         if self.pipeline == "samv2":
+            # release_heads: this workflow holds no other use for them (freed after the rigid fit anyway)
             return self.samv2_pipeline.rigid(fixed_image, fixed_heads, moving_image, moving_heads, embed=self._embed_image,
-                                             same_modality=self.modalities["fixed"] == self.modalities["moving"])
+                                             same_modality=self.modalities["fixed"] == self.modalities["moving"],
+                                             release_heads=True)
 
         return register_rigid_with_orientation_search(
             self.adareg, self._embed_image, fixed_image, fixed_heads, moving_image, moving_heads,
@@ -220,15 +208,16 @@ class AdaRegWorkflow:
                 self._write_json(os.path.join(tmp, "summary.json"), summary)
             raise RegistrationFailed(f"{self.paths['moving']}: registration failed: {rigid.reason} (see {folder}/summary.json)")
 
-        fixed = read_sitk_image(self.paths["fixed"], "fixed")
-        moving = read_sitk_image(self.paths["moving"], "moving")
         small = rigid.small_fov
         box_large = rigid.small_body_corners_in_large()
-        if small == "fixed":  # crop the moving scan around the fixed body mapped into it
-            moving = _crop_to_box(moving, box_large, self.adareg.crop_margin_mm)
+        # the large-FOV scan is read as its crop around the small scan's body mapped into it (region first)
+        if small == "fixed":
+            fixed = read_sitk_image(self.paths["fixed"], "fixed")
+            moving = read_sitk_crop(self.paths["moving"], box_large, self.adareg.crop_margin_mm, "moving")
             cropped, cropped_name = moving, "moving_cropped.nii.gz"
         else:
-            fixed = _crop_to_box(fixed, box_large, self.adareg.crop_margin_mm)
+            fixed = read_sitk_crop(self.paths["fixed"], box_large, self.adareg.crop_margin_mm, "fixed")
+            moving = read_sitk_image(self.paths["moving"], "moving")
             cropped, cropped_name = fixed, "fixed_cropped.nii.gz"
         matrix = rigid.fixed_to_moving
         if cropped is None:
