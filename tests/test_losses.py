@@ -367,6 +367,7 @@ def directional_derivatives(loss_of, raw, direction, eps=1e-2):
         {},  # trilinear positives, candidates from both views
         {"positive_mode": "nearest", "negatives_from": "b"},
         {"num_global_negatives": 10_000},  # every voxel of the other pair, too
+        {"num_hard_negatives": 10_000},  # every candidate through the ranked path (ranked and gathered)
     ],
 )
 def test_infonce_gradient_matches_finite_differences(overrides, channels_last):
@@ -428,3 +429,22 @@ def test_losses_take_batched_metatensors():
     expected = loss_fn(emb_a, emb_b, corr, valid, FINE_STRIDE, FINE_OFFSET).item()
     got = loss_fn(batched(emb_a.unbind(0)), batched(emb_b.unbind(0)), corr, valid, FINE_STRIDE, FINE_OFFSET)
     assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ranked_negatives_give_the_dense_value_and_gradient():
+    """The ranked path (hardest, then random negatives, gathered from the similarities) with every candidate chosen
+    gives the dense path's loss and gradients: ranking and gathering neither drop nor repeat a candidate."""
+    cfg = {**FINE_INFONCE_DEFAULTS, **ALL, "ignore_radius": 6.0}
+    corr, valid = affine_correspondence(2, SIZE, (0.9, 1.1, 0.95), (0.7, -1.3, 1.6))
+    raw = torch.randn(4, 8, *GRID, generator=torch.Generator().manual_seed(5))
+    results = []
+    for overrides in ({}, {"num_hard_negatives": 10_000}):
+        x = raw.clone().requires_grad_(True)
+        emb_a, emb_b = F.normalize(x, dim=1).split(2)
+        loss = VoxelInfoNCELoss(**{**cfg, **overrides})(emb_a, emb_b, corr, valid, FINE_STRIDE, FINE_OFFSET)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (dense, dense_grad), (ranked, ranked_grad) = results
+    torch.testing.assert_close(ranked, dense, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ranked_grad, dense_grad, rtol=1e-5, atol=1e-7)
+    assert dense_grad.abs().sum() > 0
