@@ -64,6 +64,19 @@ def measure(command: list[str]) -> tuple[float, float, int]:
     return wall, usage.ru_maxrss / 1024.0, status  # ru_maxrss is KiB on Linux
 
 
+def _elastix_build() -> str:
+    """Which elastix the ``auto`` backend picks in a fresh process, with the SimpleITK version."""
+    import SimpleITK
+
+    from samv2_components.registration.deformable import require_elastix
+
+    try:
+        backend = require_elastix("auto")
+    except Exception as exc:  # noqa: BLE001 - reported, the register rows then fail with their own message
+        return f"none ({exc})"
+    return f"{backend} (SimpleITK {SimpleITK.Version_VersionString()})"
+
+
 def main(work_dir: str = "samv2_memory", size: str = "512,512,600", spacing: str = "0.7,0.7,0.8",
          register: bool = True) -> None:
     """Make the large CT in ``work_dir`` and print the table (one row per command); ``register``: also the two
@@ -93,6 +106,8 @@ def main(work_dir: str = "samv2_memory", size: str = "512,512,600", spacing: str
         ]
     print(f"large CT: {'x'.join(map(str, size_xyz))} voxels at {'x'.join(map(str, spacing_xyz))} mm "
           f"({os.path.getsize(scan) / 2**20:.0f} MiB on disk); threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if register:  # the deformable stage's memory depends on which elastix runs it (crosssam_registration docs, 0.11.0)
+        print(f"elastix for samv2 register's deformable stage: {_elastix_build()}")
     print("| command | wall (s) | peak RSS (MiB) | exit |")
     print("|---|---|---|---|")
     for name, command in rows:

@@ -112,6 +112,7 @@ def test_bundle_run_reads_false_as_false_and_refuses_nonsense(tmp_path):
         (["embed", "--ckpt_path", "NOWHERE.pt"], "NOWHERE.pt"),
         (["register", "--deformable_kwargs#iterations", "0"], "ERROR: deformable_kwargs#iterations: must be >= 1"),
         (["register", "--deformable_kwargs#grid_spacng_mm", "20"], "ERROR: deformable_kwargs#grid_spacng_mm: unknown setting"),
+        (["register", "--deformable_kwargs#backend", "bogus"], "ERROR: deformable_kwargs#backend: unknown value 'bogus'"),
     ],
 )
 def test_bad_settings_are_one_line_before_the_work(tmp_path, args, message):
