@@ -18,7 +18,8 @@ __all__ = ["SpilledHeads"]
 
 class SpilledHeads:
     """Write ``heads`` (``{head: tensor}``) to a private temporary file and **empty the dict**, so that a caller
-    holding the only other reference to that dict lets the tensors' memory go.
+    holding the only other reference to that dict lets the tensors' memory go. The file lives in a new folder under
+    ``tempfile.gettempdir()`` (``$TMPDIR``; about 0.55 GB for a full-resolution CT's heads).
 
     The tensors come back from :meth:`load` as they were given, on the CPU: values, dtypes, shapes and, for a
     ``MetaTensor`` (what :class:`~samv2_components.inference.SAMv2Inferer` returns), its affine and metadata (the

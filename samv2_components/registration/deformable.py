@@ -432,7 +432,7 @@ def _run_itk_elastix(work_fixed, prealigned, mask, settings: dict, workdir: str,
 def _stdout_to_stderr():
     """Send what compiled code writes to the process's standard output to standard error meanwhile: SimpleITK's
     elastix prints "Writing image ..." whatever its log settings, and ``samv2``'s standard output carries only the
-    result folder."""
+    result folder. Process-wide (file descriptor 1): another thread's output meanwhile goes to standard error too."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
