@@ -851,10 +851,11 @@ def test_spilled_heads_come_back_equal_and_leave_nothing_behind():
     from samv2_components.inference.spilled_heads import SpilledHeads
 
     affine = torch.tensor([[0.0, 0.0, 4.0, -10.0], [0.0, 4.0, 0.0, 20.0], [-4.0, 0.0, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
-    heads = {"fine": MetaTensor(torch.randn(4, 3, 5, 6).half(), affine=affine), "coarse": torch.randn(2, 3, 5, 6)}
+    heads = {"fine": MetaTensor(torch.randn(4, 3, 5, 6).half(), affine=affine), "coarse": torch.randn(2, 3, 5, 6),
+             "other": torch.randn(1, 2, 3, 5, 6).bfloat16().contiguous(memory_format=torch.channels_last_3d)}
     copies = {k: v.clone() for k, v in heads.items()}
     with SpilledHeads(heads) as spilled:
-        assert heads == {} and os.path.isfile(spilled.path) and spilled.nbytes == 4 * 90 * 2 + 2 * 90 * 4
+        assert heads == {} and len(os.listdir(spilled.folder)) == 3 and spilled.nbytes == 4 * 90 * 2 + 2 * 90 * 4 + 2 * 90 * 2
         back = spilled.load()
         assert back.keys() == copies.keys()
         for name, tensor in back.items():
@@ -862,8 +863,8 @@ def test_spilled_heads_come_back_equal_and_leave_nothing_behind():
             torch.testing.assert_close(tensor.as_subclass(torch.Tensor), copies[name].as_subclass(torch.Tensor), rtol=0, atol=0)
         # the matcher reads each head's grid from its affine (a MetaTensor, as SAMv2Inferer returns it)
         torch.testing.assert_close(back["fine"].affine, copies["fine"].affine, rtol=0, atol=0)
-    assert not os.path.exists(os.path.dirname(spilled.path))
-    assert os.path.dirname(os.path.dirname(spilled.path)) == tempfile.gettempdir()
+    assert not os.path.exists(spilled.folder)
+    assert os.path.dirname(spilled.folder) == tempfile.gettempdir()
 
 
 @pytest.mark.parametrize("search", ["auto", "off"])
@@ -888,7 +889,7 @@ def test_release_heads_empties_both_dicts_after_adaregs_fit_and_removes_the_spil
     class Recorded(real):
         def __init__(self, heads):
             super().__init__(heads)
-            spills.append(self.path)
+            spills.append(self.folder)
 
     monkeypatch.setattr("samv2_components.registration.pipeline.SpilledHeads", Recorded)
     image = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.eye(4))

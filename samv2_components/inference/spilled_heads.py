@@ -12,19 +12,21 @@ import os
 import tempfile
 
 import torch
+from monai.data import MetaTensor
 
 __all__ = ["SpilledHeads"]
 
 
 class SpilledHeads:
-    """Write ``heads`` (``{head: tensor}``) to a private temporary file and **empty the dict**, so that a caller
-    holding the only other reference to that dict lets the tensors' memory go. The file lives in a new folder under
+    """Write ``heads`` (``{head: tensor}``) to a private temporary folder and **empty the dict**, so that a caller
+    holding the only other reference to that dict lets the tensors' memory go. The folder is new, under
     ``tempfile.gettempdir()`` (``$TMPDIR``; about 0.55 GB for a full-resolution CT's heads).
 
-    The tensors come back from :meth:`load` as they were given, on the CPU: values, dtypes, shapes and, for a
-    ``MetaTensor`` (what :class:`~samv2_components.inference.SAMv2Inferer` returns), its affine and metadata (the
-    file is a pickle this object wrote itself, in a folder only this process's user can read, so it is read back
-    with ``weights_only=False``). :meth:`close` (or leaving a ``with`` block) removes the file.
+    The tensors come back from :meth:`load` as they were given, on the CPU and contiguous: values, dtypes, shapes
+    and, for a ``MetaTensor`` (what :class:`~samv2_components.inference.SAMv2Inferer` returns), its metadata (affine
+    included), which stays in memory meanwhile. Each tensor's bytes are written raw and read back in one read
+    (measured for 0.55 GB here: 0.1-0.3 s each way; ``torch.save`` took 1.25 s for one 275 MB head, ``np.fromfile``
+    1.3 s to read it). :meth:`close` (or leaving a ``with`` block) removes the folder.
 
     Example::
 
@@ -35,14 +37,34 @@ class SpilledHeads:
 
     def __init__(self, heads: dict[str, torch.Tensor]):
         self._folder = tempfile.TemporaryDirectory(prefix="samv2_heads_")
-        self.path = os.path.join(self._folder.name, "heads.pt")
-        self.nbytes = sum(int(t.numel()) * t.element_size() for t in heads.values())
-        torch.save({name: tensor.detach().cpu() for name, tensor in heads.items()}, self.path)
+        self.folder = self._folder.name
+        self.nbytes = 0
+        self._entries: dict[str, dict] = {}
+        for i, (name, tensor) in enumerate(heads.items()):
+            data = tensor.detach().cpu().as_subclass(torch.Tensor).contiguous()
+            path = os.path.join(self.folder, f"{i}.raw")
+            data.view(torch.uint8).numpy().tofile(path)  # any dtype, bfloat16 included, as its bytes
+            self.nbytes += data.numel() * data.element_size()
+            entry = {"path": path, "dtype": data.dtype, "shape": tuple(data.shape)}
+            if isinstance(tensor, MetaTensor):
+                entry["meta"] = dict(tensor.meta)
+                entry["applied_operations"] = list(tensor.applied_operations)
+            self._entries[name] = entry
         heads.clear()
 
     def load(self) -> dict[str, torch.Tensor]:
         """The heads as they were given (on the CPU)."""
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        out: dict[str, torch.Tensor] = {}
+        for name, entry in self._entries.items():
+            raw = torch.empty(os.path.getsize(entry["path"]), dtype=torch.uint8)
+            with open(entry["path"], "rb", buffering=0) as fh:  # one read into the tensor (np.fromfile: 10x slower)
+                if fh.readinto(memoryview(raw.numpy())) != raw.numel():
+                    raise OSError(f"{entry['path']}: the spilled heads came back short")
+            tensor = raw.view(entry["dtype"]).reshape(entry["shape"])
+            if "meta" in entry:
+                tensor = MetaTensor(tensor, meta=dict(entry["meta"]), applied_operations=list(entry["applied_operations"]))
+            out[name] = tensor
+        return out
 
     def close(self) -> None:
         self._folder.cleanup()
