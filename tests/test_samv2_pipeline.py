@@ -851,7 +851,8 @@ def test_spilled_heads_come_back_equal_and_leave_nothing_behind():
     from samv2_components.inference.spilled_heads import SpilledHeads
 
     affine = torch.tensor([[0.0, 0.0, 4.0, -10.0], [0.0, 4.0, 0.0, 20.0], [-4.0, 0.0, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
-    heads = {"fine": MetaTensor(torch.randn(4, 3, 5, 6).half(), affine=affine), "coarse": torch.randn(2, 3, 5, 6),
+    heads = {"fine": MetaTensor(torch.randn(3, 5, 6, 4).half().permute(3, 0, 1, 2), affine=affine),  # channels last
+             "coarse": torch.randn(2, 3, 5, 6),
              "other": torch.randn(1, 2, 3, 5, 6).bfloat16().contiguous(memory_format=torch.channels_last_3d)}
     copies = {k: v.clone() for k, v in heads.items()}
     with SpilledHeads(heads) as spilled:
@@ -860,6 +861,7 @@ def test_spilled_heads_come_back_equal_and_leave_nothing_behind():
         assert back.keys() == copies.keys()
         for name, tensor in back.items():
             assert type(tensor) is type(copies[name]) and tensor.dtype == copies[name].dtype
+            assert tensor.stride() == copies[name].stride()  # the layout kept: the matcher reads channels-last heads
             torch.testing.assert_close(tensor.as_subclass(torch.Tensor), copies[name].as_subclass(torch.Tensor), rtol=0, atol=0)
         # the matcher reads each head's grid from its affine (a MetaTensor, as SAMv2Inferer returns it)
         torch.testing.assert_close(back["fine"].affine, copies["fine"].affine, rtol=0, atol=0)
