@@ -400,9 +400,10 @@ def _run_itk_elastix(work_fixed, prealigned, mask, settings: dict, workdir: str,
     parameters.AddParameterMap(pmap)
     image_type = itk.Image[itk.F, 3]
     with _process_threads(itk.MultiThreaderBase, number_of_threads):
+        moving = _to_itk(itk, sitk, prealigned, itk.F)  # one copy for elastix and transformix
         elastix = itk.ElastixRegistrationMethod[image_type, image_type].New()
         elastix.SetFixedImage(_to_itk(itk, sitk, work_fixed, itk.F))
-        elastix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
+        elastix.SetMovingImage(moving)
         elastix.SetFixedMask(_to_itk(itk, sitk, mask, itk.UC))
         elastix.SetParameterObject(parameters)
         elastix.SetOutputDirectory(workdir)
@@ -415,7 +416,7 @@ def _run_itk_elastix(work_fixed, prealigned, mask, settings: dict, workdir: str,
             raise SAMv2InputError("refine_deformable", "elastix returned more than one transform")
 
         transformix = itk.TransformixFilter[image_type].New()
-        transformix.SetMovingImage(_to_itk(itk, sitk, prealigned, itk.F))
+        transformix.SetMovingImage(moving)
         transformix.SetTransformParameterObject(result_parameters)
         transformix.SetComputeDeformationField(True)
         transformix.SetOutputDirectory(workdir)
@@ -453,9 +454,9 @@ def _run_simpleitk_elastix(work_fixed, prealigned, mask, settings: dict, workdir
     # maximum for the rest of the process (measured: a default of 3 read back as 2 afterwards), so it is not called
     with _process_threads(sitk.ProcessObject, number_of_threads):
         elastix = sitk.ElastixImageFilter()
-        elastix.SetFixedImage(sitk.Cast(work_fixed, sitk.sitkFloat32))
-        elastix.SetMovingImage(sitk.Cast(prealigned, sitk.sitkFloat32))
-        elastix.SetFixedMask(sitk.Cast(mask, sitk.sitkUInt8))
+        elastix.SetFixedImage(work_fixed)  # float32, as the pre-aligned moving image; the mask uint8
+        elastix.SetMovingImage(prealigned)
+        elastix.SetFixedMask(mask)
         elastix.SetParameterMap(pmap)
         elastix.SetOutputDirectory(workdir)
         elastix.LogToConsoleOff()
@@ -469,7 +470,7 @@ def _run_simpleitk_elastix(work_fixed, prealigned, mask, settings: dict, workdir
         del elastix
 
         transformix = sitk.TransformixImageFilter()
-        transformix.SetMovingImage(sitk.Cast(prealigned, sitk.sitkFloat32))
+        transformix.SetMovingImage(prealigned)
         transformix.SetTransformParameterMap(result_maps)
         transformix.ComputeDeformationFieldOn()
         transformix.SetOutputDirectory(workdir)
