@@ -149,3 +149,46 @@ print(before - rss())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) >= 40  # MiB: 62.5 MiB were freed
+
+
+def test_prepared_network_is_reused_until_the_weights_change(monkeypatch):
+    """The folded channels-last copy is made once per network and weights: a second scan reuses it, and a weight
+    changed in place, reloaded weights or another network each give a fresh copy with their own results."""
+    import pickle
+
+    import samv2_components.inference.embedder as embedder
+
+    torch.manual_seed(3)
+    network = SAMv2Net(width=0.25).eval()
+    folds = []
+    real_fuse = embedder.fuse_conv_norm
+    monkeypatch.setattr(embedder, "fuse_conv_norm", lambda n: folds.append(n) or real_fuse(n))
+    inferer = SAMv2Inferer(bf16=False, max_tile_voxels=None, output_dtype="float32")
+    image = smooth_volume((16, 32, 32))
+
+    first = inferer(image, network)["fine"]
+    second = inferer(image, network)["fine"]
+    assert len(folds) == 1 and torch.equal(first, second)
+
+    with torch.no_grad():  # an optimiser step or a manual edit changes a weight in place
+        network.heads["fine"].output_conv.weight.mul_(-1.0)
+    flipped = inferer(image, network)["fine"]
+    assert len(folds) == 2
+    assert not torch.allclose(flipped, first, atol=1e-3)  # the stale copy would have given `first` again
+    fresh = SAMv2Inferer(bf16=False, max_tile_voxels=None, output_dtype="float32")(image, network)["fine"]
+    assert torch.equal(flipped, fresh) and len(folds) == 3  # (the fresh inferer folds its own copy)
+
+    other = SAMv2Net(width=0.25).eval()
+    other.load_state_dict(network.state_dict())
+    assert torch.equal(inferer(image, other)["fine"], fresh) and len(folds) == 4
+    network.load_state_dict(SAMv2Net(width=0.25).state_dict())  # copied into the same tensors: versions move
+    assert not torch.equal(inferer(image, network)["fine"], fresh) and len(folds) == 5
+
+    # training mode runs the caller's network itself (batch statistics), never a cached copy
+    network.train()
+    inferer(image, network)
+    assert len(folds) == 5
+
+    # the inferer stays picklable (bundle workers, MONAI Label) and its copy starts empty
+    restored = pickle.loads(pickle.dumps(inferer))
+    assert restored._prepared is None and inferer._prepared is not None

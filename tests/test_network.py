@@ -165,3 +165,22 @@ def test_fpn_head_is_the_top_down_pyramid(small_net):
             top = laterals[level] + torch.nn.functional.interpolate(top, size=laterals[level].shape[2:], mode="nearest")
         expected = torch.nn.functional.normalize(head.output_conv(top), dim=1)
         assert torch.allclose(head(features), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [8, 9])
+def test_depth_max_pool_is_the_2x1x1_max_pool(depth):
+    """Values and layout of ``nn.MaxPool3d((2, 1, 1))`` (an odd last slice dropped); its gradient too where the two
+    slices of a pair differ (random values: no ties)."""
+    from samv2_components.networks.samv2_net import depth_max_pool
+
+    x = torch.randn(2, 3, depth, 5, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    pooled = depth_max_pool(x)
+    expected = torch.nn.MaxPool3d((2, 1, 1), (2, 1, 1))(x)
+    assert pooled.shape == (2, 3, depth // 2, 5, 6) and torch.equal(pooled, expected)
+    assert pooled.is_contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.randn_like(pooled)
+    (grad,) = torch.autograd.grad((pooled * weights).sum(), x)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    assert torch.equal(grad, grad_expected)
+    if depth % 2:
+        assert torch.count_nonzero(grad[:, :, -1]) == 0  # the dropped slice

@@ -59,8 +59,10 @@ class CachedEmbeddingInferer(Inferer):
         with the same weights is the same key.
         """
         digest = hashlib.sha256(network_fingerprint(network).encode())
+        # the inferer's public settings (output_dtype is a torch.dtype); its private state (the prepared network
+        # copy) is no setting
         settings = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(self.inferer).items()
-                    if isinstance(v, (bool, int, float, str, tuple, torch.dtype))}  # output_dtype is a torch.dtype
+                    if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, torch.dtype))}
         digest.update(repr(sorted(settings.items())).encode())
         data = (inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs).detach().float().cpu().contiguous()
         digest.update(repr(tuple(data.shape)).encode())
