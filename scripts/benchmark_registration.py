@@ -194,6 +194,7 @@ def main(
     tre_spacing: float = 8.0,
     success_mm: float = 10.0,
     ants_python: str = ANTS_PYTHON,
+    dump_dir: str | None = None,
 ):
     """Run the benchmark (module docstring) and print the Markdown tables.
 
@@ -223,6 +224,9 @@ def main(
         tre_spacing: grid spacing (mm) of the TRE points in the CT body.
         success_mm: a case succeeds when its TRE is below this.
         ants_python: the Python of the ANTs environment.
+        dump_dir: also write one JSON per case and SAMv2 method there: the method's record (the pipeline's
+            refined candidates with their scores) with every candidate's TRE, the case's truth and TRE points, for
+            studying the selection rules offline (on validation seeds, never the test cases).
     """
     import torch
 
@@ -290,7 +294,7 @@ def main(
         rel = lambda p: os.path.relpath(p, REPO) if os.path.abspath(p).startswith(REPO) else p  # noqa: E731
         all_rows, result_lines, plots = [], [], []
         for k, (o, cases) in enumerate(case_sets.items()):
-            rows = run_cases(cases, runners, success_mm, log=log)
+            rows = run_cases(cases, runners, success_mm, log=log, dump_dir=dump_dir)
             for r in rows:
                 r["set"] = o
             all_rows += rows

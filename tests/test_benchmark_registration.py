@@ -277,3 +277,47 @@ def test_summary_merges_runs_and_counts_refusals_apart_from_wrong_transforms(tmp
     assert rows == ["| aligned | m | 3 | 33 | 2.0 | 1 | 1 | 20.0 |", "| slab | m | 1 | 100 | 4.0 | 0 | 0 | 5.0 |"]
     overlap = subprocess.run([sys.executable, script, "--csv", f"{a},{a}"], capture_output=True, text=True)
     assert overlap.returncode == 2 and overlap.stderr.startswith("ERROR: --csv: case aligned_00") and "appears twice" in overlap.stderr
+
+
+def test_dumped_case_replays_the_selection_with_changed_rules(tmp_path):
+    """``run_cases --dump_dir`` writes each candidate's TRE against the case's truth; ``scripts/replay_selection.py``
+    replays the selection from that record: as recorded a near tie between the right answer and one 20 mm off is a
+    refusal, with no MI margin the right answer (higher MI) is written."""
+    import subprocess
+    import sys
+
+    from samv2_components.registration.selection import ScoredCandidate, select_candidate
+
+    truth = rigid_matrix(axis_angle_rotation([0, 0, 1], 10.0), [5.0, -3.0, 2.0])
+    points = np.stack(np.meshgrid(*[np.linspace(-40, 40, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    shifted = truth.copy()
+    shifted[2, 3] += 20.0
+    candidates = [ScoredCandidate("header", truth, mi=0.50, support=0.1, overlap_fraction=0.9, edges=0.30),
+                  ScoredCandidate("adareg", shifted, mi=0.49, support=0.1, overlap_fraction=0.9, edges=0.30)]
+    selection = select_candidate(candidates, points, min_support=0.0)
+    assert not selection.success  # 2 % apart in MI: refused
+
+    class Runner:
+        name = "pipeline"
+
+        def __call__(self, case):
+            return methods.MethodResult(None, 1.0, True, selection.reason, record={"candidates": selection.record})
+
+    case = bc.Case("slab_00", "f.nii.gz", "m.nii.gz", np.eye(4), truth, points, {"rotation_deg": 10.0})
+    rows = methods.run_cases([case], [Runner()], 10.0, log=lambda m: None, dump_dir=str(tmp_path / "dump"))
+    assert rows[-1]["failed"]
+    (dumped,) = (tmp_path / "dump").glob("*.json")
+    import json
+
+    record = json.loads(dumped.read_text())
+    tres = {c["name"]: c["tre_mm"] for c in record["record"]["candidates"]["candidates"]}
+    assert tres["header"] == pytest.approx(0.0, abs=1e-3) and tres["adareg"] == pytest.approx(20.0, abs=1e-3)
+    assert np.allclose(record["truth"], truth)
+
+    script = os.path.join(ROOT, "scripts", "replay_selection.py")
+    out = subprocess.run([sys.executable, script, str(tmp_path / "dump"), "--rules", "{'mi_margin': 0.0}", "--cases"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| as recorded | 0 / 1 / 0 |")
+    assert rows[1].startswith('| {"mi_margin": 0.0} | 1 / 0 / 0 |') and rows[1].endswith("| 0.00 |")
+    assert "slab_00: refused None (- mm) -> solved header (0.0 mm)" in out

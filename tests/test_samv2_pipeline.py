@@ -473,6 +473,27 @@ def test_edges_settle_a_near_tie_in_mi():
     assert not select_candidate([turned, other], CORNERS, edge_margin=0.1).success
 
 
+def test_far_better_edges_of_another_answer_veto_the_mi_winner():
+    """Rule 5b (the values of a validation hard case, seed 4): a 180 deg turned answer 25 % ahead in MI, with 41 %
+    less edge agreement than the right-way-up answer it beats, is a refusal with ``edges_against_margin`` 0.3 and
+    the turned answer without it (rule 6 alone lets a 10 % lead overturn the headers); a lead of 8 % in edges (the
+    most any right answer's rival had on the validation draws) vetoes nothing; unmeasured edges veto nothing."""
+    turned = ScoredCandidate("turn_21", rigid(180.0, (0, 1, 0), (0.0, 0.0, 0.0)), 0.5564, 0.0, 0.9, edges=0.0443)
+    upright = ScoredCandidate("vote", rigid(0.0, (0, 0, 1), (30.0, 0.0, 0.0)), 0.4442, 0.034, 0.9, edges=0.0751)
+    sel = select_candidate([turned, upright], CORNERS, min_support=0.0, edges_against_margin=float("inf"))
+    assert sel.success and sel.winner.name == "turn_21"
+    sel = select_candidate([turned, upright], CORNERS, min_support=0.0, edges_against_margin=0.3)
+    assert not sel.success and sel.record["rival"] == "vote" and "by far in edge agreement" in sel.reason
+    assert sel.record["rules"]["edges_against_margin"] == 0.3
+    upright.edges = 0.0443 * 1.08
+    assert select_candidate([turned, upright], CORNERS, min_support=0.0, edges_against_margin=0.3).success
+    upright.edges = float("nan")
+    assert select_candidate([turned, upright], CORNERS, min_support=0.0, edges_against_margin=0.3).success
+    # an answer that agrees with the winner is the same answer: its edges veto nothing
+    near = ScoredCandidate("shift_turn_21_0", rigid(180.0, (0, 1, 0), (2.0, 0.0, 0.0)), 0.50, 0.0, 0.9, edges=0.09)
+    assert select_candidate([turned, near], CORNERS, min_support=0.0, edges_against_margin=0.3).success
+
+
 def test_a_turned_winner_must_clearly_beat_the_headers_orientation():
     """Rule 6: a candidate turned 180 deg that leads the best upright answer by less than turn_margin is a refusal
     (a thin slab looks alike turned about the anterior axis), even where more SAM support makes it the clear

@@ -50,6 +50,7 @@ __all__ = [
     "ants_available",
     "ants_rigid",
     "elastix_to_matrix",
+    "dump_case",
     "method_stats",
     "run_cases",
 ]
@@ -67,6 +68,7 @@ class MethodResult:
     wall_s: float
     failed: bool = False  # the method reported a failure (or raised)
     reason: str = ""
+    record: dict | None = None  # the method's own JSON-ready record of the case (the pipeline's summary), if any
 
 
 class AdaRegMethod:
@@ -112,8 +114,8 @@ class AdaRegMethod:
         if "orientation_search" in result.summary:
             detail += f", orientation search {result.summary['orientation_search']['seconds']} s"
         if not result.success:
-            return MethodResult(None, wall, True, f"{result.reason} ({detail})")
-        return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail)
+            return MethodResult(None, wall, True, f"{result.reason} ({detail})", record=result.summary)
+        return MethodResult(np.asarray(result.fixed_to_moving, dtype=np.float64), wall, False, detail, record=result.summary)
 
     def _rigid(self, fixed_image, fixed_heads, moving_image, moving_heads):
         """The rigid stage this method benchmarks (a ``RigidRegistration``)."""
@@ -328,9 +330,10 @@ def method_stats(rows: list[dict], success_mm: float) -> dict:
     }
 
 
-def run_cases(cases: list[Case], runners: list, success_mm: float, log=print) -> list[dict]:
+def run_cases(cases: list[Case], runners: list, success_mm: float, log=print, dump_dir: str | None = None) -> list[dict]:
     """Every method on every case: rows ``{case, method, tre_mm, success, failed, wall_s, reason}`` (plus the
-    identity as "no registration")."""
+    identity as "no registration"). ``dump_dir``: also write each case's record of the methods that keep one
+    (:func:`dump_case`)."""
     rows = [{"case": c.name, "method": IDENTITY, "tre_mm": tre(np.eye(4), c.truth, c.points), "success": None,
              "failed": False, "wall_s": None, "reason": ""} for c in cases]
     for runner in runners:
@@ -342,4 +345,21 @@ def run_cases(cases: list[Case], runners: list, success_mm: float, log=print) ->
             rows.append({"case": case.name, "method": runner.name, "tre_mm": error, "success": error < success_mm,
                          "failed": res.failed, "wall_s": res.wall_s, "reason": res.reason})
             log(f"  {case.name}: TRE {error:8.2f} mm, {res.wall_s:6.1f} s{' FAILED: ' + res.reason if res.failed else ''}")
+            if dump_dir and res.record is not None:
+                dump_case(os.path.join(dump_dir, f"{case.name}__{type(runner).__name__}.json"), case, runner.name, res, error)
     return rows
+
+
+def dump_case(path: str, case: Case, method: str, result: MethodResult, tre_mm: float) -> None:
+    """Write one case's record for offline study of the selection rules: the method's record (the pipeline's
+    ``summary``, every refined candidate under ``candidates.candidates``) with each candidate's TRE added
+    (``tre_mm``), the case's truth (``T_case``, fixed -> moving, LPS mm) and its TRE points (CT, LPS mm)."""
+    record = json.loads(json.dumps(result.record, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    for c in (record.get("candidates") or {}).get("candidates", []):
+        c["tre_mm"] = round(tre(np.asarray(c["fixed_to_moving"], dtype=np.float64), case.truth, case.points), 3)
+    out = {"case": case.name, "method": method, "tre_mm": round(tre_mm, 3), "failed": result.failed,
+           "reason": result.reason, "info": case.info, "truth": np.asarray(case.truth).tolist(),
+           "points": np.round(np.asarray(case.points), 2).tolist(), "record": record}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, default=str)

@@ -126,7 +126,8 @@ class SAMv2RigidPipeline:
             supported by less than this fraction of the matches (or when it gives no winner).
         vote_bandwidth_mm: translation votes this close agree (:func:`~samv2_components.registration.candidates.translation_vote`).
         support_tolerance_mm: a match supports a transform when it maps within this distance.
-        agreement_mm, mi_margin, support_margin, min_support, min_overlap, min_mi, turn_deg, turn_margin, tilt_margin: the selection rules
+        agreement_mm, mi_margin, support_margin, min_support, min_overlap, min_mi, turn_deg, turn_margin, tilt_margin,
+            edge_margin, edges_against_margin: the selection rules
             (:func:`~samv2_components.registration.selection.select_candidate`); ``min_support`` applies to a pair
             of one modality, ``min_support_cross_modality`` to a CT-MR pair, whose embeddings agree far less.
             Measured with the shipped weights: a wrong CT-CT answer (a CT turned by 180 deg, search off, refined
@@ -169,6 +170,7 @@ class SAMv2RigidPipeline:
         turn_margin: float = 0.1,
         tilt_margin: float = 0.05,
         edge_margin: float = 0.1,
+        edges_against_margin: float = 0.3,
         header_overlap_margin_mm: float = 100.0,
         classical: bool | dict[str, Any] = False,
         refinement: dict[str, Any] | None = None,
@@ -186,7 +188,7 @@ class SAMv2RigidPipeline:
         self.rules = {"agreement_mm": float(agreement_mm), "mi_margin": float(mi_margin), "support_margin": float(support_margin),
                       "min_support": float(min_support), "min_overlap": float(min_overlap), "min_mi": float(min_mi),
                       "turn_deg": float(turn_deg), "turn_margin": float(turn_margin), "tilt_margin": float(tilt_margin),
-                      "edge_margin": float(edge_margin)}
+                      "edge_margin": float(edge_margin), "edges_against_margin": float(edges_against_margin)}
         self.min_support_cross_modality = float(min_support_cross_modality)
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.classical = dict(classical) if isinstance(classical, dict) else ({} if classical else None)

@@ -36,6 +36,12 @@ Rules (a refusal is better than a confident wrong transform):
    Why the edges: on a thin slab the right answer and the slab slid one level along the body can score within 1-3 %
    in MI; on the phantom benchmark's validation draw (seed 1) two such refusals had edge leads of 11 and 13 %, and
    the one wrong answer there ahead of every right one in both scores was turned 178 deg (rule 6).
+5b. **The edges can veto** (new in 0.12): when a different answer's edge agreement exceeds the winner's by the
+   factor ``1 + edges_against_margin``, the two scores disagree and the run refuses, as for a support lead (rule 5).
+   Why: on four validation draws of the phantom benchmark (seeds 1-4, 136 cases) no right answer had a different
+   answer with more than 8 % more edge agreement than its own, while a 180 deg turned answer, 145 mm wrong, won
+   on MI (25 % ahead) with 41 % less edge agreement than the right-way-up answer it beat (a thin slab's outline
+   matches turned; its inner edges do not).
 6. **Overturning the headers takes more.** A winner whose rotation is more than ``turn_deg`` from the headers'
    orientation (identity) must beat the best eligible answer *at* the headers' orientation by the factor
    ``1 + turn_margin`` in ``mi``, and its rival (rule 5) by the same factor instead of ``1 + mi_margin``;
@@ -141,6 +147,7 @@ def select_candidate(
     min_mi: float = 0.05,
     tilt_margin: float = 0.05,
     edge_margin: float = 0.1,
+    edges_against_margin: float = 0.3,
 ) -> Selection:
     """Choose the best refined candidate or refuse (module docstring for the rules).
 
@@ -159,6 +166,8 @@ def select_candidate(
         turn_deg, turn_margin: rule 6 (a winner turned more than ``turn_deg`` from the headers must beat the best
             answer at the headers' orientation by the factor ``1 + turn_margin`` in MI).
         edge_margin: relative edge-agreement lead that, with any MI lead, is a clear win (rule 5; ``inf``: never).
+        edges_against_margin: rule 5b: a different answer whose edge agreement exceeds the winner's by this factor
+            makes the run refuse (``inf``: never).
     """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     # highest MI first, equal MI broken by the higher support
@@ -166,7 +175,8 @@ def select_candidate(
     record: dict[str, Any] = {
         "rules": {"agreement_mm": agreement_mm, "mi_margin": mi_margin, "support_margin": support_margin,
                   "min_support": min_support, "min_overlap": min_overlap, "min_mi": min_mi, "turn_deg": turn_deg,
-                  "turn_margin": turn_margin, "tilt_margin": tilt_margin, "edge_margin": edge_margin},
+                  "turn_margin": turn_margin, "tilt_margin": tilt_margin, "edge_margin": edge_margin,
+                  "edges_against_margin": edges_against_margin},
         "candidates": [c.describe() for c in ranked],
     }
 
@@ -199,6 +209,15 @@ def select_candidate(
     agrees = [transforms_agree(winner.fixed_to_moving, c.fixed_to_moving, points, agreement_mm) for c in eligible]
     record["agreeing"] = [c.name for c, agree in zip(eligible, agrees) if agree]
     rival = next((c for c, agree in zip(eligible[1:], agrees[1:]) if not agree), None)
+    if math.isfinite(winner.edges):  # rule 5b
+        edgier = max((c for c, agree in zip(eligible, agrees) if not agree and math.isfinite(c.edges)),
+                     key=lambda c: c.edges, default=None)
+        if edgier is not None and edgier.edges >= winner.edges * (1.0 + edges_against_margin):
+            record["rival"] = edgier.name
+            return refuse(
+                f"no clear winner: {winner.name} ({_scores(winner)}) leads in MI, {edgier.name} ({_scores(edgier)}) "
+                f"by far in edge agreement, and they disagree by more than {agreement_mm:g} mm", rival=edgier,
+            )
     turned_deg = rotation_angle_deg(winner.fixed_to_moving)  # from the headers' orientation (rule 6)
     if rival is not None:
         record["rival"] = rival.name
