@@ -321,3 +321,7 @@ def test_dumped_case_replays_the_selection_with_changed_rules(tmp_path):
     assert rows[0].startswith("| as recorded | 0 / 1 / 0 |")
     assert rows[1].startswith('| {"mi_margin": 0.0} | 1 / 0 / 0 |') and rows[1].endswith("| 0.00 |")
     assert "slab_00: refused None (- mm) -> solved header (0.0 mm)" in out
+    for bad, why in (("{'mi_marign': 0.0}", "unknown rule(s) mi_marign"), ("{oops", "not a Python dict")):
+        run = subprocess.run([sys.executable, script, str(tmp_path / "dump"), "--rules", bad], capture_output=True, text=True)
+        assert run.returncode == 1 and run.stderr.startswith("ERROR: --rules: ") and why in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == ""
