@@ -735,6 +735,39 @@ def test_a_rival_refined_only_coarsely_gets_the_finest_level_before_a_refusal(ct
     assert not pipeline._select(pair, scored, CORNERS, [], same_modality=True).success and calls == []
 
 
+def test_a_refusal_gets_the_classical_registration_as_one_more_candidate(ct_pair, monkeypatch):
+    """``classical_rescue``: a tie between two fully refined answers 20 mm apart is a refusal; the rescue adds the
+    classical intensity registration as a candidate (refined and scored like the others) and selects again: its
+    clearly better answer wins. When it cannot run (every sample left the scan) the refusal stands, with the
+    reason in the summary."""
+    import samv2_components.registration.pipeline as pipeline_module
+    from samv2_components.errors import SAMv2InputError
+    from samv2_components.registration.candidates import RigidCandidate
+
+    pair, _ = ct_pair
+    pipeline, calls = _pipeline_recording_refinements(mi=0.49, overlap=0.9, min_support=0.0)
+    pipeline.refiner.mi_of = {"classical": 0.6}
+    assert pipeline.classical is None and pipeline.classical_rescue == {}
+    settings = []
+    monkeypatch.setattr(pipeline_module, "classical_candidate",
+                        lambda fixed, moving, kw: settings.append(kw) or RigidCandidate("classical", rigid(0.0, (0, 0, 1), (40.0, 0.0, 0.0))))
+    scored = _coarse_candidates(("a", 0.0, 0.5, True), ("b", 20.0, 0.49, True))
+    assert not pipeline._select(pair, scored, CORNERS, [], same_modality=True).success
+    summary = {}
+    selection = pipeline._rescue(pair, scored, "moving", CORNERS, [], True, summary)
+    assert selection.success and selection.winner.name == "classical" and settings == [{}]
+    assert [c.name for c in scored] == ["a", "b", "classical"] and ("classical", slice(0, -1), None) in calls
+    assert summary["classical_rescue"]["ran"] and summary["classical_rescue"]["success"]
+
+    def no_samples(fixed, moving, kw):
+        raise SAMv2InputError("classical", "every sample left the moving scan")
+
+    monkeypatch.setattr(pipeline_module, "classical_candidate", no_samples)
+    summary = {}
+    assert pipeline._rescue(pair, scored[:2], "moving", CORNERS, [], True, summary) is None
+    assert not summary["classical_rescue"]["ran"] and "every sample left" in summary["classical_rescue"]["reason"]
+
+
 def test_turn_rotation_is_the_rotate_volume_world_map_and_body_axis_follows_the_header():
     """Geometry of the turn search: ``turn_world_rotation`` is the linear part of the exact world map
     ``rotate_volume`` applies (an oblique RAS header with cubic voxels), a proper rotation; ``body_axis`` of a box

@@ -138,6 +138,9 @@ class SAMv2RigidPipeline:
         classical: the ``classical`` candidate (:func:`~samv2_components.registration.candidates.classical_candidate`):
             True for ``register_intensity``'s defaults, a dict of its keyword arguments to override them, False for
             none.
+        classical_rescue: the same candidate, added only when the selection would refuse (then the selection runs
+            again): True (``register_intensity``'s defaults), a dict of its settings, or False (refuse at once).
+            Ignored when ``classical`` is set (the candidate is there from the start).
         refinement: arguments of :class:`~samv2_components.registration.intensity_refinement.IntensityRefiner`.
         turn_search: arguments of :class:`~samv2_components.registration.turn_search.IntensityTurnSearch`.
         tilt_search: arguments of :class:`~samv2_components.registration.turn_search.IntensityTiltSearch`.
@@ -173,6 +176,7 @@ class SAMv2RigidPipeline:
         edges_against_margin: float = 0.3,
         header_overlap_margin_mm: float = 100.0,
         classical: bool | dict[str, Any] = False,
+        classical_rescue: bool | dict[str, Any] = True,
         refinement: dict[str, Any] | None = None,
         turn_search: dict[str, Any] | None = None,
         tilt_search: dict[str, Any] | None = None,
@@ -192,6 +196,8 @@ class SAMv2RigidPipeline:
         self.min_support_cross_modality = float(min_support_cross_modality)
         self.header_overlap_margin_mm = float(header_overlap_margin_mm)
         self.classical = dict(classical) if isinstance(classical, dict) else ({} if classical else None)
+        self.classical_rescue = (dict(classical_rescue) if isinstance(classical_rescue, dict)
+                                 else ({} if classical_rescue else None))
         self.refiner = IntensityRefiner(**dict(refinement or {}))
         self.turn_search = IntensityTurnSearch(**dict(turn_search or {}))
         self.tilt_search, self.tilt_top_k = IntensityTiltSearch(**dict(tilt_search or {})), int(tilt_top_k)
@@ -435,6 +441,8 @@ class SAMv2RigidPipeline:
         points = self._compared_points(small, small_points, scored)
         self._finish(pair, scored, points, match_sets)
         selection = self._select(pair, scored, points, match_sets, same_modality)
+        if not selection.success and self.classical_rescue is not None and self.classical is None and scored:
+            selection = self._rescue(pair, scored, small, small_points, match_sets, same_modality, summary) or selection
         summary["candidates"] = selection.record
         if not selection.success:
             return failed(selection.reason)
@@ -444,6 +452,26 @@ class SAMv2RigidPipeline:
                         **transform_summary(win.fixed_to_moving), "rigid_seconds": round(time.perf_counter() - t0, 2)})
         return RigidRegistration(True, "", win.fixed_to_moving, small, adareg.points_small, adareg.points_large,
                                  adareg.scores, adareg.inliers, summary, small_corners)
+
+    def _rescue(self, pair: ScanPair, scored: list[ScoredCandidate], small: str, small_points: np.ndarray,
+                match_sets: list[MatchSet], same_modality: bool, summary: dict) -> Selection | None:
+        """Before refusing: the classical intensity registration (SimpleITK rigid Mattes MI from the centres of mass
+        on the whole scans, ``classical_rescue``'s settings) as one more candidate, refined and scored like the
+        others, and the selection again (None when it could not run). Only after a refusal, so every answer the
+        pipeline gives without it stays as it is; ~15-20 s on a refused case."""
+        t0 = time.perf_counter()
+        try:
+            found = classical_candidate(pair.fixed, pair.moving, self.classical_rescue)
+        except SAMv2InputError as exc:  # every sample left the moving scan: the refusal stands
+            summary["classical_rescue"] = {"ran": False, "reason": str(exc)}
+            return None
+        scored += self._score(pair, [found], match_sets)
+        points = self._compared_points(small, small_points, scored)
+        self._finish(pair, scored, points, match_sets)
+        selection = self._select(pair, scored, points, match_sets, same_modality)
+        summary["classical_rescue"] = {"ran": True, "success": selection.success,
+                                       "seconds": round(time.perf_counter() - t0, 2)}
+        return selection
 
     def _rescore(self, c: ScoredCandidate, match_sets: list[MatchSet]) -> ScoredCandidate:
         support, source = match_support(c.fixed_to_moving, match_sets, self.support_tolerance_mm)
