@@ -420,9 +420,7 @@ class SAMv2RigidPipeline:
 
         candidates, match_sets = self._header_candidates(adareg, fixed_image, fixed_mask, moving_image, moving_mask, pair)
         scored = self._score(pair, candidates, match_sets)
-        points = self._compared_points(small, small_points, scored)
-        self._finish(pair, scored, points, match_sets)
-        selection = self._select(pair, scored, points, match_sets, same_modality)
+        selection = self._finish_and_select(pair, scored, small, small_points, match_sets, same_modality)
         weak = not selection.success or selection.winner.support < self.search_below_support
         if embed is not None and (self.orientation_search == "always" or (self.orientation_search == "auto" and weak)):
             heads = fixed_heads if spilled is None else spilled.load()
@@ -438,9 +436,7 @@ class SAMv2RigidPipeline:
         if self.search_rotations > 0 and self.translation_top_k > 0:
             shifted, summary["translation_search"] = self._translation_candidates(pair, scored)
             scored += self._score(pair, shifted, match_sets, levels=self._shift_levels)
-        points = self._compared_points(small, small_points, scored)
-        self._finish(pair, scored, points, match_sets)
-        selection = self._select(pair, scored, points, match_sets, same_modality)
+        selection = self._finish_and_select(pair, scored, small, small_points, match_sets, same_modality)
         if not selection.success and self.classical_rescue is not None and self.classical is None and scored:
             selection = self._rescue(pair, scored, small, small_points, match_sets, same_modality, summary) or selection
         summary["candidates"] = selection.record
@@ -452,6 +448,14 @@ class SAMv2RigidPipeline:
                         **transform_summary(win.fixed_to_moving), "rigid_seconds": round(time.perf_counter() - t0, 2)})
         return RigidRegistration(True, "", win.fixed_to_moving, small, adareg.points_small, adareg.points_large,
                                  adareg.scores, adareg.inliers, summary, small_corners)
+
+    def _finish_and_select(self, pair: ScanPair, scored: list[ScoredCandidate], small: str, small_points: np.ndarray,
+                           match_sets: list[MatchSet], same_modality: bool) -> Selection:
+        """The finest level for the best distinct answers (:meth:`_finish`), then the selection (:meth:`_select`),
+        the answers compared at the small body's points in the fixed scan."""
+        points = self._compared_points(small, small_points, scored)
+        self._finish(pair, scored, points, match_sets)
+        return self._select(pair, scored, points, match_sets, same_modality)
 
     def _rescue(self, pair: ScanPair, scored: list[ScoredCandidate], small: str, small_points: np.ndarray,
                 match_sets: list[MatchSet], same_modality: bool, summary: dict) -> Selection | None:
@@ -466,9 +470,7 @@ class SAMv2RigidPipeline:
             summary["classical_rescue"] = {"ran": False, "reason": str(exc)}
             return None
         scored += self._score(pair, [found], match_sets)
-        points = self._compared_points(small, small_points, scored)
-        self._finish(pair, scored, points, match_sets)
-        selection = self._select(pair, scored, points, match_sets, same_modality)
+        selection = self._finish_and_select(pair, scored, small, small_points, match_sets, same_modality)
         summary["classical_rescue"] = {"ran": True, "success": selection.success,
                                        "seconds": round(time.perf_counter() - t0, 2)}
         return selection
