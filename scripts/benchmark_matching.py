@@ -195,7 +195,7 @@ def intra_subject(pipe: BundlePipeline, image: str, num_points: int, seed: int, 
         absent = matcher.match(tp, absent_scan, points, method="fixed_point")
         scores["absent anatomy"] = absent.scores
     speed = speed_rows(matcher_of(pipe), tp, qp, template_heads, query_heads, points, seed)
-    return rows, notes, fp, absent, scores, speed
+    return rows, notes, fp, absent, scores, speed, ransac_stability(matcher, tp, qp, points, truth)
 
 
 def _global_note(result) -> str:
@@ -236,6 +236,27 @@ def speed_rows(matcher, tp, qp, template_heads, query_heads, points, seed) -> li
         ("100 points, fixed-point", fp_s),
         ("global map of the pair (once per template and query; the global check)", global_s),
     ]
+
+
+def ransac_stability(matcher: SAMv2Matcher, tp, qp, points, truth, seeds=range(10)) -> list[str]:
+    """Markdown lines: the global map alone over RANSAC seeds, with the bundle's settings and with the ranking used
+    before version 0.5 (most inliers of 1,000 samples): how much of a result is the seed's."""
+    from samv2_components.matching.global_map import global_map_over_seeds
+
+    settings = dict(matcher.global_map_kwargs)
+    variants = {"most inliers of 1,000 samples (before 0.5)": {"consensus": "count", "iterations": 1000},
+                f"{settings.get('consensus', 'lo-msac')}, {settings.get('iterations', 5000):,} samples (bundle)": {}}
+    result = global_map_over_seeds(tp, qp, points, truth, variants, seeds, **settings)
+    n_pairs = next(iter(result.values()))["n_pairs"]
+    lines = [f"Global map alone over RANSAC seeds {seeds[0]}-{seeds[-1]} ({n_pairs} mutual pairs): MED of its prediction "
+             "(mm) and its inliers", "",
+             "| RANSAC | MED min | median | max | inliers min-max | seeds choosing seed 0's inliers |",
+             "|:---|---:|---:|---:|---:|---:|"]
+    for label, r in result.items():
+        med = r["med_mm"]
+        lines.append(f"| {label} | {np.nanmin(med):.2f} | {np.nanmedian(med):.2f} | {np.nanmax(med):.2f} | "
+                     f"{min(r['n_inliers'])}-{max(r['n_inliers'])} | {r['same_as_first']} of {len(med)} |")
+    return lines
 
 
 def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_image, query_labels, register: bool,
@@ -290,7 +311,7 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
                 cell += "" if result.confident[i] else " (flagged)"
             cells.append(cell)
         organ_lines.append(f"| {name} | {radii[i]:.1f} | " + " | ".join(cells) + " |")
-    return rows, organ_lines + ["", f"- {_global_note(fp)}"]
+    return rows, organ_lines + ["", f"- {_global_note(fp)}", "", *ransac_stability(matcher, tp, qp, src, truth)]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -347,13 +368,13 @@ def main(
                 f.write(text)
         return
     absent_image = absent_image or sample_path("ct_abdomen_2")
-    rows, notes, fp, absent, scores, speed = intra_subject(pipe, image, num_points, seed, absent_image)
+    rows, notes, fp, absent, scores, speed, stability = intra_subject(pipe, image, num_points, seed, absent_image)
     hard_section = []
     if hard:
-        hard_rows, hard_notes, hard_fp, *_ = intra_subject(pipe, image, num_points, seed, None, max_rotation_deg=30.0,
+        hard_rows, hard_notes, hard_fp, *_, hard_stability = intra_subject(pipe, image, num_points, seed, None, max_rotation_deg=30.0,
                                                           max_translation_mm=50.0, refine=False)
         hard_section = [f"## 1b. Intra-subject, hard: rotations up to ±30°, translations up to ±50 mm ({len(hard_fp)} points)",
-                        "", *_accuracy_table(hard_rows), "", *[f"- {n}" for n in hard_notes], ""]
+                        "", *_accuracy_table(hard_rows), "", *[f"- {n}" for n in hard_notes], "", *hard_stability, ""]
     inter_rows, organ_lines = inter_subject(pipe, template_image, template_labels, query_image, query_labels, register)
     amos_section = []
     if amos:
@@ -380,6 +401,8 @@ def main(
         *_accuracy_table(rows),
         "",
         *[f"- {n}" for n in notes],
+        "",
+        *stability,
         "",
         *hard_section,
         "## 2. Confidence flags",

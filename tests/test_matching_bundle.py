@@ -131,6 +131,27 @@ def test_evaluate_config_reports_paper_metrics(tmp_path):
     assert "CPM@10" in result.stdout
 
 
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 19, not met since 0.5.0: rib_right_8 is matched onto rib_right_7 "
+                   "(26 mm off), in agreement with the global map and scoring 0.67, so it is confident; ribs repeat "
+                   "and neither check tells neighbours apart (bundle docs, 'Confidence on the demo pair')")
+def test_the_demo_pairs_confident_answers_are_within_20_mm(tmp_path):
+    """Issue 19: what the README's demo calls confident is right: every confident answer within 20 mm of the shipped
+    pairs' truth (before the global check the aorta sat on the arm, 199 mm off, at score 0.62 and confident)."""
+    from samv2_components.io.point_pairs import read_point_pairs
+
+    out = tmp_path / "eval"
+    result = run_bundle("--output_dir", str(out), "--write_qc", "false", config=f"['{INFERENCE}','{EVALUATE}']")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "ct_abdomen_2" / "matches.json").read_text())
+    truth = read_point_pairs(sample_path("ct_abdomen_pairs")).query
+    truth_at = dict(zip(truth.names, convert_points(truth.coords, truth.coordinate_system, summary["coordinate_system"])))
+    assert summary["points"] and all(p["name"] in truth_at for p in summary["points"])
+    errors = {p["name"]: float(np.linalg.norm(np.subtract(p["matched"], truth_at[p["name"]])))
+              for p in summary["points"] if p["confident"]}
+    assert errors and all(e < 20.0 for e in errors.values()), errors
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def _assert_clean_failure(result, out, *fragments):
     assert result.returncode != 0
