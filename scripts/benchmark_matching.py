@@ -314,6 +314,53 @@ def inter_subject(pipe: BundlePipeline, template_image, template_labels, query_i
     return rows, organ_lines + ["", f"- {_global_note(fp)}", "", *ransac_stability(matcher, tp, qp, src, truth)]
 
 
+def landmarks_across_subjects(pipe: BundlePipeline, query_image: str, query_labels: str, source) -> tuple[list[str], dict]:
+    """The shipped template's named landmarks found in another subject's scan (as ``samv2 landmarks`` finds them:
+    placed, or absent where the global map puts them outside the query), against the same rules applied to the
+    query's label map (``source``: its vocabulary). Returns Markdown lines and the summary figures."""
+    import nibabel as nib
+
+    from samv2_components.geometry import convert_affine, convert_points
+    from samv2_components.io.landmarks import derive_available_landmarks
+    from samv2_components.io.points import read_points
+    from samv2_components.matching.landmark_template import LANDMARK_RULES, TEMPLATE_LANDMARKS_SAMPLE, TEMPLATE_SAMPLE
+    from samv2_components.sample_data import sample_path
+
+    template = read_points(sample_path(TEMPLATE_LANDMARKS_SAMPLE))
+    points = convert_points(template.coords, template.coordinate_system, "LPS")
+    matcher = matcher_of(pipe)
+    tp, qp = matcher.prepare(pipe.embed(sample_path(TEMPLATE_SAMPLE))), matcher.prepare(pipe.embed(query_image))
+    result = matcher.match(tp, qp, points)
+    placed = (np.asarray(result.predicted_inside, dtype=bool) if result.global_map is not None and result.global_map.valid
+              else np.zeros(len(points), dtype=bool))
+    image = nib.load(query_labels)
+    truth = derive_available_landmarks(np.asarray(image.dataobj).astype(np.int64), convert_affine(image.affine, "RAS", "LPS"),
+                                       source.names, [r for r in LANDMARK_RULES if r.name in template.names])
+    lines = ["| landmark | truth in the query's labels | reported | error (mm) | confident |", "|:---|:---|:---|---:|:---|"]
+    errors, confident_errors, wrongly_absent, unscored = [], [], 0, 0
+    for i, name in enumerate(template.names):
+        true = truth.get(name)
+        error = None if true is None or not placed[i] else float(np.linalg.norm(result.points_lps[i] - np.asarray(true)))
+        if error is not None:
+            errors.append(error)
+            if result.confident[i]:
+                confident_errors.append(error)
+        wrongly_absent += int(true is not None and not placed[i])
+        unscored += int(true is None)
+        lines.append(f"| {name} | {'yes' if true is not None else 'no'} | {'placed' if placed[i] else 'absent'} | "
+                     f"{'-' if error is None else format(error, '.1f')} | {'yes' if placed[i] and result.confident[i] else 'no'} |")
+    e = np.asarray(errors)
+    figures = {"with_truth": len(template.names) - unscored, "placed_with_truth": len(e), "absent_with_truth": wrongly_absent,
+               "med_mm": float(e.mean()) if len(e) else float("nan"), "cpm10": float(100 * np.mean(e < 10)) if len(e) else float("nan"),
+               "confident": len(confident_errors), "confident_max_mm": max(confident_errors, default=float("nan")),
+               "placed_without_truth": int(sum(placed[i] for i, n in enumerate(template.names) if truth.get(n) is None))}
+    lines += ["", f"- {figures['with_truth']} of {len(template.names)} landmarks derivable from the query's labels: "
+              f"{figures['placed_with_truth']} placed (MED {figures['med_mm']:.1f} mm, within 10 mm {figures['cpm10']:.0f} %), "
+              f"{wrongly_absent} reported absent; confident {figures['confident']} (largest error "
+              f"{figures['confident_max_mm']:.1f} mm); {figures['placed_without_truth']} placed without a truth to score"]
+    return lines, figures
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def main(
     image: str = DEFAULT_IMAGE,
@@ -331,6 +378,7 @@ def main(
     output: str | None = None,
     device: str = "cpu",
     speed_only: bool = False,
+    landmarks_only: bool = False,
 ):
     """Run the four sections and print the tables (see the module docstring).
 
@@ -348,6 +396,8 @@ def main(
         output: also write the Markdown there.
         device: torch device.
         speed_only: only section 4 (speed after embedding) on the intra-subject pair; a minute instead of many.
+        landmarks_only: only section 5 (the shipped template's named landmarks in the DICOM CT and the held-out AMOS
+            CT, against the same rules on their label maps).
     """
     from samv2_components.sample_data import sample_path
 
@@ -362,6 +412,26 @@ def main(
                           f"- Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
                           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
                           *_speed_table(speed), ""])
+        print(text)
+        if output:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        return
+    if landmarks_only:
+        from samv2_components.io.label_vocabulary import AMOS, TOTALSEGMENTATOR_CT
+
+        text = ["# SAMv2 named landmarks across subjects (section 5 only)", "", f"- Command: `{command}`",
+                f"- Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+                f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+                "- Template: the shipped annotated template (`ct_abdomen`, 26 landmarks); truth: the same rules on the "
+                "query's label map (TotalSegmentator for the DICOM CT, AMOS for AMOS 0336); a landmark is placed or "
+                "reported absent as `samv2 landmarks` does (absent: the global map puts it outside the query).", ""]
+        for title, q_image, q_labels, source in (("DICOM CT", query_image, query_labels, TOTALSEGMENTATOR_CT),
+                                                 ("AMOS 0336 (held out)", f"{BODY_CT}/amos_0336_ct.nii.gz",
+                                                  f"{BODY_CT}/amos_0336_labels.nii.gz", AMOS)):
+            lines, _ = landmarks_across_subjects(pipe, q_image, q_labels, source)
+            text += [f"## 5. Named landmarks: `ct_abdomen` -> {title}", "", *lines, ""]
+        text = "\n".join(text)
         print(text)
         if output:
             with open(output, "w", encoding="utf-8") as f:

@@ -16,7 +16,7 @@ from samv2_components.cli import main
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import convert_affine
 from samv2_components.io.label_vocabulary import TOTALSEGMENTATOR_CT
-from samv2_components.io.landmarks import LandmarkRule, derive_landmarks, read_landmarks
+from samv2_components.io.landmarks import LandmarkRule, derive_available_landmarks, derive_landmarks, read_landmarks
 from samv2_components.matching.landmark_template import LANDMARK_RULES, TEMPLATE_LANDMARKS_SAMPLE, TEMPLATE_SAMPLE
 from samv2_components.sample_data import sample_path
 
@@ -51,6 +51,23 @@ def test_rules_give_centroids_and_level_cross_sections_in_lps():
     with pytest.raises(SAMv2InputError, match="liver: not in the label map"):
         derive_landmarks(labels, affine_lps, {**names, 3: "liver"}, [LandmarkRule("l", "liver")])
 
+
+
+def test_available_landmarks_are_derived_and_missing_ones_are_none():
+    """On another scan's label map (the truth of a landmark search): every rule whose structures are there gives the
+    point derive_landmarks gives; a missing structure or a reference level without the structure gives None."""
+    labels = np.zeros((20, 20, 12), np.int64)
+    labels[8:12, 8:12, 4:9] = 1  # "vertebra" in z 4..8
+    labels[3, 3, 0:3] = 2  # "vessel" only below the vertebra
+    affine_lps = convert_affine(np.diag([2.0, 2.0, 3.0, 1.0]), "RAS", "LPS")
+    names = {1: "vertebra", 2: "vessel", 3: "liver"}
+    rules = [LandmarkRule("v", "vertebra"), LandmarkRule("liver", "liver"),
+             LandmarkRule("vessel_mid", "vessel", "vertebra", "centre"), LandmarkRule("vessel", "vessel")]
+    found = derive_available_landmarks(labels, affine_lps, names, rules)
+    assert list(found) == ["v", "liver", "vessel_mid", "vessel"]
+    assert found["liver"] is None and found["vessel_mid"] is None
+    np.testing.assert_allclose(found["v"], derive_landmarks(labels, affine_lps, names, rules[:1])[0].position_lps)
+    np.testing.assert_allclose(found["vessel"], (-6.0, -6.0, 3.0))
 
 def test_the_shipped_template_landmarks_are_what_the_rules_derive():
     landmarks = read_landmarks(sample_path(TEMPLATE_LANDMARKS_SAMPLE))

@@ -24,7 +24,7 @@ import numpy as np
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import voxel_to_world
 
-__all__ = ["Landmark", "LandmarkRule", "derive_landmarks", "write_landmarks", "read_landmarks"]
+__all__ = ["Landmark", "LandmarkRule", "derive_available_landmarks", "derive_landmarks", "write_landmarks", "read_landmarks"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,18 @@ def derive_landmarks(labels: np.ndarray, affine_lps: np.ndarray, names: Mapping[
         out.append(Landmark(rule.name, tuple(round(float(c), 3) for c in centre), rule.definition()))
     return out
 
+
+def derive_available_landmarks(labels: np.ndarray, affine_lps: np.ndarray, names: Mapping[int, str],
+                               rules: Sequence[LandmarkRule]) -> dict[str, tuple[float, float, float] | None]:
+    """:func:`derive_landmarks` rule by rule on another scan's label map (the ground truth of a landmark search):
+    ``{rule name: LPS mm point, or None where the map lacks the rule's structure or level}``."""
+    out: dict[str, tuple[float, float, float] | None] = {}
+    for rule in rules:
+        try:
+            out[rule.name] = derive_landmarks(labels, affine_lps, names, [rule])[0].position_lps
+        except SAMv2InputError:
+            out[rule.name] = None
+    return out
 
 def write_landmarks(landmarks: Sequence[Landmark], path: str | os.PathLike) -> None:
     """Write a landmarks CSV: ``# coordinate_system: LPS, units: mm`` then ``name,x,y,z,definition`` rows (the points
