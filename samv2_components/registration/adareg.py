@@ -122,6 +122,8 @@ class AdaReg:
         max_rms_residual_mm: largest RMS residual of the inliers for a successful registration.
         crop_margin_mm: dilation of the small scan's body box in the large scan.
         min_body_voxels: fewer body voxels means "no body in this scan".
+        ransac_consensus: how the robust rigid fit ranks its RANSAC hypotheses (``fit_rigid_robust``'s
+            ``consensus``): ``"count"`` (most inliers) or ``"lo-msac"`` (nearly independent of ``seed``).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class AdaReg:
         crop_margin_mm: float = 30.0,
         min_body_voxels: int = 1000,
         seed: int = 0,
+        ransac_consensus: str = "count",
     ):
         if small_fov not in ("auto", "fixed", "moving"):
             raise ValueError(f"small_fov must be 'auto', 'fixed' or 'moving', got {small_fov!r}")
@@ -150,6 +153,9 @@ class AdaReg:
         self.min_inliers, self.min_inlier_fraction = int(min_inliers), float(min_inlier_fraction)
         self.max_rms_residual_mm, self.crop_margin_mm = float(max_rms_residual_mm), float(crop_margin_mm)
         self.min_body_voxels, self.seed = int(min_body_voxels), int(seed)
+        if ransac_consensus not in ("count", "lo-msac"):
+            raise ValueError(f"ransac_consensus must be 'count' or 'lo-msac', got {ransac_consensus!r}")
+        self.ransac_consensus = ransac_consensus
 
     def _failure(self, reason: str, small: str, summary: dict, n: int = 0) -> RigidRegistration:
         empty = np.zeros((n, 3))
@@ -199,6 +205,7 @@ class AdaReg:
             ransac_iterations=self.ransac_iterations,
             min_inliers=self.min_inliers,
             seed=self.seed,
+            consensus=self.ransac_consensus,
         )
         n_used = int(np.sum(scores >= self.min_match_score))
         fraction = fit.n_inliers / max(n_used, 1)

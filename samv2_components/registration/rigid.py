@@ -229,6 +229,52 @@ def _ransac(x, y, threshold: float, iterations: int, rng: np.random.Generator) -
     return best
 
 
+def _lo_msac(x, y, threshold: float, iterations: int, rng: np.random.Generator, local_starts: int = 8) -> np.ndarray | None:
+    """Inlier mask of LO-MSAC on 3-point samples: ``iterations`` random triples (degenerate ones, in either set,
+    skipped) fitted at once, ranked by the MSAC cost (squared residuals truncated at ``threshold``; Torr and
+    Zisserman 2000), the ``local_starts`` best refitted on their inliers while the cost falls (LO-RANSAC, Chum,
+    Matas and Kittler 2003); ``None`` if every sample was degenerate."""
+    n = len(x)
+    samples = rng.integers(0, n, (int(iterations), 3))
+    samples = samples[(np.diff(np.sort(samples, axis=1), axis=1) > 0).all(1)]
+    xs, ys = x[samples], y[samples]  # (K, 3, 3)
+    ok = np.ones(len(samples), dtype=bool)
+    for p in (xs, ys):  # not (nearly) coincident or collinear, as _degenerate_triple
+        e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
+        n1, n2 = np.linalg.norm(e1, axis=1), np.linalg.norm(e2, axis=1)
+        ok &= (n1 > 1e-9) & (n2 > 1e-9) & (np.linalg.norm(np.cross(e1, e2), axis=1) > _COLLINEAR_SIN * n1 * n2)
+    xs, ys = xs[ok], ys[ok]
+    if not len(xs):
+        return None
+    xm, ym = xs.mean(1), ys.mean(1)
+    u, _, vt = np.linalg.svd((xs - xm[:, None]).transpose(0, 2, 1) @ (ys - ym[:, None]))  # cross-covariances
+    d = np.where(np.linalg.det(vt.transpose(0, 2, 1) @ u.transpose(0, 2, 1)) >= 0.0, 1.0, -1.0)  # reflection fix
+    vt[:, 2] *= d[:, None]
+    rotation = vt.transpose(0, 2, 1) @ u.transpose(0, 2, 1)  # (K, 3, 3): y = R x + t
+    translation = ym - np.einsum("kij,kj->ki", rotation, xm)
+    cost = np.empty(len(rotation))
+    for first in range(0, len(rotation), 256):  # (256, n) residuals at a time
+        r = np.linalg.norm(x @ rotation[first : first + 256].transpose(0, 2, 1) + translation[first : first + 256, None]
+                           - y, axis=2)
+        cost[first : first + 256] = (np.minimum(r, threshold) ** 2).sum(1)
+    best_cost, best = np.inf, None
+    ones = np.ones(n)
+    for k in np.argsort(cost, kind="stable")[: max(1, int(local_starts))]:
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = rotation[k], translation[k]
+        r = _residuals(m, x, y)
+        k_cost, inliers = float((np.minimum(r, threshold) ** 2).sum()), r <= threshold
+        while inliers.sum() >= 3:  # refit on the inliers while the cost falls (at most n rounds; usually 2-4)
+            r = _residuals(_kabsch(x[inliers], y[inliers], ones[inliers]), x, y)
+            new_cost = float((np.minimum(r, threshold) ** 2).sum())
+            if new_cost >= k_cost:
+                break
+            k_cost, inliers = new_cost, r <= threshold
+        if k_cost < best_cost:
+            best_cost, best = k_cost, inliers
+    return best
+
+
 def fit_rigid_robust(
     source,
     target,
@@ -239,6 +285,7 @@ def fit_rigid_robust(
     min_inliers: int = 6,
     seed: int | None = 0,
     refine_rounds: int = 5,
+    consensus: str = "count",
 ) -> RobustRigidFit:
     """Rigid transform ``source -> target`` robust to wrong matches: RANSAC, weighted refit, iterative trimming.
 
@@ -268,6 +315,9 @@ def fit_rigid_robust(
         min_inliers: fewest inliers for ``success``.
         seed: seed of the sampling (``numpy.random.default_rng``).
         refine_rounds: trimming rounds at most.
+        consensus: how step 2 ranks its hypotheses: ``"count"`` (most inliers, as above) or ``"lo-msac"`` (the MSAC
+            cost, the 8 best refitted on their inliers while it falls; the ranking is then nearly independent of
+            ``seed``: :func:`_lo_msac`).
 
     Returns:
         :class:`RobustRigidFit` with the transform, the ``(N,)`` inlier mask over the input pairs, inlier
@@ -279,6 +329,8 @@ def fit_rigid_robust(
         raise ValueError(f"inlier_threshold_mm must be a positive number, got {inlier_threshold_mm!r}")
     if int(ransac_iterations) < 0 or int(refine_rounds) < 0 or int(min_inliers) < 1:
         raise ValueError("ransac_iterations and refine_rounds must be >= 0 and min_inliers >= 1")
+    if consensus not in ("count", "lo-msac"):
+        raise ValueError(f"consensus must be 'count' or 'lo-msac', got {consensus!r}")
     threshold, min_inliers = float(inlier_threshold_mm), int(min_inliers)
     weights_all = None
     keep = np.ones(n_all, dtype=bool)
@@ -315,7 +367,8 @@ def fit_rigid_robust(
         return _kabsch(x[mask], y[mask], wm if wm.sum() > 0.0 else np.ones(len(wm)))
 
     rng = np.random.default_rng(seed)
-    inliers = _ransac(x, y, threshold, int(ransac_iterations), rng) if ransac_iterations else None
+    ransac = _ransac if consensus == "count" else _lo_msac
+    inliers = ransac(x, y, threshold, int(ransac_iterations), rng) if ransac_iterations else None
     if inliers is None or inliers.sum() < 3:
         inliers = np.ones(len(x), dtype=bool)  # no usable sample: start from all pairs and let trimming work
     matrix = refit(inliers)
