@@ -123,7 +123,8 @@ class AdaReg:
         crop_margin_mm: dilation of the small scan's body box in the large scan.
         min_body_voxels: fewer body voxels means "no body in this scan".
         ransac_consensus: how the robust rigid fit ranks its RANSAC hypotheses (``fit_rigid_robust``'s
-            ``consensus``): ``"count"`` (most inliers) or ``"lo-msac"`` (nearly independent of ``seed``).
+            ``consensus``): ``"lo-msac"`` (default since crosssam_registration 0.13.0; nearly independent of
+            ``seed``) or ``"count"`` (most inliers of the samples; the answer then depends on the seed).
     """
 
     def __init__(
@@ -135,14 +136,14 @@ class AdaReg:
         match_method: str = "nearest_neighbour",
         min_match_score: float = 0.3,
         inlier_threshold_mm: float = 10.0,
-        ransac_iterations: int = 1000,
+        ransac_iterations: int = 5000,
         min_inliers: int = 12,
         min_inlier_fraction: float = 0.11,
         max_rms_residual_mm: float = 10.0,
         crop_margin_mm: float = 30.0,
         min_body_voxels: int = 1000,
         seed: int = 0,
-        ransac_consensus: str = "count",
+        ransac_consensus: str = "lo-msac",
     ):
         if small_fov not in ("auto", "fixed", "moving"):
             raise ValueError(f"small_fov must be 'auto', 'fixed' or 'moving', got {small_fov!r}")
