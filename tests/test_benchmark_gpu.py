@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ def test_cpu_smoke_run_prints_both_widths_and_the_speed_up(tmp_path):
     table = output.read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 0.25 |")]
     assert len(rows) == 4 and not any("failed" in row for row in rows)  # fp32 and bf16 for each width
-    assert "Speed-up in this run: width 0.25 in bf16" in table
+    # which bf16 row is fastest on a 16 x 32 x 32 volume depends on the machine's load (no timing asserted here)
+    assert re.search(r"Speed-up in this run: width (1|0\.25) in bf16 \([0-9.]+ s\) is [0-9.]+x faster than the "
+                     r"full-width fp32 pass \([0-9.]+ s\)", table), table[-400:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
