@@ -117,6 +117,7 @@ def derive_available_landmarks(labels: np.ndarray, affine_lps: np.ndarray, names
             out[rule.name] = None
     return out
 
+
 def write_landmarks(landmarks: Sequence[Landmark], path: str | os.PathLike) -> None:
     """Write a landmarks CSV: ``# coordinate_system: LPS, units: mm`` then ``name,x,y,z,definition`` rows (the points
     reader of :mod:`samv2_components.io.points` reads it; the definition travels as an extra column)."""

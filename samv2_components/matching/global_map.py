@@ -191,16 +191,16 @@ def sparse_mutual_matches(
     return start[keep], found[keep], len(start)
 
 
-def _minimal_affines(source: np.ndarray, target: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _minimal_affines(source: np.ndarray, target: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """The exact affines of minimal samples: ``samples`` ``(K, 4)`` indices of 4 pairs; returns the models
     ``(M, 3, 4)`` (linear part and translation, ``y = A[:, :3] @ x + A[:, 3]``) of the ``M`` samples that are not
-    (nearly) coplanar, and their rows ``(M,)`` in ``samples``."""
+    (nearly) coplanar."""
     x, y = source[samples], target[samples]  # (K, 4, 3)
     spread = np.linalg.svd(x - x.mean(1, keepdims=True), compute_uv=False)
     rows = np.flatnonzero(spread[:, 2] > 1.0)  # a 4-pair sample spanning less than ~1 mm in some direction: no affine
     design = np.concatenate([x[rows], np.ones((len(rows), 4, 1))], axis=2)  # y = [x, 1] @ P, P (4, 3)
     solution = np.linalg.solve(design, y[rows])
-    return np.concatenate([solution[:, :3].transpose(0, 2, 1), solution[:, 3, :, None]], axis=2), rows
+    return np.concatenate([solution[:, :3].transpose(0, 2, 1), solution[:, 3, :, None]], axis=2)
 
 
 def ransac_consensus(
@@ -244,7 +244,7 @@ def ransac_consensus(
     source, target = source - centre, target - centre
     samples = np.random.default_rng(seed).integers(0, n, (int(iterations), 4))
     samples = samples[(np.diff(np.sort(samples, axis=1), axis=1) > 0).all(1)]  # 4 distinct pairs
-    models, _ = _minimal_affines(source, target, samples)
+    models = _minimal_affines(source, target, samples)
     singular = np.linalg.svd(models[:, :, :3], compute_uv=False)
     models = models[(np.linalg.det(models[:, :, :3]) > 0) & (singular.min(1) >= scale_range[0])
                     & (singular.max(1) <= scale_range[1])]
