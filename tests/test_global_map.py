@@ -110,6 +110,34 @@ def test_smooth_correction_in_blocks_equals_the_formula():
     assert np.abs(gm(points) - gm.affine(points)).max() > 0.5  # the correction is there to be checked
 
 
+def test_local_support_counts_the_inliers_near_each_point():
+    """Inlier template points at known distances along one axis: the count within a radius is exact, outliers and
+    a map that is not there count nothing."""
+    source = np.array([[0.0, 0.0, x] for x in (5.0, 10.0, 20.0, 30.0, 60.0)])
+    inliers = np.array([True, True, True, False, True])
+    gm = GlobalMap(np.eye(4), 5, 5, 4, 1.0, source, source.copy(), inliers)
+    points = [[0.0, 0.0, 0.0], [0.0, 0.0, 60.0], [0.0, 100.0, 0.0]]
+    np.testing.assert_array_equal(gm.local_support(points, 25.0), [3, 1, 0])  # 30 mm is an outlier; 5, 10, 20 mm
+    np.testing.assert_array_equal(gm.local_support(points, 10.0), [2, 1, 0])  # the radius is inclusive
+    no_map = GlobalMap(None, 5, 5, 0, float("nan"), source, source.copy(), np.zeros(5, dtype=bool))
+    np.testing.assert_array_equal(no_map.local_support(points, 25.0), [0, 0, 0])
+
+
+def test_answers_where_the_global_map_has_no_local_support_are_not_confident(scans, embedded):
+    """The translated copy, every answer right and agreeing with the map: confident where the map's inliers are
+    near the point, not where the support asked for exceeds what the 12 mm grid can hold within the radius."""
+    template, query = scans
+    _, points, _ = body_fine_voxels(embedded["template"], embedded["template_path"], 10, seed=6)
+    settings = dict(subvoxel=False, max_distance_mm=20.0, min_fixed_point_score=-1.0,
+                    global_map_kwargs={"grid_spacing_mm": 12.0})
+    supported = SAMv2Matcher(**settings).match(template, query, points)
+    assert supported.confident.all() and (supported.global_support >= 4).all()
+    assert supported.columns()["global_support"] == supported.global_support.tolist()
+    unsupported = SAMv2Matcher(**settings, min_confident_support=1000).match(template, query, points)
+    np.testing.assert_allclose(unsupported.points_lps, supported.points_lps)  # the answers stay; the flag changes
+    assert not unsupported.confident.any()
+
+
 def test_the_matcher_estimates_the_global_map_once_per_pair(scans, embedded):
     """The refiner's local frames match the same pair again: the map is reused, not estimated twice; another
     query or other settings get their own."""
@@ -168,6 +196,10 @@ def test_global_settings_are_checked():
         SAMv2Matcher(global_radius_mm=-1.0)
     with pytest.raises(SAMv2InputError, match="global_consistency"):
         SAMv2Matcher(global_consistency="sometimes")
+    with pytest.raises(SAMv2InputError, match="min_confident_support"):
+        SAMv2Matcher(min_confident_support=-1)
+    with pytest.raises(SAMv2InputError, match="confident_support_radius_mm"):
+        SAMv2Matcher(confident_support_radius_mm=0.0)
 
 
 def test_resampling_through_a_known_turn_puts_the_query_back_in_the_template_frame():

@@ -52,7 +52,7 @@ def test_writes_points_in_the_input_format_with_their_coordinate_system(default_
     rows = list(csv.DictReader(text[1:]))
     assert [r["name"] for r in rows] == POINT_NAMES
     assert set(rows[0]) == {"name", "x", "y", "z", "score", "method", "confident", "n_fixed_points", "residual_mm",
-                            "global_distance_mm", "flag"}
+                            "global_distance_mm", "global_support", "flag"}
     for r in rows:
         assert -1.0 <= float(r["score"]) <= 1.0
         assert r["method"] in ("fixed_point", "nearest_neighbour_fallback", "global_restricted")
@@ -133,9 +133,6 @@ def test_evaluate_config_reports_paper_metrics(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 19, not met since 0.5.0: rib_right_8 is matched onto rib_right_7 "
-                   "(26 mm off), in agreement with the global map and scoring 0.67, so it is confident; ribs repeat "
-                   "and neither check tells neighbours apart (bundle docs, 'Confidence on the demo pair')")
 def test_the_demo_pairs_confident_answers_are_within_20_mm(tmp_path):
     """Issue 19: what the README's demo calls confident is right: every confident answer within 20 mm of the shipped
     pairs' truth (before the global check the aorta sat on the arm, 199 mm off, at score 0.62 and confident)."""

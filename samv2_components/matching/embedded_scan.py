@@ -65,14 +65,16 @@ class EmbeddedScan:
         return ((descriptors * here).sum(1) / self.map.n_heads).float().cpu().numpy()
 
     def search_within(
-        self, descriptors: torch.Tensor, centres_lps, radius_mm: float, subvoxel: bool = True
+        self, descriptors: torch.Tensor, centres_lps, radius_mm: float, subvoxel: bool = True, exclude_mm: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest neighbour of each descriptor among the fine voxels within ``radius_mm`` of its own centre.
+        """Nearest neighbour of each descriptor among the fine voxels within ``radius_mm`` of its own centre (and,
+        with ``exclude_mm`` > 0, farther than ``exclude_mm`` from it: the best match elsewhere than an answer).
 
         Args:
             descriptors: ``(N, C_total)`` template descriptors.
             centres_lps: ``(N, 3)`` where each answer is expected (world LPS mm), e.g. a global map's prediction.
             radius_mm: search radius around each centre, mm.
+            exclude_mm: voxels within this distance of the centre are not searched, mm (0: none excluded).
             subvoxel: refine the grid maximum by the per-axis parabola fit.
 
         Returns:
@@ -96,7 +98,8 @@ class EmbeddedScan:
                 continue
             axes = [np.arange(lo[a], hi[a] + 1) for a in range(3)]
             box = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-            box = box[np.linalg.norm(self.map.voxel_to_world(box.astype(np.float64)) - centre, axis=1) <= radius_mm]
+            distance = np.linalg.norm(self.map.voxel_to_world(box.astype(np.float64)) - centre, axis=1)
+            box = box[(distance <= radius_mm) & ((distance > exclude_mm) if exclude_mm > 0 else True)]
             if len(box) == 0:
                 continue
             rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=device)

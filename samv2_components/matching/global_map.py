@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from samv2_components.consensus import lo_msac, msac_scores
 from samv2_components.geometry import apply_matrix, as_points
 from samv2_components.matching.affine_fit import fit_affine, fit_affine_robust
 from samv2_components.matching.embedded_scan import EmbeddedScan
@@ -101,6 +102,15 @@ class GlobalMap:
             predicted[first : first + len(block)] += ((w @ residual_t) / (w.sum(1, keepdim=True) + self.prior_weight)).numpy()
         return predicted
 
+    def local_support(self, points_lps, radius_mm: float) -> np.ndarray:
+        """``(N,)`` int: the map's inlier pairs whose template point lies within ``radius_mm`` of each template
+        point ``(N, 3)`` (LPS mm), i.e. how many consistent matches vouch for the map there (0 without a map)."""
+        pts = as_points(points_lps)
+        if self.matrix is None or not self.inliers.any():
+            return np.zeros(len(pts), dtype=np.int64)
+        sources = torch.from_numpy(np.ascontiguousarray(self.template_points[self.inliers]))
+        return (torch.cdist(torch.from_numpy(pts), sources) <= radius_mm).sum(1).numpy().astype(np.int64)
+
     def summary(self) -> dict:
         """JSON-ready figures (the matrix as nested lists, LPS mm)."""
         return {
@@ -128,33 +138,6 @@ def _clamped(matrix: np.ndarray, scale_range: tuple[float, float], source: np.nd
     out[:3, :3] = linear
     out[:3, 3] = target.mean(0) - linear @ source.mean(0)
     return out
-
-
-def _msac(matrix: np.ndarray, source: np.ndarray, target: np.ndarray, threshold_mm: float) -> tuple[float, np.ndarray]:
-    """MSAC cost of an affine (Torr and Zisserman 2000): squared residuals truncated at ``threshold_mm``, summed
-    (an inlier counts by how well it fits, an outlier a constant), and the inliers ``(N,)`` bool."""
-    residual = np.linalg.norm(apply_matrix(matrix, source) - target, axis=1)
-    return float(np.minimum(residual, threshold_mm) @ np.minimum(residual, threshold_mm)), residual <= threshold_mm
-
-
-def _locally_optimised(cost: float, inliers: np.ndarray, source: np.ndarray, target: np.ndarray, threshold_mm: float,
-                       scale_range: tuple[float, float], steps: int = 10) -> tuple[float, np.ndarray]:
-    """The local optimisation of LO-RANSAC (Chum, Matas and Kittler 2003): a new best model's inliers are refitted
-    by least squares (the stretch clamped into ``scale_range``) and rescored, while the MSAC cost falls. A minimal
-    4-pair sample only lands near the consensus; its refit on the whole consensus is the model that consensus
-    supports, so samples from the same consensus end at the same model and cost and near-ties between two
-    consensus sets are settled by their fit, not by which sample came first. Returns ``(cost, inliers)``."""
-    for _ in range(steps):
-        if inliers.sum() < 4:
-            break
-        matrix = fit_affine(source[inliers], target[inliers], ridge=0.0).matrix
-        if not _plausible(matrix, scale_range):
-            matrix = _clamped(matrix, scale_range, source[inliers], target[inliers])
-        new_cost, new_inliers = _msac(matrix, source, target, threshold_mm)
-        if new_cost >= cost:
-            break
-        cost, inliers = new_cost, new_inliers
-    return cost, inliers
 
 
 def _grid_voxels(scan: EmbeddedScan, spacing_mm: float) -> np.ndarray:
@@ -250,24 +233,18 @@ def ransac_consensus(
                     & (singular.max(1) <= scale_range[1])]
     if not len(models):
         return np.zeros(n, dtype=bool)
-    cost, count = np.empty(len(models)), np.empty(len(models), dtype=np.int64)
-    for first in range(0, len(models), 256):  # (256, N, 3) residuals at a time
-        block = models[first : first + 256]
-        residual = np.linalg.norm(source @ block[:, :, :3].transpose(0, 2, 1) + block[:, None, :, 3] - target, axis=2)
-        cost[first : first + 256] = (np.minimum(residual, inlier_threshold_mm) ** 2).sum(1)
-        count[first : first + 256] = (residual <= inlier_threshold_mm).sum(1)
     if consensus == "count":
+        _, count = msac_scores(models, source, target, inlier_threshold_mm)
         chosen = models[int(np.argmax(count))]  # the first model with the most inliers
         return np.linalg.norm(source @ chosen[:, :3].T + chosen[:, 3] - target, axis=1) <= inlier_threshold_mm
-    best_cost, best = np.inf, np.zeros(n, dtype=bool)
-    for index in np.argsort(cost, kind="stable")[: max(1, int(local_starts))]:
-        start_cost, start_inliers = _msac(np.vstack([models[index], [0.0, 0.0, 0.0, 1.0]]), source, target,
-                                          inlier_threshold_mm)
-        local_cost, local_inliers = _locally_optimised(start_cost, start_inliers, source, target, inlier_threshold_mm,
-                                                       scale_range)
-        if local_cost < best_cost:
-            best_cost, best = local_cost, local_inliers
-    return best
+
+    def refit(inlier_source: np.ndarray, inlier_target: np.ndarray) -> np.ndarray:
+        """Least squares on the inliers, the stretch clamped into ``scale_range``."""
+        matrix = fit_affine(inlier_source, inlier_target, ridge=0.0).matrix
+        return matrix if _plausible(matrix, scale_range) else _clamped(matrix, scale_range, inlier_source, inlier_target)
+
+    return lo_msac(models, source, target, inlier_threshold_mm, refit, min_pairs=4, local_starts=local_starts,
+                   max_rounds=10)
 
 
 def estimate_global_map(

@@ -14,7 +14,10 @@ cosines, [-1, 1]) between the template point's descriptor and the query's descri
 ``confident`` flags the answers to trust. A fixed-point answer is confident when its score is at least
 ``min_confident_score`` and its local affine fits the fixed points within ``max_confident_residual_mm``; a plain NN
 answer when its score is high enough; a fixed-point request that fell back to NN (the embedding was not
-consistent in both directions around the point) never is. An unconfident match, for instance in a query scan that
+consistent in both directions around the point) never is. With the global check, an answer is moreover confident
+only where it agrees with the global map *and* the map is supported there: at least ``min_confident_support``
+of its inlier pairs within ``confident_support_radius_mm`` of the template point (agreeing with a map that no
+nearby match vouches for proves nothing: a rib matched onto its neighbour agrees with a map extrapolated there). An unconfident match, for instance in a query scan that
 does not contain the anatomy, is still reported, but flagged, never silently passed off as a good one.
 """
 
@@ -54,7 +57,9 @@ class MatchResult:
         n_fixed_points: ``(N,)`` kept fixed points (0 for NN).
         residual_mm: ``(N,)`` RMS residual of the fixed-point affine, mm (NaN for NN answers).
         nn_points_lps: ``(N, 3)`` the plain nearest-neighbour answer, for comparison (LPS mm).
-        global_prediction_lps: ``(N, 3)`` where the global map puts each point (LPS mm; NaN without a map).
+        global_prediction_lps: ``(N, 3)`` where the global map puts each point (LPS mm; None without a map).
+        global_support: ``(N,)`` int, the map's inlier pairs within ``confident_support_radius_mm`` of each template
+            point (None without a map).
         unrestricted_points_lps: ``(N, 3)`` the answer before the global check (fixed point or NN), LPS mm.
         flags: ``N`` strings, empty or the reason a point was overruled (both positions are in the arrays above).
         global_map: the :class:`~samv2_components.matching.global_map.GlobalMap` used, or None.
@@ -72,6 +77,7 @@ class MatchResult:
     residual_mm: np.ndarray
     nn_points_lps: np.ndarray
     global_prediction_lps: np.ndarray | None = None
+    global_support: np.ndarray | None = None
     unrestricted_points_lps: np.ndarray | None = None
     flags: list | None = None
     global_map: GlobalMap | None = None
@@ -83,7 +89,8 @@ class MatchResult:
 
     def columns(self) -> dict[str, list]:
         """Per-point output columns (for a points file): ``score, method, confident, n_fixed_points, residual_mm``,
-        and with a global map ``global_distance_mm`` (unrestricted answer to the map's prediction) and ``flag``."""
+        and with a global map ``global_distance_mm`` (unrestricted answer to the map's prediction),
+        ``global_support`` (the map's inlier pairs near the point) and ``flag``."""
         columns = {
             "score": [round(float(s), 4) for s in self.scores],
             "method": list(self.methods),
@@ -94,6 +101,7 @@ class MatchResult:
         if self.global_prediction_lps is not None:
             distance = np.linalg.norm(self.unrestricted_points_lps - self.global_prediction_lps, axis=1)
             columns["global_distance_mm"] = [None if np.isnan(d) else round(float(d), 2) for d in distance]
+            columns["global_support"] = [int(n) for n in self.global_support]
             columns["flag"] = list(self.flags)
         return columns
 
@@ -120,6 +128,9 @@ class SAMv2Matcher:
             that radius of the prediction (``method`` ``global_restricted``), flagged with both positions, and
             not confident. Without a map (too few consistent matches) answers are unchanged.
         global_radius_mm: the radius of that check and of the restricted search, mm.
+        min_confident_support, confident_support_radius_mm: with a global map, an answer is confident only where at
+            least ``min_confident_support`` of the map's inlier pairs lie within ``confident_support_radius_mm`` of
+            the template point (default 4, the map's minimal sample, within 25 mm, its smoothing width).
         global_map_kwargs: arguments of :func:`~samv2_components.matching.global_map.estimate_global_map`.
     """
 
@@ -142,6 +153,8 @@ class SAMv2Matcher:
         max_confident_residual_mm: float = 5.0,
         global_consistency: bool = True,
         global_radius_mm: float = 10.0,
+        min_confident_support: int = 4,
+        confident_support_radius_mm: float = 25.0,
         global_map_kwargs: Mapping | None = None,
     ):
         if method not in ("fixed_point", "nearest_neighbour"):
@@ -170,6 +183,13 @@ class SAMv2Matcher:
         if not (np.isfinite(global_radius_mm) and global_radius_mm > 0):
             raise SAMv2InputError("matcher#global_radius_mm", f"must be a positive radius, got {global_radius_mm}")
         self.global_radius_mm = float(global_radius_mm)
+        if int(min_confident_support) < 0:
+            raise SAMv2InputError("matcher#min_confident_support", f"must be a count >= 0, got {min_confident_support}")
+        if not (np.isfinite(confident_support_radius_mm) and confident_support_radius_mm > 0):
+            raise SAMv2InputError("matcher#confident_support_radius_mm",
+                                  f"must be a positive radius, got {confident_support_radius_mm}")
+        self.min_confident_support = int(min_confident_support)
+        self.confident_support_radius_mm = float(confident_support_radius_mm)
         self.global_map_kwargs = dict(global_map_kwargs or {})
         # query scan -> (its template, the settings, the map): the refiner's local frames match the same pair again
         self._global_maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -225,18 +245,19 @@ class SAMv2Matcher:
             methods = ["fixed_point" if f else "nearest_neighbour_fallback" for f in found]
             n_fixed, residual = fixed.n_fixed_points, fixed.residual_mm
         unrestricted = points.copy()
-        global_map, prediction, flags = None, None, [""] * n
+        global_map, prediction, support, flags = None, None, None, [""] * n
         if self.global_consistency:
             global_map = self.global_map(template, query)
             if global_map.valid:
                 prediction = global_map(pts)
+                support = global_map.local_support(pts, self.confident_support_radius_mm)
                 overruled = self._check_against_global(query, descriptors, points, prediction, methods, flags)
         scores = query.score_at(descriptors, points)
         confident = scores >= self.min_confident_score
         confident &= np.array([m not in ("nearest_neighbour_fallback", "global_restricted") for m in methods], dtype=bool)
         confident &= ~(residual > self.max_confident_residual_mm)  # NaN (no fit) passes
         if prediction is not None:
-            confident &= ~overruled
+            confident &= ~overruled & (support >= self.min_confident_support)
         return MatchResult(
             points_lps=points,
             scores=scores,
@@ -246,6 +267,7 @@ class SAMv2Matcher:
             residual_mm=residual,
             nn_points_lps=nn_points,
             global_prediction_lps=prediction,
+            global_support=support,
             unrestricted_points_lps=unrestricted if prediction is not None else None,
             flags=flags if prediction is not None else None,
             global_map=global_map,

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from samv2_components.consensus import lo_msac
 from samv2_components.geometry import apply_matrix, as_points, axis_angle_rotation, rotation_angle_deg
 
 __all__ = ["RigidTransform", "RobustRigidFit", "fit_rigid", "fit_rigid_robust"]
@@ -231,9 +232,9 @@ def _ransac(x, y, threshold: float, iterations: int, rng: np.random.Generator) -
 
 def _lo_msac(x, y, threshold: float, iterations: int, rng: np.random.Generator, local_starts: int = 8) -> np.ndarray | None:
     """Inlier mask of LO-MSAC on 3-point samples: ``iterations`` random triples (degenerate ones, in either set,
-    skipped) fitted at once, ranked by the MSAC cost (squared residuals truncated at ``threshold``; Torr and
-    Zisserman 2000), the ``local_starts`` best refitted on their inliers while the cost falls (LO-RANSAC, Chum,
-    Matas and Kittler 2003); ``None`` if every sample was degenerate."""
+    skipped) fitted at once (batched Kabsch), ranked by the MSAC cost and the ``local_starts`` best refitted on
+    their inliers while the cost falls (:func:`samv2_components.consensus.lo_msac`); ``None`` if every sample was
+    degenerate."""
     n = len(x)
     samples = rng.integers(0, n, (int(iterations), 3))
     samples = samples[(np.diff(np.sort(samples, axis=1), axis=1) > 0).all(1)]
@@ -252,27 +253,9 @@ def _lo_msac(x, y, threshold: float, iterations: int, rng: np.random.Generator, 
     vt[:, 2] *= d[:, None]
     rotation = vt.transpose(0, 2, 1) @ u.transpose(0, 2, 1)  # (K, 3, 3): y = R x + t
     translation = ym - np.einsum("kij,kj->ki", rotation, xm)
-    cost = np.empty(len(rotation))
-    for first in range(0, len(rotation), 256):  # (256, n) residuals at a time
-        r = np.linalg.norm(x @ rotation[first : first + 256].transpose(0, 2, 1) + translation[first : first + 256, None]
-                           - y, axis=2)
-        cost[first : first + 256] = (np.minimum(r, threshold) ** 2).sum(1)
-    best_cost, best = np.inf, None
-    ones = np.ones(n)
-    for k in np.argsort(cost, kind="stable")[: max(1, int(local_starts))]:
-        m = np.eye(4)
-        m[:3, :3], m[:3, 3] = rotation[k], translation[k]
-        r = _residuals(m, x, y)
-        k_cost, inliers = float((np.minimum(r, threshold) ** 2).sum()), r <= threshold
-        while inliers.sum() >= 3:  # refit on the inliers while the cost falls (at most n rounds; usually 2-4)
-            r = _residuals(_kabsch(x[inliers], y[inliers], ones[inliers]), x, y)
-            new_cost = float((np.minimum(r, threshold) ** 2).sum())
-            if new_cost >= k_cost:
-                break
-            k_cost, inliers = new_cost, r <= threshold
-        if k_cost < best_cost:
-            best_cost, best = k_cost, inliers
-    return best
+    models = np.concatenate([rotation, translation[:, :, None]], axis=2)  # (K, 3, 4): y = R x + t
+    return lo_msac(models, x, y, threshold, lambda xi, yi: _kabsch(xi, yi, np.ones(len(xi))), min_pairs=3,
+                   local_starts=local_starts)
 
 
 def fit_rigid_robust(
