@@ -121,6 +121,9 @@ def test_local_support_counts_the_inliers_near_each_point():
     np.testing.assert_array_equal(gm.local_support(points, 10.0), [2, 1, 0])  # the radius is inclusive
     no_map = GlobalMap(None, 5, 5, 0, float("nan"), source, source.copy(), np.zeros(5, dtype=bool))
     np.testing.assert_array_equal(no_map.local_support(points, 25.0), [0, 0, 0])
+    many = np.random.default_rng(0).uniform(-50, 80, (1200, 3))  # more than one block of points
+    expected = (np.linalg.norm(many[:, None] - source[inliers][None], axis=2) <= 25.0).sum(1)
+    np.testing.assert_array_equal(gm.local_support(many, 25.0), expected)
 
 
 def test_answers_where_the_global_map_has_no_local_support_are_not_confident(scans, embedded):
@@ -160,6 +163,11 @@ def test_search_within_finds_the_match_near_a_prediction_and_nothing_outside_the
     np.testing.assert_allclose(scores, 1.0, atol=1e-3)
     far, far_scores = query.search_within(descriptors[:2], np.full((2, 3), 5000.0), radius_mm=12.0)
     assert np.isnan(far).all() and np.isnan(far_scores).all()
+    # the runner-up: the best match 6-12 mm from the true one, never the true one itself
+    elsewhere, elsewhere_scores = query.search_within(descriptors, points + SHIFT_LPS, radius_mm=12.0, subvoxel=False,
+                                                      exclude_mm=6.0)
+    distance = np.linalg.norm(elsewhere - (points + SHIFT_LPS), axis=1)
+    assert ((distance > 6.0) & (distance <= 12.0 + 1e-6)).all() and (elsewhere_scores < scores).all()
 
 
 def test_answers_that_contradict_the_global_map_are_overruled_flagged_and_not_confident(scans, embedded):

@@ -99,7 +99,10 @@ class EmbeddedScan:
             axes = [np.arange(lo[a], hi[a] + 1) for a in range(3)]
             box = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
             distance = np.linalg.norm(self.map.voxel_to_world(box.astype(np.float64)) - centre, axis=1)
-            box = box[(distance <= radius_mm) & ((distance > exclude_mm) if exclude_mm > 0 else True)]
+            keep = distance <= radius_mm
+            if exclude_mm > 0:
+                keep &= distance > exclude_mm
+            box = box[keep]
             if len(box) == 0:
                 continue
             rows = torch.as_tensor(np.ravel_multi_index(box.T, tuple(shape)), device=device)

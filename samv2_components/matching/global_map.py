@@ -109,7 +109,12 @@ class GlobalMap:
         if self.matrix is None or not self.inliers.any():
             return np.zeros(len(pts), dtype=np.int64)
         sources = torch.from_numpy(np.ascontiguousarray(self.template_points[self.inliers]))
-        return (torch.cdist(torch.from_numpy(pts), sources) <= radius_mm).sum(1).numpy().astype(np.int64)
+        points = torch.from_numpy(np.ascontiguousarray(pts))
+        counts = np.empty(len(pts), dtype=np.int64)
+        for first in range(0, len(pts), _POINTS_PER_BLOCK):  # exact differences (no |p|^2 - 2 p.s rounding at the radius)
+            block = torch.cdist(points[first : first + _POINTS_PER_BLOCK], sources, compute_mode="donot_use_mm_for_euclid_dist")
+            counts[first : first + len(block)] = (block <= radius_mm).sum(1).numpy()
+        return counts
 
     def summary(self) -> dict:
         """JSON-ready figures (the matrix as nested lists, LPS mm)."""
