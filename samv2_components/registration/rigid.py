@@ -195,13 +195,11 @@ def _is_collinear(points: np.ndarray) -> bool:
     return bool(s[0] <= 0.0 or s[1] <= _COLLINEAR_SPREAD * s[0])
 
 
-def _degenerate_triple(p: np.ndarray) -> bool:
-    """Whether 3 points ``(3, 3)`` are (nearly) coincident or collinear."""
-    e1, e2 = p[1] - p[0], p[2] - p[0]
-    n1, n2 = np.linalg.norm(e1), np.linalg.norm(e2)
-    if n1 <= 1e-9 or n2 <= 1e-9:
-        return True
-    return bool(np.linalg.norm(np.cross(e1, e2)) <= _COLLINEAR_SIN * n1 * n2)
+def _degenerate_triples(p: np.ndarray) -> np.ndarray:
+    """Whether triples of points ``(..., 3, 3)`` are (nearly) coincident or collinear: ``(...)`` bool."""
+    e1, e2 = p[..., 1, :] - p[..., 0, :], p[..., 2, :] - p[..., 0, :]
+    n1, n2 = np.linalg.norm(e1, axis=-1), np.linalg.norm(e2, axis=-1)
+    return (n1 <= 1e-9) | (n2 <= 1e-9) | (np.linalg.norm(np.cross(e1, e2), axis=-1) <= _COLLINEAR_SIN * n1 * n2)
 
 
 def _residuals(m: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -219,7 +217,7 @@ def _ransac(x, y, threshold: float, iterations: int, rng: np.random.Generator) -
     ones = np.ones(3)
     for idx in samples:
         idx = list(idx)
-        if _degenerate_triple(x[idx]) or _degenerate_triple(y[idx]):
+        if _degenerate_triples(x[idx]) or _degenerate_triples(y[idx]):
             continue
         residual = _residuals(_kabsch(x[idx], y[idx], ones), x, y)
         inliers = residual <= threshold
@@ -239,11 +237,7 @@ def _lo_msac(x, y, threshold: float, iterations: int, rng: np.random.Generator, 
     samples = rng.integers(0, n, (int(iterations), 3))
     samples = samples[(np.diff(np.sort(samples, axis=1), axis=1) > 0).all(1)]
     xs, ys = x[samples], y[samples]  # (K, 3, 3)
-    ok = np.ones(len(samples), dtype=bool)
-    for p in (xs, ys):  # not (nearly) coincident or collinear, as _degenerate_triple
-        e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
-        n1, n2 = np.linalg.norm(e1, axis=1), np.linalg.norm(e2, axis=1)
-        ok &= (n1 > 1e-9) & (n2 > 1e-9) & (np.linalg.norm(np.cross(e1, e2), axis=1) > _COLLINEAR_SIN * n1 * n2)
+    ok = ~(_degenerate_triples(xs) | _degenerate_triples(ys))
     xs, ys = xs[ok], ys[ok]
     if not len(xs):
         return None
