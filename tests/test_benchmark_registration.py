@@ -256,6 +256,27 @@ def test_derive_reference_recovers_a_known_rigid_transform(tmp_path):
     assert len(ref["starts"]) == 24 and ref["fiducial_check"]["possible"]  # the 3000 HU ball is a "marker"
 
 
+def test_slab_optima_find_the_truth_beside_a_wrong_reference(tmp_path):
+    """Each axial slab registered alone lands on the transform that made the pair (within 1.5 mm over its points),
+    so a reference 4 mm off shows as 4 mm in every slab, and the starts agree."""
+    from samv2_components.registration.benchmark_reference import slab_optima
+
+    ct = _synthetic_ct([12.0, -10.0, 15.0], size=40)
+    truth = rigid_matrix(axis_angle_rotation([0.2, 1, 0.3], 6.0), translation=(5.0, -4.0, 3.0))
+    mr, _, _ = _write_ct_and_mr(tmp_path, ct, truth)
+    wrong = rigid_matrix(translation=(4.0, 0.0, 0.0)) @ truth
+    rows = slab_optima(ct, mr, wrong, thickness_mm=45.0, step_mm=25.0, starts=3, point_spacing_mm=6.0)
+    assert [r["z_mm"][1] - r["z_mm"][0] for r in rows] == [45.0] * len(rows) and len(rows) >= 2
+    for r in rows:
+        points = bc.body_grid_points(ct, 6.0)
+        points = points[(points[:, 2] >= r["z_mm"][0]) & (points[:, 2] <= r["z_mm"][1])]
+        assert bc.tre(r["optimum"], truth, points) < 1.5
+        assert 2.5 < r["to_reference_mm"] < 5.5
+        assert r["start_spread_mm"] < 1.5
+        assert r["mi_optimum"] < r["mi_reference"]  # Mattes MI: lower is better
+        assert abs(r["shift_mm"][0] + 4.0) < 1.5
+
+
 def test_summary_merges_runs_and_counts_refusals_apart_from_wrong_transforms(tmp_path):
     """``scripts/summarize_registration_benchmark.py``: two runs' CSVs over the same cases become one table per
     set and method; a refusal is not a wrong transform; the same case twice is an error."""

@@ -1,6 +1,7 @@
 """The reference transform of the CT-MR registration benchmark (``scripts/benchmark_registration.py``): no ground
 truth exists for the phantom pair, so the CT -> MR rigid transform is derived by multi-start Mattes-MI registration
-(:func:`derive_reference`) and checked for consistency and against the CT's metal markers (:func:`fiducial_check`).
+(:func:`derive_reference`) and checked for consistency and against the CT's metal markers (:func:`fiducial_check`); :func:`slab_optima` measures how
+far each axial slab's own optimum lies from it (the reference's local uncertainty, which a slab-sized scan meets).
 
 Conventions as :mod:`~samv2_components.registration.benchmark_cases`: world **LPS mm**; 4x4 matrices map **fixed**
 (CT) points to **moving** (MR) points. Needs SimpleITK (the ``registration`` extra).
@@ -49,6 +50,7 @@ __all__ = [
     "mi_value",
     "nearest_void",
     "phantom_files",
+    "slab_optima",
 ]
 
 
@@ -199,6 +201,89 @@ def fiducial_check(reference: np.ndarray, ct_path: str, mr_path: str, search_mm:
         "conclusive": bool(inside.any() and np.median(res[inside]) < 0.5 * np.median(ctrl[:, 0])
                            and np.median([r["darkness"] for r, i in zip(rows, inside) if i]) > 1.5 * np.median(ctrl[:, 1])),
     }
+
+
+def slab_optima(
+    fixed: "SimpleITK.Image",
+    moving: "SimpleITK.Image",
+    reference: np.ndarray,
+    thickness_mm: float = 40.0,
+    step_mm: float = 20.0,
+    starts: int = 5,
+    perturbation_deg: float = 5.0,
+    perturbation_mm: float = 5.0,
+    point_spacing_mm: float = 6.0,
+    sampling: float = 0.3,
+    seed: int = 0,
+) -> list[dict]:
+    """Where each axial slab of the fixed scan's body would put the reference if it were registered alone.
+
+    A whole-scan rigid reference is a compromise over the whole body: where the object is not exactly rigid
+    between the two acquisitions (or the similarity is biased locally), a slab-sized scan has its own optimum,
+    and no registration of that slab can be expected to land closer to the reference than that optimum does.
+    For every slab ``[z, z + thickness_mm]`` (LPS z, the scanner's table axis; one every ``step_mm`` over the
+    fixed body), Mattes MI (50 bins, 2-level pyramid at 2x and 1x the grid, Gaussian 2 / 1 mm) is optimised over
+    a rigid transform with the metric restricted to the fixed body inside the slab, the moving scan whole
+    (so no cut edge pulls the optimum), from the reference and from ``starts - 1`` perturbations of it
+    (``perturbation_deg`` about a random axis through the slab, ``perturbation_mm`` along a random direction).
+
+    Args:
+        fixed, moving: the CT and the MR (SimpleITK, LPS); 4x4 matrices map fixed -> moving points, LPS mm.
+        reference: the 4x4 reference transform.
+        point_spacing_mm: grid of the fixed body points the distances are averaged over.
+        sampling: fraction of the slab's voxels sampled per iteration (seeded per start).
+
+    Returns:
+        one dict per slab: ``z_mm`` (its range), ``points``, ``optimum`` (the 4x4 from the reference start),
+        ``to_reference_mm`` (mean distance over the slab's points between the optimum and the reference),
+        ``start_spread_mm`` (mean over the other starts of their mean distance to the optimum: how precise the
+        optimum is), ``mi_reference`` / ``mi_optimum`` (Mattes MI on the slab, lower is better) and
+        ``shift_mm`` (optimum minus reference at the slab's centre, LPS).
+    """
+    body = ct_body_mask(fixed)
+    mask_array = sitk.GetArrayFromImage(body)
+    index = np.argwhere(mask_array > 0)
+    z_body = voxel_centres(fixed, index)[:, 2]
+    points_all = body_grid_points(fixed, point_spacing_mm)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for z0 in np.arange(z_body.min(), z_body.max() - thickness_mm + 1e-6, step_mm):
+        inside = (z_body >= z0) & (z_body <= z0 + thickness_mm)
+        points = points_all[(points_all[:, 2] >= z0) & (points_all[:, 2] <= z0 + thickness_mm)]
+        if not inside.any() or len(points) < 4:
+            continue
+        slab = np.zeros_like(mask_array, dtype=np.uint8)
+        slab[tuple(index[inside].T)] = 1
+        slab_mask = sitk.GetImageFromArray(slab)
+        slab_mask.CopyInformation(fixed)
+        centre = points.mean(0)
+        ends = []
+        for k in range(int(starts)):
+            start = np.asarray(reference, dtype=np.float64)
+            if k:  # the perturbation acts on the fixed side, about the slab's centre
+                start = start @ rigid_matrix(axis_angle_rotation(rng.normal(size=3), perturbation_deg),
+                                             translation=perturbation_mm * random_unit_vector(rng), centre=centre)
+            reg = _mi_method(sampling, seed + k, (2, 1), (2.0, 1.0), 200, 1.0)
+            reg.SetMetricFixedMask(slab_mask)
+            euler = sitk.Euler3DTransform()
+            euler.SetCenter([float(v) for v in centre])
+            reg.SetMovingInitialTransform(matrix_to_sitk_transform(start))
+            reg.SetInitialTransform(euler, inPlace=True)
+            reg.Execute(fixed, moving)
+            ends.append(start @ sitk_transform_to_matrix(euler))
+        optimum = ends[0]
+        shift = apply_matrix(optimum, centre[None])[0] - apply_matrix(reference, centre[None])[0]
+        rows.append({
+            "z_mm": [round(float(z0), 1), round(float(z0 + thickness_mm), 1)],
+            "points": int(len(points)),
+            "optimum": optimum,
+            "to_reference_mm": tre(optimum, reference, points),
+            "start_spread_mm": float(np.mean([tre(e, optimum, points) for e in ends[1:]])) if len(ends) > 1 else 0.0,
+            "mi_reference": mi_value(fixed, moving, reference, slab_mask),
+            "mi_optimum": mi_value(fixed, moving, optimum, slab_mask),
+            "shift_mm": shift.tolist(),
+        })
+    return rows
 
 
 def derive_reference(
