@@ -337,3 +337,37 @@ def test_an_interrupted_run_writes_no_model_and_resumes_to_the_same_weights(tmp_
     got = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def _autograd_node_names(tensor: torch.Tensor) -> set[str]:
+    names, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_heads_model_runs_a_metatensor_as_its_plain_tensor():
+    """A collated batch is a MetaTensor: the heads are the same values as for its plain tensor, plain tensors
+    themselves, and the graph holds no CopySlices / alias nodes (the network's in-place ReLUs and residual sums
+    on MetaTensor views recorded one each, and each copied a whole activation in the backward pass)."""
+    from monai.data import MetaTensor
+
+    from samv2_components.engines import HeadsModel
+
+    torch.manual_seed(0)
+    model = HeadsModel(SAMv2Net(width=0.25)).train()
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_meta = model(MetaTensor(x.clone(), affine=torch.eye(4)), heads=("fine", "coarse"))
+        from_plain = model(x, heads=("fine", "coarse"))
+    for name in ("fine", "coarse"):
+        assert type(from_meta[name]) is torch.Tensor
+        torch.testing.assert_close(from_meta[name], from_plain[name], rtol=0, atol=0)
+    nodes = _autograd_node_names(from_meta["fine"].float().sum())
+    assert "ConvolutionBackward0" in nodes
+    assert not {"CopySlices", "AliasBackward0", "AsStridedBackward0"} & nodes

@@ -12,6 +12,7 @@ from monai.data.utils import set_rnd
 from monai.utils import MAX_SEED
 
 from samv2_components.engines.trainer import SAMv2Trainer, _cycle
+from samv2_components.io.image import plain_tensor
 from samv2_components.networks import HEAD_GRIDS
 
 __all__ = ["CrossSAMTrainer"]
@@ -82,9 +83,9 @@ class CrossSAMTrainer(SAMv2Trainer):
         batch = next(self._cross_batches)
         device = engine.state.device
         key_a, key_b, key_valid, key_body = self.cross_keys
-        a, b = batch[key_a].to(device), batch[key_b].to(device)
-        valid = batch[key_valid].to(device)
-        body = batch[key_body].to(device) if key_body in batch else None
+        a, b = plain_tensor(batch[key_a]).to(device), plain_tensor(batch[key_b]).to(device)  # as SAMv2Trainer
+        valid = plain_tensor(batch[key_valid]).to(device)
+        body = plain_tensor(batch[key_body]).to(device) if key_body in batch else None
         with self._autocast(device):
             heads = engine.network(torch.cat([a, b]), heads=("fine", "coarse"))
         n = a.shape[0]
