@@ -1,7 +1,8 @@
 """The reference transform of the CT-MR registration benchmark (``scripts/benchmark_registration.py``): no ground
 truth exists for the phantom pair, so the CT -> MR rigid transform is derived by multi-start Mattes-MI registration
-(:func:`derive_reference`) and checked for consistency and against the CT's metal markers (:func:`fiducial_check`); :func:`slab_optima` measures how
-far each axial slab's own optimum lies from it (the reference's local uncertainty, which a slab-sized scan meets).
+(:func:`derive_reference`) and checked for consistency and against the CT's metal markers (:func:`fiducial_check`).
+:func:`slab_optima` measures how far each axial slab's own optimum lies from it: the reference's uncertainty where a
+slab-sized scan is registered.
 
 Conventions as :mod:`~samv2_components.registration.benchmark_cases`: world **LPS mm**; 4x4 matrices map **fixed**
 (CT) points to **moving** (MR) points. Needs SimpleITK (the ``registration`` extra).
