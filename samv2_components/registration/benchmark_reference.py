@@ -89,11 +89,14 @@ def _mi_method(sampling: float, seed: int, shrink, sigmas, iterations: int, lear
 
 
 def mi_rigid(fixed, moving, initial: np.ndarray, centre, shrink=(2, 1), sigmas=(4.0, 2.0), sampling=0.1,
-             iterations=150, learning_rate=2.0, seed=0) -> np.ndarray:
+             iterations=150, learning_rate=2.0, seed=0, fixed_mask=None) -> np.ndarray:
     """Mattes-MI rigid refinement of the fixed -> moving matrix ``initial``. The Euler3D transform (centre
     ``centre``) is optimised near the identity and composed before ``initial`` (ITK's moving initial transform:
-    ``p -> initial(euler(p))``), so any start orientation works without Euler-angle gimbal lock."""
+    ``p -> initial(euler(p))``), so any start orientation works without Euler-angle gimbal lock. ``fixed_mask``
+    (optional, on the fixed grid) restricts the metric to its voxels."""
     reg = _mi_method(sampling, seed, shrink, sigmas, iterations, learning_rate)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(fixed_mask)
     euler = sitk.Euler3DTransform()
     euler.SetCenter([float(v) for v in centre])
     reg.SetMovingInitialTransform(matrix_to_sitk_transform(initial))
@@ -235,7 +238,8 @@ def slab_optima(
         sampling: fraction of the slab's voxels sampled per iteration (seeded per start).
 
     Returns:
-        one dict per slab: ``z_mm`` (its range), ``points``, ``optimum`` (the 4x4 from the reference start),
+        one dict per slab: ``z_mm`` (its range), ``points`` (``(N, 3)`` its fixed body points, LPS mm, on the
+        ``point_spacing_mm`` grid), ``optimum`` (the 4x4 from the reference start),
         ``to_reference_mm`` (mean distance over the slab's points between the optimum and the reference),
         ``start_spread_mm`` (mean over the other starts of their mean distance to the optimum: how precise the
         optimum is), ``mi_reference`` / ``mi_optimum`` (Mattes MI on the slab, lower is better) and
@@ -264,19 +268,13 @@ def slab_optima(
             if k:  # the perturbation acts on the fixed side, about the slab's centre
                 start = start @ rigid_matrix(axis_angle_rotation(rng.normal(size=3), perturbation_deg),
                                              translation=perturbation_mm * random_unit_vector(rng), centre=centre)
-            reg = _mi_method(sampling, seed + k, (2, 1), (2.0, 1.0), 200, 1.0)
-            reg.SetMetricFixedMask(slab_mask)
-            euler = sitk.Euler3DTransform()
-            euler.SetCenter([float(v) for v in centre])
-            reg.SetMovingInitialTransform(matrix_to_sitk_transform(start))
-            reg.SetInitialTransform(euler, inPlace=True)
-            reg.Execute(fixed, moving)
-            ends.append(start @ sitk_transform_to_matrix(euler))
+            ends.append(mi_rigid(fixed, moving, start, centre, shrink=(2, 1), sigmas=(2.0, 1.0), sampling=sampling,
+                                 iterations=200, learning_rate=1.0, seed=seed + k, fixed_mask=slab_mask))
         optimum = ends[0]
         shift = apply_matrix(optimum, centre[None])[0] - apply_matrix(reference, centre[None])[0]
         rows.append({
             "z_mm": [round(float(z0), 1), round(float(z0 + thickness_mm), 1)],
-            "points": int(len(points)),
+            "points": points,
             "optimum": optimum,
             "to_reference_mm": tre(optimum, reference, points),
             "start_spread_mm": float(np.mean([tre(e, optimum, points) for e in ends[1:]])) if len(ends) > 1 else 0.0,
