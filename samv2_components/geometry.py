@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from samv2_components.errors import SAMv2InputError
 
@@ -48,6 +49,7 @@ __all__ = [
     "linear_map_matrix",
     "voxel_to_grid_sample",
     "voxel_to_grid_sample_matrix",
+    "grid_sample_points",
 ]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -385,3 +387,24 @@ def voxel_to_grid_sample_matrix(shape, align_corners: bool = False) -> np.ndarra
     matrix = np.diag([*scale, 1.0])
     matrix[:3, 3] = offset
     return matrix[[2, 1, 0, 3]]
+
+
+def grid_sample_points(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                       align_corners: bool = False) -> torch.Tensor:
+    """Samples ``(C, P)`` of one volume ``(1, C, D, H, W)`` at ``P`` points ``(P, 3)`` given in ``grid_sample``'s
+    normalised ``(x, y, z)`` (e.g. from :func:`voxel_to_grid_sample_matrix`); ``mode``, ``padding_mode`` and
+    ``align_corners`` as ``torch.nn.functional.grid_sample`` takes them. Differentiable in ``grid``.
+
+    On the CPU ``grid_sample`` spreads a 3D volume's work over its batch entries only, so one batch entry samples on
+    one core: the points are dealt out to one entry per thread of the volume (expanded, not copied). Every sample is
+    computed alone, so the values are those of a single call.
+    """
+    n_points = grid.shape[0]
+    groups = max(1, min(torch.get_num_threads(), n_points)) if volume.device.type == "cpu" and volume.shape[0] == 1 else 1
+    per_group = -(-n_points // groups)
+    if per_group * groups > n_points:  # pad with copies of the last point, dropped below
+        grid = torch.cat([grid, grid[-1:].expand(per_group * groups - n_points, -1)])
+    samples = F.grid_sample(volume.expand(groups, -1, -1, -1, -1), grid.reshape(groups, per_group, 1, 1, 3), mode=mode,
+                            padding_mode=padding_mode, align_corners=align_corners)
+    channels = volume.shape[1]
+    return samples.reshape(groups, channels, per_group).transpose(0, 1).reshape(channels, -1)[:, :n_points]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from samv2_components.errors import SAMv2InputError
 from samv2_components.geometry import (
     check_coordinate_system,
+    grid_sample_points,
     label_centroids,
     convert_points,
     strided_grid_affine,
@@ -361,3 +362,31 @@ def test_grid_sample_matrix_is_the_point_helper(align_corners):
     by_matrix = voxels @ matrix[:3, :3].T + matrix[:3, 3]
     np.testing.assert_allclose(by_matrix, voxel_to_grid_sample(voxels, shape, align_corners), atol=1e-12)
     np.testing.assert_array_equal(matrix[3], [0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n_points", [1, 7, 1000])
+def test_grid_sample_points_is_one_grid_sample_call_on_any_thread_count(threads, n_points):
+    """Dealing the points out to one batch entry per thread (padding with copies of the last point when they do not
+    divide) changes neither the samples (C > 1 channels, every mode and convention) nor the gradient in the grid."""
+    rng = np.random.default_rng(n_points)
+    volume = torch.as_tensor(rng.normal(size=(1, 2, 5, 6, 7)), dtype=torch.float32)
+    grid = torch.as_tensor(rng.uniform(-1.2, 1.2, size=(n_points, 3)), dtype=torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mode, padding_mode, align_corners in (("bilinear", "zeros", False), ("nearest", "zeros", False), ("bilinear", "border", True)):
+            g1 = grid.clone().requires_grad_(True)
+            g2 = grid.clone().requires_grad_(True)
+            single = F.grid_sample(volume, g1.view(1, n_points, 1, 1, 3), mode=mode, padding_mode=padding_mode,
+                                   align_corners=align_corners)[0, :, :, 0, 0]
+            dealt = grid_sample_points(volume, g2, mode, padding_mode, align_corners)
+            assert dealt.shape == (2, n_points)
+            torch.testing.assert_close(dealt, single, rtol=0, atol=0)
+            if mode == "bilinear":
+                weights = torch.as_tensor(rng.normal(size=(2, n_points)), dtype=torch.float32)
+                (single * weights).sum().backward()
+                (dealt * weights).sum().backward()
+                torch.testing.assert_close(g2.grad, g1.grad, rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.transforms.patch_pairs import RandPatchPaird
+from samv2_components.transforms.patch_pairs import RandPatchPaird, VoxelSampler, sample_at_voxels
 
 PATCH = (16, 40, 40)
 NO_INTENSITY = dict(noise_prob=0.0, blur_prob=0.0)
@@ -348,3 +348,25 @@ def test_random_displacement_is_smooth_bounded_and_one_to_one(ramp_volume):
 def test_bad_deformation_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         RandPatchPaird(**kwargs)
+
+
+def test_one_voxel_sampler_serves_the_image_and_its_labels():
+    """A sampler built once for a set of points samples an image (trilinear, padded) and a label map (nearest)
+    exactly as separate calls would and as a linear volume says by hand; a volume of another size is refused."""
+    d, h, w = np.meshgrid(np.arange(9.0), np.arange(11.0), np.arange(13.0), indexing="ij")
+    ramp = torch.as_tensor(2.0 * d - h + 0.5 * w, dtype=torch.float32)[None]
+    labels = torch.as_tensor((d >= 4) * 1 + (w >= 6) * 2, dtype=torch.float32)[None]
+    points = torch.tensor([[[1.25, 2.5, 3.75], [4.0, 5.0, 6.0]], [[7.5, 0.5, 11.25], [-2.0, 3.0, 3.0]]], dtype=torch.float64)
+    sampler = VoxelSampler(points, ramp.shape[1:])
+    image = sampler(ramp, "bilinear", -7.0)
+    label = sampler(labels, "nearest", 0.0)
+    assert image.shape == label.shape == (1, 2, 2)
+    inside = points[..., 0] >= 0
+    expected = 2.0 * points[..., 0] - points[..., 1] + 0.5 * points[..., 2]
+    torch.testing.assert_close(image[0][inside], expected[inside].float(), rtol=0, atol=1e-4)
+    assert image[0, 1, 1] == -7.0  # two voxels outside along D: padding only
+    torch.testing.assert_close(label[0], torch.tensor([[0.0, 3.0], [3.0, 0.0]]))
+    torch.testing.assert_close(image, sample_at_voxels(ramp, points, "bilinear", -7.0), rtol=0, atol=0)
+    torch.testing.assert_close(label, sample_at_voxels(labels, points, "nearest", 0.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="spatial shape"):
+        sampler(ramp[:, :5])

@@ -371,3 +371,51 @@ def test_heads_model_runs_a_metatensor_as_its_plain_tensor():
     nodes = _autograd_node_names(from_meta["fine"].float().sum())
     assert "ConvolutionBackward0" in nodes
     assert not {"CopySlices", "AliasBackward0", "AsStridedBackward0"} & nodes
+
+
+@pytest.mark.slow
+def test_compiled_heads_model_gives_the_eager_heads_and_gradients():
+    """torch.compile (inductor) of the training network: same heads and parameter gradients as the eager pass up to
+    float32 rounding, the same state-dict keys, and a second input shape gets its own graph."""
+    from samv2_components.engines import HeadsModel
+    from samv2_components.engines.trainer import cpp_compiler_available
+
+    if not cpp_compiler_available():
+        pytest.skip("no C++ compiler for inductor")
+    torch.manual_seed(0)
+    compiled = HeadsModel(SAMv2Net(width=0.25), compile=True).train()
+    eager = HeadsModel(SAMv2Net(width=0.25)).train()
+    eager.load_state_dict(compiled.state_dict())
+    assert compiled.compiled and list(compiled.state_dict()) == list(eager.state_dict())
+    for shape, heads in (((2, 1, 16, 32, 32), ("fine", "coarse")), ((1, 1, 16, 48, 32), ("semantic",))):
+        x = torch.randn(shape)
+        out_c, out_e = compiled(x, heads=heads), eager(x, heads=heads)
+        for name in heads:
+            torch.testing.assert_close(out_c[name], out_e[name], rtol=1e-4, atol=1e-4)
+        weights = {name: torch.randn_like(out_e[name]) for name in heads}
+        compiled.zero_grad(), eager.zero_grad()
+        sum((out_c[n] * weights[n]).sum() for n in heads).backward()
+        sum((out_e[n] * weights[n]).sum() for n in heads).backward()
+        for (name, p_c), p_e in zip(compiled.named_parameters(), eager.parameters()):
+            if p_e.grad is not None:  # a whole layer's gradient sums over every voxel: compared as a norm
+                error = float((p_c.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12))
+                assert error < 1e-3, (name, error)
+
+
+def test_heads_model_without_a_cpp_compiler_warns_and_runs_eagerly(monkeypatch, caplog):
+    """compile=True where inductor cannot build kernels: one warning, and the model is the eager one; the setting
+    is read as a yes/no word."""
+    from samv2_components.engines import HeadsModel
+    from samv2_components.engines import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="samv2_components"):
+        model = HeadsModel(SAMv2Net(width=0.25), compile=True)
+    assert not model.compiled and model._compiled_call_impl is None
+    assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
+    out = model(torch.randn(1, 1, 16, 32, 32), heads=("fine",))
+    assert out["fine"].shape == (1, 128, 8, 16, 16)
+    # the command line's "--compile false" is a string, not a true value; a word that is neither is refused
+    assert not HeadsModel(SAMv2Net(width=0.25), compile="false").compiled
+    with pytest.raises(SAMv2InputError, match="compile"):
+        HeadsModel(SAMv2Net(width=0.25), compile="sometimes")

@@ -281,3 +281,30 @@ def test_training_clock_stops_on_time_and_reports(caplog):
     assert any("throughput:" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="max_train_seconds"):
         TrainingClock(limit_seconds=0)
+
+
+def test_training_clock_reports_the_steady_throughput_after_the_warm_up(caplog):
+    """Slow first iterations (kernel creation, compilation) count in the whole-run throughput only: the steady line
+    counts the iterations after ``warmup_iterations``; a run no longer than the warm-up has no steady figure."""
+    import logging
+    import time as _time
+
+    from ignite.engine import Engine
+
+    from samv2_components.engines import TrainingClock
+
+    engine = Engine(lambda e, b: _time.sleep(0.15 if e.state.iteration <= 3 else 0.01))
+    clock = TrainingClock(warmup_iterations=3)
+    clock.attach(engine)
+    with caplog.at_level(logging.INFO, logger="samv2_components"):
+        engine.run(range(23), max_epochs=1)
+    assert 20 < clock.steady_steps_per_second < 110  # 20 iterations of ~0.01 s
+    assert clock.steps_per_second < 0.4 * clock.steady_steps_per_second  # 23 in ~0.65 s
+    assert any("steady throughput: 20 iterations after the first 3" in r.getMessage() for r in caplog.records)
+    short = Engine(lambda e, b: None)
+    short_clock = TrainingClock(warmup_iterations=5)
+    short_clock.attach(short)
+    short.run(range(5), max_epochs=1)
+    assert short_clock.steps_per_second is not None and short_clock.steady_steps_per_second is None
+    with pytest.raises(ValueError, match="warmup_iterations"):
+        TrainingClock(warmup_iterations=-1)

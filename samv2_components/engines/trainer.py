@@ -9,8 +9,11 @@ loader and the prototypical supervised contrastive loss (paper Eq. 2) on the sem
 
 from __future__ import annotations
 
+import logging
 import numbers
+import os
 import random
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -22,12 +25,20 @@ from monai.engines import SupervisedTrainer
 from monai.utils import MAX_SEED, set_determinism
 from torch import nn
 
-from samv2_components.errors import SAMv2InputError
+from samv2_components.errors import SAMv2InputError, parse_bool
 from samv2_components.inference.embedder import bf16_supported
 from samv2_components.io.image import plain_tensor
 from samv2_components.networks import HEAD_GRIDS
 
-__all__ = ["HeadsModel", "SAMv2Trainer", "isotropic_spacing"]
+__all__ = ["HeadsModel", "SAMv2Trainer", "cpp_compiler_available", "isotropic_spacing"]
+
+logger = logging.getLogger("samv2_components")
+
+
+def cpp_compiler_available() -> bool:
+    """Whether a C++ compiler is on the ``PATH`` (``$CXX``, ``g++``, ``c++`` or ``clang++``): ``torch.compile``'s
+    inductor builds its kernels with one, on the CPU and (for its launchers) on the GPU."""
+    return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
 
 
 def isotropic_spacing(spacing: float | Sequence[float], name: str = "spacing_mm") -> float:
@@ -71,12 +82,24 @@ class HeadsModel(nn.Module):
     through its ``__torch_function__``, and the network's in-place ReLUs and residual additions on MetaTensor views
     recorded a ``CopySlices`` node each, whose backward copies the whole activation (measured on the bundle's
     training run: a ninth of the step's time, the same values and gradients).
+
+    ``compile``: run the forward pass through ``torch.compile`` (inductor, static shapes: one graph per input shape
+    and head set, each compiled on first use, tens of seconds on a CPU). The network's forward and backward then take
+    about a sixth less time on the CPU (fused batch norm, ReLU and residual sums); worth it for long runs only.
+    Without a C++ compiler (which inductor needs) it warns and runs eagerly.
     """
 
-    def __init__(self, net: nn.Module, channels_last: bool = True):
+    def __init__(self, net: nn.Module, channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.channels_last = bool(channels_last)
         self.net = net.to(memory_format=torch.channels_last_3d) if self.channels_last else net
+        compile = parse_bool(compile, "compile")  # "--compile false" arrives as a string
+        self.compiled = compile and cpp_compiler_available()
+        if compile and not self.compiled:
+            logger.warning("compile=True but no C++ compiler is on the PATH (torch.compile needs one): running eagerly")
+        if self.compiled:
+            # the module, its parameters and state-dict keys stay the same; only __call__ goes through the compiled graph
+            self.compile(dynamic=False)
 
     def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """``{head: embedding}`` of ``x`` for ``heads`` (all heads if None)."""

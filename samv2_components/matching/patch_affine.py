@@ -37,7 +37,7 @@ from monai.data import MetaTensor
 from monai.networks.layers import GaussianFilter
 from torch.func import jvp, vmap
 
-from samv2_components.geometry import affine_and_space, as_points, voxel_to_grid_sample_matrix, world_to_voxel
+from samv2_components.geometry import affine_and_space, as_points, grid_sample_points, voxel_to_grid_sample_matrix, world_to_voxel
 
 __all__ = [
     "AffineLevel",
@@ -188,15 +188,7 @@ def sample_world_points(volume: torch.Tensor, to_grid: torch.Tensor, world: torc
     value outside); ``to_grid``: :func:`lps_to_sampling_grid` of the volume's image. Differentiable in ``world``."""
     grid = (world @ to_grid[:3, :3].T.to(world.dtype) + to_grid[:3, 3].to(world.dtype)).to(volume.dtype)
     n, m = grid.shape[:2]
-    # on the CPU, grid_sample spreads a 3D volume's work over its batch entries only: the rows are dealt out to one
-    # entry per thread of the (expanded, not copied) volume, so that every core samples; each sample is the same
-    groups = max(1, min(torch.get_num_threads(), n)) if volume.device.type == "cpu" and volume.shape[0] == 1 else 1
-    rows = -(-n // groups)
-    if rows * groups > n:  # pad with copies of the last row, dropped below
-        grid = torch.cat([grid, grid[-1:].expand(rows * groups - n, -1, -1)])
-    samples = F.grid_sample(volume.expand(groups, -1, -1, -1, -1), grid.view(groups, rows, m, 1, 3),
-                            mode="bilinear", padding_mode="border", align_corners=True)
-    return samples[:, 0, :, :, 0].reshape(-1, m)[:n]
+    return grid_sample_points(volume, grid.reshape(n * m, 3), "bilinear", "border", align_corners=True)[0].view(n, m)
 
 
 def _features(measure: str, samples: torch.Tensor, side: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from monai.transforms import MapTransform, RandGaussianNoise, RandGaussianSmooth
 from monai.utils import ensure_tuple
 
 from samv2_components.errors import SAMv2InputError
-from samv2_components.geometry import voxel_to_grid_sample
+from samv2_components.geometry import grid_sample_points, voxel_to_grid_sample_matrix
 from samv2_components.io.image import plain_tensor
 from samv2_components.transforms.aggressive_intensity import share_random_state
 
@@ -47,6 +47,7 @@ __all__ = [
     "apply_affine",
     "patch_correspondence",
     "sample_at_voxels",
+    "VoxelSampler",
     "smooth_displacement",
 ]
 
@@ -131,6 +132,48 @@ def patch_correspondence(affine_a: np.ndarray, affine_b: np.ndarray, patch_size:
     return apply_affine(a_to_b, grid).permute(3, 0, 1, 2)
 
 
+class VoxelSampler:
+    """Samples volumes of one spatial size ``(D, H, W)`` at one set of continuous voxel coordinates ``(..., 3)``
+    (D, H, W order; voxel index ``i`` is the centre of voxel ``i``): the points' bounding box and
+    ``grid_sample``'s normalised grid are computed once, then every volume sampled there (a patch's image and its
+    labels) reuses them.
+
+    Only the bounding box of the points is read, so the cost does not grow with the volume size.
+
+    Args:
+        coords: ``(..., 3)`` voxel coordinates, float (computed in float64).
+        spatial_shape: ``(D, H, W)`` of the volumes to sample.
+    """
+
+    def __init__(self, coords: torch.Tensor, spatial_shape: Sequence[int]):
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
+        self.out_shape = tuple(coords.shape[:-1])
+        spatial = torch.tensor(self.spatial_shape, dtype=torch.float64)
+        flat = coords.reshape(-1, 3).to(torch.float64)
+        # every voxel a point can read (floor and floor + 1) lies in [lo, hi] or outside the volume
+        low, high = torch.aminmax(flat, dim=0)
+        lo = torch.minimum(torch.clamp(torch.floor(low), min=0), spatial - 1)
+        hi = torch.minimum(torch.clamp(torch.floor(high) + 1, min=0), spatial - 1)
+        self.box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+        # box voxel (D, H, W) -> grid_sample's normalised (x, y, z): one small affine, applied as one matrix product
+        box_shape = [int(b) - int(a) + 1 for a, b in zip(lo, hi)]
+        to_grid = torch.from_numpy(voxel_to_grid_sample_matrix(box_shape, align_corners=False))
+        self.grid = torch.addmm(to_grid[:3, 3] - to_grid[:3, :3] @ lo, flat, to_grid[:3, :3].T).to(torch.float32)
+
+    def __call__(self, volume: torch.Tensor, mode: str = "bilinear", pad_value: float = 0.0) -> torch.Tensor:
+        """``(C, ...)`` float32 samples of a ``(C, D, H, W)`` volume: trilinear (``mode="bilinear"``) or nearest;
+        points (or trilinear neighbours) outside the volume take ``pad_value``."""
+        if tuple(volume.shape[1:]) != self.spatial_shape:
+            raise ValueError(f"volume of spatial shape {tuple(volume.shape[1:])}, the sampler's is {self.spatial_shape}")
+        crop = volume[(slice(None), *self.box)].to(torch.float32)
+        if pad_value != 0.0:
+            crop = crop - pad_value  # zero padding in grid_sample == pad_value after the shift back
+        out = grid_sample_points(crop[None], self.grid, mode=mode, padding_mode="zeros", align_corners=False)
+        if pad_value != 0.0:
+            out = out + pad_value
+        return out.reshape(volume.shape[0], *self.out_shape)
+
+
 def sample_at_voxels(
     volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", pad_value: float = 0.0
 ) -> torch.Tensor:
@@ -138,22 +181,10 @@ def sample_at_voxels(
 
     Trilinear (``mode="bilinear"``) or nearest interpolation with ``torch.nn.functional.grid_sample``; points
     (or trilinear neighbours) outside the volume take ``pad_value``. Only the bounding box of the points is
-    touched, so the cost does not grow with the volume size. Returns ``(C, ...)`` float32.
+    touched, so the cost does not grow with the volume size. Returns ``(C, ...)`` float32. Several volumes at the
+    same points: :class:`VoxelSampler`.
     """
-    spatial = torch.tensor(volume.shape[1:], dtype=torch.float64)
-    flat = coords.reshape(-1, 3).to(torch.float64)
-    # every voxel a point can read (floor and floor + 1) lies in [lo, hi] or outside the volume
-    lo = torch.minimum(torch.clamp(torch.floor(flat.min(0).values), min=0), spatial - 1).long()
-    hi = torch.minimum(torch.clamp(torch.floor(flat.max(0).values) + 1, min=0), spatial - 1).long()
-    crop = volume[:, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1].to(torch.float32)
-    if pad_value != 0.0:
-        crop = crop - pad_value  # zero padding in grid_sample == pad_value after the shift back
-    norm = voxel_to_grid_sample(flat - lo.to(torch.float64), crop.shape[1:], align_corners=False)
-    grid = norm.to(torch.float32).reshape(1, 1, 1, -1, 3)
-    out = F.grid_sample(crop[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0, :, 0, 0]
-    if pad_value != 0.0:
-        out = out + pad_value
-    return out.reshape(volume.shape[0], *coords.shape[:-1])
+    return VoxelSampler(coords, volume.shape[1:])(volume, mode, pad_value)
 
 
 def smooth_displacement(
@@ -528,6 +559,7 @@ class RandPatchPaird(MapTransform, Randomizable):
         grid = patch_voxel_grid(self.patch_size)
         grid_a = grid if self.displacement is None else grid + self.displacement.permute(1, 2, 3, 0)
         coords = [apply_affine(self.affines[0], grid_a), apply_affine(self.affines[1], grid)]
+        samplers = [VoxelSampler(c, size) for c in coords]
 
         jobs = [(k, "image") for k in image_keys]
         for keys, mode in ((self.label_keys, "nearest"), (self.interpolated_keys, "bilinear")):
@@ -545,8 +577,8 @@ class RandPatchPaird(MapTransform, Randomizable):
                 pad = self.label_pad_value
             else:
                 pad = float(vol.min()) if self.pad_value is None else self.pad_value
-            for suffix, m, c in zip(self.suffixes, self.affines, coords):
-                patch = sample_at_voxels(vol, c, "nearest" if mode == "nearest" else "bilinear", pad)
+            for suffix, m, sampler in zip(self.suffixes, self.affines, samplers):
+                patch = sampler(vol, "nearest" if mode == "nearest" else "bilinear", pad)
                 if mode == "image":
                     patch = self._augment(patch)
                 elif mode == "nearest" and not torch.is_floating_point(vol):

@@ -35,6 +35,7 @@ from samv2_components.io.atomic import atomic_file
 from samv2_components.io.image import plain_tensor
 from samv2_components.transforms.aggressive_intensity import share_random_state
 from samv2_components.transforms.patch_pairs import (
+    VoxelSampler,
     _checked_offset,
     _checked_patch_size,
     _checked_scale_range,
@@ -407,7 +408,7 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
             raise KeyError(f"key {self.valid_key!r} is not in the data; set allow_missing_keys=True to skip it")
         self.randomize(valid, shape, spacing, source)
 
-        coords = apply_affine(self.affine, patch_voxel_grid(self.patch_size))
+        sampler = VoxelSampler(apply_affine(self.affine, patch_voxel_grid(self.patch_size)), shape)
         masks = [k for k in (self.valid_key, *self.mask_keys) if k in d]
         for key, mode in [(k, "image") for k in image_keys] + [(k, "mask") for k in masks]:
             value = d[key]
@@ -415,9 +416,9 @@ class RandRegisteredPatchd(MapTransform, Randomizable):
             if vol.ndim != 4 or tuple(vol.shape[1:]) != shape:
                 raise SAMv2InputError(source, f"{key!r} has shape {tuple(vol.shape)}, the image {tuple(volume.shape)}")
             if mode == "image":
-                patch = self._augment(sample_at_voxels(vol, coords, "bilinear", self.pad_value))
+                patch = self._augment(sampler(vol, "bilinear", self.pad_value))
             else:
-                patch = sample_at_voxels(vol.to(torch.float32), coords, "nearest", 0.0) > 0.5
+                patch = sampler(vol.to(torch.float32), "nearest", 0.0) > 0.5
             if isinstance(value, MetaTensor):
                 affine = value.affine[0] if value.affine.ndim == 3 else value.affine
                 meta = {k: v for k, v in value.meta.items() if k != "affine"}
