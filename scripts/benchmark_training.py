@@ -28,11 +28,11 @@ import tempfile
 
 import fire
 
+from samv2_components.engines.clock import DEFAULT_WARMUP_ITERATIONS as WARMUP_ITERATIONS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "bundles", "semantic_sam", "configs", "train.json")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-#: the bundle's ``TrainingClock`` default: iterations left out of the steady throughput
-WARMUP_ITERATIONS = 10
 NO_CHANNELS_LAST = "$samv2_components.engines.HeadsModel(@network_def, channels_last=False).to(@device)"
 
 

@@ -9,9 +9,12 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-__all__ = ["TrainingClock"]
+__all__ = ["DEFAULT_WARMUP_ITERATIONS", "TrainingClock"]
 
 logger = logging.getLogger("samv2_components")
+
+#: iterations a run's steady throughput leaves out (what the bundles' training configs use)
+DEFAULT_WARMUP_ITERATIONS = 10
 
 
 class TrainingClock:
@@ -32,7 +35,7 @@ class TrainingClock:
         warmup_iterations: iterations left out of the steady throughput.
     """
 
-    def __init__(self, limit_seconds: float | None = None, warmup_iterations: int = 10):
+    def __init__(self, limit_seconds: float | None = None, warmup_iterations: int = DEFAULT_WARMUP_ITERATIONS):
         if limit_seconds is not None and not float(limit_seconds) > 0:
             raise ValueError(f"max_train_seconds must be > 0 or null, got {limit_seconds!r}")
         if int(warmup_iterations) < 0:
