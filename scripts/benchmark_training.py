@@ -5,8 +5,9 @@ process for ``--steps`` iterations (appearance and semantic steps as configured,
 the two throughputs that the bundle's ``TrainingClock`` logs: the whole run's (from the first iteration on, so the
 dataset caching is not counted) and the steady one after its first 10 iterations (kernel creation for each input
 shape and, with ``--compile true``, the network's compilation: costs paid once per run, which a long run does not
-feel). Rows: the default (channels_last, glibc malloc, as the bundle runs), the network compiled with
-``torch.compile``, jemalloc when installed, channels_last off, one thread, the patch sampling and augmentation in a
+feel). Rows: the default (channels_last, glibc malloc keeping freed memory on its heap, as the bundle runs),
+glibc's default heap policy (``--retain_freed_memory false``: large tensors mapped and unmapped, so faulted in again
+every step), the network compiled with ``torch.compile``, jemalloc when installed, channels_last off, one thread, the patch sampling and augmentation in a
 DataLoader worker process beside the training step, and MONAI's ``ThreadDataLoader`` (the next batch prepared in a
 background thread).
 
@@ -61,9 +62,12 @@ def main(steps: int = 60, datalist_file: str | None = None, output: str | None =
     if int(steps) <= WARMUP_ITERATIONS:
         raise SystemExit(f"benchmark_training: --steps must be above the {WARMUP_ITERATIONS} warm-up iterations, got {steps}")
     jemalloc = os.path.isfile(JEMALLOC)
-    # the default is what `python -m monai.bundle run` gets: glibc malloc (jemalloc measured slower, 2026-12-05)
+    # the default is what `python -m monai.bundle run` gets: glibc malloc, freed memory kept on its heap
+    # (samv2_components.allocator.retain_freed_memory); jemalloc measured slower (2026-12-05)
     rows = [
-        ("default: channels_last, bf16 autocast, 2 threads, glibc malloc", 2, False, []),
+        ("default: channels_last, bf16 autocast, 2 threads, glibc malloc, freed memory kept", 2, False, []),
+        ("as default, glibc's default heap policy (`--retain_freed_memory false`)", 2, False,
+         ["--retain_freed_memory", "false"]),
         ("as default, network compiled (`--compile true`)", 2, False, ["--compile", "true"]),
         ("as default, jemalloc (LD_PRELOAD)", 2, True, []),
         ("as default, channels_last off", 2, False, ["--network", NO_CHANNELS_LAST]),

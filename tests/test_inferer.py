@@ -124,33 +124,6 @@ def test_bf16_heads_normalised_in_their_own_storage_equal_a_plain_normalisation(
     assert kept.data_ptr() != raw_copy["fine"].data_ptr() and torch.equal(kept, out["fine"])
 
 
-def test_freed_heap_memory_is_returned_to_the_os():
-    """After a forward pass the heap's freed blocks go back to the OS (glibc's malloc_trim): half of 2,000 blocks of
-    64 KB freed in a checkerboard stay resident until then (the kept halves stop the heap from shrinking itself)."""
-    import platform
-    import subprocess
-    import sys
-
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
-        pytest.skip("malloc_trim is glibc's")
-    code = """
-import gc
-from samv2_components.inference.embedder import return_freed_heap_memory
-def rss():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
-            return int(line.split()[1]) // 1024
-blocks = [bytearray(b'x' * 65536) for _ in range(2000)]
-del blocks[::2]
-gc.collect()
-before = rss()
-return_freed_heap_memory()
-print(before - rss())
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip().splitlines()[-1]) >= 40  # MiB: 62.5 MiB were freed
-
-
 def test_prepared_network_is_reused_until_the_weights_change(monkeypatch):
     """The folded channels-last copy is made once per network and weights: a second scan reuses it, and a weight
     changed in place, reloaded weights or another network each give a fresh copy with their own results."""

@@ -4,7 +4,6 @@ tiling for bounded memory, and the affine of every output grid.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import math
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from samv2_components.allocator import return_freed_heap_memory
 from samv2_components.errors import parse_bool
 from samv2_components.geometry import strided_grid_affine
 from samv2_components.networks import HEAD_GRIDS, INPUT_DIVISOR, SAMv2Net, fuse_conv_norm
@@ -38,29 +38,6 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
-
-
-#: glibc's ``malloc_trim`` once looked up (False where the C library has none)
-_malloc_trim = None
-
-
-def return_freed_heap_memory() -> None:
-    """Hand the heap memory freed by a forward pass back to the operating system (glibc's ``malloc_trim``; nothing
-    elsewhere).
-
-    The network's smaller activations live on glibc's heap, which keeps freed blocks for reuse; the maps that
-    follow a forward pass (a search's descriptor blocks, a second scan's heads) are large enough to be mapped
-    separately and never reuse them, so the freed heap would stay in the process's memory for the rest of the run
-    (0.15 GB after a 512 x 512 x 600 CT). Costs about a millisecond.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:  # the process's own symbols: the C library it runs on
-            _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
-        except (OSError, TypeError):  # no C library to ask (Windows)
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
 
 
 class SAMv2Inferer(Inferer):

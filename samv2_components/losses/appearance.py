@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 
 from samv2_components.io.image import plain_tensor
+from samv2_components.losses.negatives import hard_then_random_negatives, random_permutation
 from samv2_components.losses.reduction import reduce_losses
 from torch.nn.modules.loss import _Loss
 
@@ -138,18 +139,6 @@ def _spacing_rows(spacing: Any, batch: int, device: torch.device) -> torch.Tenso
     if value.shape != (batch, 3):
         raise ValueError(f"spacing must be a number, 3 values or shape ({batch}, 3), got {tuple(value.shape)}")
     return value
-
-
-def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    if generator is None:
-        return torch.randperm(n, device=device)
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
-
-
-def _rand(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    if generator is None:
-        return torch.rand(*shape, device=device)
-    return torch.rand(*shape, generator=generator, device=generator.device).to(device)
 
 
 def _squared_distance(
@@ -380,7 +369,7 @@ class VoxelInfoNCELoss(_Loss):
                     usable &= inside
                 anchors = torch.nonzero(usable).flatten()
                 if self.num_positives is not None and anchors.numel() > self.num_positives:
-                    anchors = anchors[_randperm(anchors.numel(), generator, device)[: self.num_positives]]
+                    anchors = anchors[random_permutation(anchors.numel(), generator, device)[: self.num_positives]]
             if anchors.numel() == 0:
                 continue
             q_sel, t_sel = q[anchors], target[anchors]
@@ -406,38 +395,20 @@ class VoxelInfoNCELoss(_Loss):
                     keep = torch.cat([keep_b, keep_a], dim=1)
                 else:
                     keep = keep_b
-            sim = anchor_emb @ rows_b[k].t()  # (N, M): b's voxels, then a's
-            if self.negatives_from == "both":
-                sim = torch.cat([sim, anchor_emb @ rows_a[k].t()], dim=1)
-            negatives = self._select_negatives(sim, keep, generator)
+            candidates = torch.cat([rows_b[k], rows_a[k]]) if self.negatives_from == "both" else rows_b[k]  # (M, C)
+            negatives = hard_then_random_negatives(
+                anchor_emb, candidates, keep, self.num_hard_negatives, self.num_negatives, generator
+            )
             parts = [s_pos, negatives]
 
             if self.num_global_negatives > 0 and batch > 1:
                 pool = torch.cat([rows[j] for j in range(batch) if j != k for rows in (rows_a, rows_b)])
-                draw = _randperm(pool.shape[0], generator, device)[: self.num_global_negatives]
+                draw = random_permutation(pool.shape[0], generator, device)[: self.num_global_negatives]
                 parts.append(anchor_emb @ pool[draw].t())
 
             logits = torch.cat(parts, dim=1) / self.temperature
             out.append(torch.logsumexp(logits, dim=1) - logits[:, 0])
         return torch.cat(out) if out else None
-
-    def _select_negatives(
-        self, sim: torch.Tensor, keep: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """Hard-then-diverse negatives: ``(N, K)`` similarities, ``-inf`` where fewer than K candidates remain."""
-        if self.num_hard_negatives is None and self.num_negatives is None:
-            return sim.masked_fill(~keep, float("-inf"))
-        n_candidates = sim.shape[1]
-        k_hard = n_candidates if self.num_hard_negatives is None else min(self.num_hard_negatives, n_candidates)
-        ranked = sim.detach().masked_fill(~keep, float("-inf"))
-        hard_val, hard_idx = ranked.topk(k_hard, dim=1)
-        hard_ok = torch.isfinite(hard_val)
-        if self.num_negatives is not None and self.num_negatives < k_hard:
-            keys = _rand((sim.shape[0], k_hard), generator, sim.device).masked_fill(~hard_ok, -1.0)
-            pick = keys.topk(self.num_negatives, dim=1).indices
-            hard_idx = hard_idx.gather(1, pick)
-            hard_ok = hard_ok.gather(1, pick)
-        return sim.gather(1, hard_idx).masked_fill(~hard_ok, float("-inf"))
 
 
 def fine_infonce_loss(**overrides: Any) -> VoxelInfoNCELoss:

@@ -26,7 +26,8 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from samv2_components.losses.appearance import _rand, _randperm, _spacing_rows
+from samv2_components.losses.appearance import _spacing_rows
+from samv2_components.losses.negatives import hard_then_random_negatives, random_permutation
 from samv2_components.losses.reduction import reduce_losses
 
 __all__ = [
@@ -72,28 +73,6 @@ CROSS_COARSE_DEFAULTS: dict[str, Any] = {
 }
 
 _DIRECTIONS = ("both", "a_to_b", "b_to_a")
-
-
-def _hard_then_random(
-    sim: torch.Tensor,
-    keep: torch.Tensor,
-    num_hard: int | None,
-    num_random: int | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """``(N, K)`` negative similarities: per row, the ``num_hard`` most similar kept candidates (all if None), then
-    ``num_random`` of those uniformly at random (all if None or if fewer remain); ``-inf`` pads rows with fewer."""
-    n_candidates = sim.shape[1]
-    k_hard = n_candidates if num_hard is None else min(num_hard, n_candidates)
-    ranked = sim.detach().masked_fill(~keep, float("-inf"))
-    hard_val, hard_idx = ranked.topk(k_hard, dim=1)
-    hard_ok = torch.isfinite(hard_val)
-    if num_random is not None and num_random < k_hard:
-        keys = _rand((sim.shape[0], k_hard), generator, sim.device).masked_fill(~hard_ok, -1.0)
-        pick = keys.topk(num_random, dim=1).indices
-        hard_idx = hard_idx.gather(1, pick)
-        hard_ok = hard_ok.gather(1, pick)
-    return sim.gather(1, hard_idx).masked_fill(~hard_ok, float("-inf"))
 
 
 class CrossModalInfoNCELoss(_Loss):
@@ -278,7 +257,7 @@ class CrossModalInfoNCELoss(_Loss):
             with torch.no_grad():
                 anchors = overlap_idx
                 if self.num_positives is not None and anchors.numel() > self.num_positives:
-                    anchors = anchors[_randperm(anchors.numel(), generator, device)[: self.num_positives]]
+                    anchors = anchors[random_permutation(anchors.numel(), generator, device)[: self.num_positives]]
                 pos_mm = index * spacing[k]  # (n, 3)
 
                 def far_from_anchors(columns: torch.Tensor) -> torch.Tensor:
@@ -297,18 +276,22 @@ class CrossModalInfoNCELoss(_Loss):
             s_pos = (a_anchor * b_anchor).sum(dim=1, keepdim=True)
             terms: list[torch.Tensor] = []
             if use_ab:
-                sim = a_anchor @ flat_b[k][:, overlap_idx]
-                neg = _hard_then_random(sim, keep_overlap, self.num_hard_negatives, self.num_negatives, generator)
+                neg = hard_then_random_negatives(
+                    a_anchor, flat_b[k][:, overlap_idx].t(), keep_overlap, self.num_hard_negatives,
+                    self.num_negatives, generator,
+                )
                 terms.append(self._infonce([s_pos, neg]))
             if use_ba:
-                sim = b_anchor @ flat_a[k][:, overlap_idx]
-                neg = _hard_then_random(sim, keep_overlap, self.num_hard_negatives, self.num_negatives, generator)
+                neg = hard_then_random_negatives(
+                    b_anchor, flat_a[k][:, overlap_idx].t(), keep_overlap, self.num_hard_negatives,
+                    self.num_negatives, generator,
+                )
                 parts = [s_pos, neg]
                 if use_fov:
-                    sim_fov = b_anchor @ flat_a[k][:, fov_idx]
                     parts.append(
-                        _hard_then_random(
-                            sim_fov, keep_fov, self.num_hard_fov_negatives, self.num_fov_negatives, generator
+                        hard_then_random_negatives(
+                            b_anchor, flat_a[k][:, fov_idx].t(), keep_fov, self.num_hard_fov_negatives,
+                            self.num_fov_negatives, generator,
                         )
                     )
                 terms.append(self._infonce(parts))

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from samv2_components.errors import DeformableStageFailed, RegistrationFailed, SAMv2InputError, parse_bool
-from samv2_components.inference.embedder import return_freed_heap_memory
+from samv2_components.allocator import return_freed_heap_memory
 from samv2_components.io.atomic import atomic_directory
 from samv2_components.io.embeddings import case_name
 from samv2_components.io.transforms import write_itk_transform, write_transform_json
