@@ -11,11 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
 
 pytest.importorskip("SimpleITK")
 
 from samv2_components.engines import CrossSAMTrainer, HeadsModel  # noqa: E402
+from samv2_components.engines.trainer import BatchesOnDemand  # noqa: E402
 from samv2_components.geometry import convert_affine, world_to_voxel  # noqa: E402
 from samv2_components.losses import (  # noqa: E402
     coarse_infonce_loss,
@@ -224,6 +226,54 @@ def test_crosssam_trainer_iteration(cross_prob, step_type, terms):
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
     changed = [k for k, v in network.state_dict().items() if "weight" in k and not torch.equal(v, before[k])]
     assert len(changed) > 10
+
+
+class CountingLoader:
+    """A sized loader that counts its passes and the batches drawn from it."""
+
+    def __init__(self, batches):
+        self.batches, self.passes, self.drawn = list(batches), 0, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        for batch in self.batches:
+            self.drawn += 1
+            yield batch
+
+
+def test_batches_on_demand_draws_only_what_is_asked_for():
+    """Each pass yields len(loader) fetch functions; the loader is iterated at the first call of a pass only, and
+    a new pass starts the loader again."""
+    loader = CountingLoader(["b0", "b1", "b2"])
+    on_demand = BatchesOnDemand(loader)
+    items = list(on_demand)
+    assert len(on_demand) == 3 and len(items) == 3 and (loader.passes, loader.drawn) == (0, 0)
+    assert items[0]() == "b0" and items[2]() == "b1"  # the calls draw, in order, whichever item is called
+    assert (loader.passes, loader.drawn) == (1, 2)
+    assert next(iter(on_demand))() == "b0" and loader.passes == 2  # a new pass
+
+
+def test_steps_that_do_not_use_the_pair_batch_do_not_make_it():
+    """Cross-modal (and semantic) steps never draw from the pair loader: over 6 iterations the loader gives exactly
+    as many batches as there were appearance steps."""
+    intra, cross = _batches()
+    torch.manual_seed(0)
+    network = HeadsModel(SAMv2Net(width=0.25))
+    pairs = CountingLoader([intra] * 6)
+    trainer = CrossSAMTrainer(
+        device="cpu", max_epochs=1, epoch_length=6, train_data_loader=pairs, network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.01), fine_loss=fine_infonce_loss(),
+        coarse_loss=coarse_infonce_loss(), cross_loader=[cross], cross_fine_loss=cross_modal_fine_loss(),
+        cross_coarse_loss=cross_modal_coarse_loss(), cross_prob=0.5, bf16=False, seed=1,
+    )  # fmt: skip
+    steps = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: steps.append(engine.state.output["step_type"]))
+    trainer.run()
+    assert len(steps) == 6 and 0 < steps.count("appearance") < 6  # both kinds in this draw
+    assert pairs.drawn == steps.count("appearance") and pairs.passes == 1
 
 
 def test_crosssam_trainer_needs_cross_losses_with_a_loader():

@@ -448,3 +448,59 @@ def test_ranked_negatives_give_the_dense_value_and_gradient():
     torch.testing.assert_close(ranked, dense, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ranked_grad, dense_grad, rtol=1e-5, atol=1e-7)
     assert dense_grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shared negative selection (samv2_components.losses.negatives)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _negatives_from_the_full_product(anchors, candidates, keep, num_hard, num_random, generator):
+    """The selection written plainly: one differentiable product with every candidate, then the chosen entries."""
+    sim = anchors @ candidates.t()
+    ranked = sim.detach().masked_fill(~keep, float("-inf"))
+    hard_val, hard_idx = ranked.topk(min(num_hard, sim.shape[1]), dim=1)
+    hard_ok = torch.isfinite(hard_val)
+    if num_random < hard_idx.shape[1]:
+        keys = torch.rand(hard_idx.shape, generator=generator).masked_fill(~hard_ok, -1.0)
+        pick = keys.topk(num_random, dim=1).indices
+        hard_idx, hard_ok = hard_idx.gather(1, pick), hard_ok.gather(1, pick)
+    return sim.gather(1, hard_idx).masked_fill(~hard_ok, float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "n_candidates, num_hard, num_random",
+    [(400, 60, 20), (50, 30, 20), (12, 30, 20)],  # rows gathered; one product (many chosen); fewer than K kept
+)
+def test_negatives_equal_the_full_product_in_value_and_gradient(n_candidates, num_hard, num_random):
+    from samv2_components.losses.negatives import hard_then_random_negatives
+
+    torch.manual_seed(0)
+    anchors = F.normalize(torch.randn(7, 16, dtype=torch.float64), dim=1)
+    candidates = F.normalize(torch.randn(n_candidates, 16, dtype=torch.float64), dim=1)
+    keep = torch.rand(7, n_candidates) > 0.3
+    results = []
+    for select in (hard_then_random_negatives, _negatives_from_the_full_product):
+        a, c = anchors.clone().requires_grad_(True), candidates.clone().requires_grad_(True)
+        neg = select(a, c, keep, num_hard, num_random, torch.Generator().manual_seed(3))
+        weights = torch.linspace(0.5, 2.0, neg.shape[1], dtype=torch.float64)
+        torch.where(torch.isfinite(neg), neg * weights, 0.0).sum().backward()
+        results.append((neg.detach(), a.grad, c.grad))
+    (neg, grad_a, grad_c), (ref, ref_a, ref_c) = results
+    assert neg.shape == (7, min(num_random, num_hard, n_candidates))
+    assert torch.equal(torch.isinf(neg), torch.isinf(ref))
+    if n_candidates == 12:
+        assert torch.isinf(neg).any()  # at most 12 kept: the rows are padded with -inf
+    torch.testing.assert_close(neg[torch.isfinite(neg)], ref[torch.isfinite(ref)])
+    torch.testing.assert_close(grad_a, ref_a)
+    torch.testing.assert_close(grad_c, ref_c)
+
+
+def test_negatives_without_candidates_are_an_empty_row_still_connected():
+    from samv2_components.losses.negatives import hard_then_random_negatives
+
+    anchors = torch.randn(5, 8, requires_grad=True)
+    neg = hard_then_random_negatives(anchors, torch.randn(0, 8), torch.zeros(5, 0, dtype=torch.bool), 10, 4)
+    assert neg.shape == (5, 0)
+    neg.sum().backward()
+    assert anchors.grad is not None and float(anchors.grad.abs().sum()) == 0.0

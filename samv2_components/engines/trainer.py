@@ -30,7 +30,7 @@ from samv2_components.inference.embedder import bf16_supported
 from samv2_components.io.image import plain_tensor
 from samv2_components.networks import HEAD_GRIDS
 
-__all__ = ["HeadsModel", "SAMv2Trainer", "cpp_compiler_available", "isotropic_spacing"]
+__all__ = ["BatchesOnDemand", "HeadsModel", "SAMv2Trainer", "cpp_compiler_available", "isotropic_spacing"]
 
 logger = logging.getLogger("samv2_components")
 
@@ -111,6 +111,36 @@ class HeadsModel(nn.Module):
         return self.net.forward_heads(x.contiguous(memory_format=torch.channels_last_3d), wanted)
 
 
+class BatchesOnDemand:
+    """``loader``'s batches, each made only when the iteration calls the item it was handed.
+
+    Ignite fetches a batch before every iteration, but only appearance steps use the pair loader's batch: a
+    semantic step (40 % of SAMv2's steps) or a cross-modal one (half of CrossSAM's) would throw away a pair
+    sampled and augmented for nothing (about 0.09 s per batch of two pairs on 2 CPU cores). Each pass yields
+    ``len(loader)`` items, all the same function ``fetch()`` that returns the loader's next batch; the loader's
+    iterator is made at the pass's first call, so an epoch's draws still start after the trainer's per-epoch
+    re-seeding and a pass never asks for more batches than the loader has.
+    """
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Callable[[], Any]]:
+        batches: Iterator | None = None
+
+        def fetch() -> Any:
+            nonlocal batches
+            if batches is None:
+                batches = iter(self.loader)
+            return next(batches)
+
+        for _ in range(len(self.loader)):
+            yield fetch
+
+
 def _cycle(loader: Iterable) -> Iterator:
     """Repeat ``loader`` forever; a ``DistributedSampler`` gets a new epoch (a new shuffle) on every pass."""
     epoch = 0
@@ -146,6 +176,10 @@ class SAMv2Trainer(SupervisedTrainer):
             passes a per-rank seed and resumes statistically). None: seeded once, at the start.
         pair_keys: keys of the two patches, the correspondence field and its validity mask in a pair batch.
         Other arguments as :class:`monai.engines.SupervisedTrainer` (``loss_function`` is ``fine_loss``).
+
+    A sized ``train_data_loader`` (the pair loader, kept as ``pair_loader``) is handed to ignite through
+    :class:`BatchesOnDemand`: ``engine.state.batch`` is then a function that makes the batch, called by appearance
+    steps only.
     """
 
     def __init__(
@@ -194,12 +228,15 @@ class SAMv2Trainer(SupervisedTrainer):
         self._step_rng = random.Random(seed)
         if data_seed is not None:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_epoch)
+        self.pair_loader = self.data_loader
+        if hasattr(self.pair_loader, "__len__"):  # ignite hands each iteration a fetch() (see BatchesOnDemand)
+            self.data_loader = BatchesOnDemand(self.pair_loader)
 
     def _reseed_epoch(self, engine) -> None:
         """Make this epoch's draws a function of ``data_seed`` and the epoch number (see ``data_seed``)."""
         epoch_seed = (self.data_seed * 100_003 + engine.state.epoch) % MAX_SEED
         set_determinism(seed=epoch_seed)
-        set_rnd(self.data_loader.dataset, seed=epoch_seed)  # the transforms' own RandomState objects
+        set_rnd(self.pair_loader.dataset, seed=epoch_seed)  # the transforms' own RandomState objects
         if self.semantic_loader is not None:
             set_rnd(self.semantic_loader.dataset, seed=epoch_seed + 1)
             self._semantic_batches = None  # a fresh pass over the labelled crops, drawn from this epoch's seed
@@ -252,7 +289,7 @@ class SAMv2Trainer(SupervisedTrainer):
         Subclasses add step types here (e.g. :class:`~samv2_components.engines.crosssam.CrossSAMTrainer`)."""
         if self.semantic_loader is not None and self._step_rng.random() < self.semantic_prob:
             return "semantic", self._semantic_losses(engine)
-        return "appearance", self._appearance_losses(engine, batchdata)
+        return "appearance", self._appearance_losses(engine, batchdata() if callable(batchdata) else batchdata)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         if batchdata is None:

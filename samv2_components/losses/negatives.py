@@ -78,6 +78,6 @@ def hard_then_random_negatives(
         # few candidates, most of them chosen (the coarse head): one product beats gathering rows
         similarity = (anchors @ candidates.t()).gather(1, hard_idx)
     else:
-        chosen = candidates.index_select(0, hard_idx.reshape(-1)).view(*hard_idx.shape, -1)  # (N, K, C)
+        chosen = candidates.index_select(0, hard_idx.reshape(-1)).view(*hard_idx.shape, candidates.shape[1])  # (N, K, C)
         similarity = torch.bmm(chosen, anchors.unsqueeze(2)).squeeze(2)  # (N, K)
     return similarity.masked_fill(~hard_ok, float("-inf"))
