@@ -10,7 +10,7 @@ policies:
 - **training** allocates and frees the same large tensors (activations, gradients, similarity matrices) on every
   step: every allocation is kept on the heap and what is freed stays there for the next step
   (:func:`retain_freed_memory`). On the 2-core machine of the bundle docs a fresh 38 MB tensor cost about 10 ms of
-  page faults, a reused one under 1 ms, and the bundle's training ran 25-30 % more steps per hour.
+  page faults, a reused one under 1 ms, and the bundle's training ran 25-33 % more steps per hour.
 
 Both are no-ops (returning False or nothing) where the C library is not glibc.
 """
@@ -68,7 +68,7 @@ def retain_freed_memory(enabled: bool | str = True, top_pad_mb: int = 64) -> boo
     value (the heap's free top is not handed back) and ``M_TOP_PAD`` to ``top_pad_mb`` (the heap grows in steps of
     at least that much). The same as starting the process with ``MALLOC_MMAP_MAX_=0`` and friends, for allocations
     made from now on. The process's memory then stays near its peak (a training step's, which it reaches again
-    every step anyway: 2.5 -> 3.1 GB of peak RSS for the semantic_sam bundle's training).
+    every step anyway: 2.5 -> 3.3 GB of peak RSS for the semantic_sam bundle's training).
 
     Args:
         enabled: False (or the word "false", as a bundle's command line passes it) changes nothing.

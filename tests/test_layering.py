@@ -26,7 +26,7 @@ ROOT = Path(samv2_components.__file__).resolve().parent
 #: or of lower layers only. ``samv2_components`` itself (its ``__init__``) is at the bottom.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("samv2_components", "errors"),  # error types, no package imports
-    ("geometry", "consensus", "modality", "sample_data", "bundle_schema"),  # pure helpers: import only errors
+    ("geometry", "consensus", "modality", "sample_data", "bundle_schema", "allocator"),  # pure helpers: import only errors
     ("io",),  # files: scans, points, point pairs, datalists, embedding maps, transforms
     ("transforms", "losses", "metrics", "visualize"),  # on top of io: augmentation, losses, scores, QC pictures
     ("networks",),

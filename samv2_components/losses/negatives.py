@@ -5,8 +5,8 @@ similarity to the anchor, keep the ``num_hard`` most similar ones and draw ``num
 ("hard and diverse" negatives). Ranking needs the full ``(N, M)`` similarity matrix; the loss needs only the
 ``(N, K)`` chosen entries. The matrix is therefore computed without gradient, and the chosen similarities are
 computed again from the chosen candidates' rows: the backward pass then touches ``N x K`` rows instead of
-multiplying two ``N x M`` matrices (with a fine head, M = 73,728 candidates and K = 500: most of the loss's
-backward time).
+multiplying two ``N x M`` matrices (fine head: M = 73,728 candidates, K = 500; the fine loss's forward and
+backward 268 -> 244-251 ms per batch of two pairs on 2 CPU cores).
 """
 
 from __future__ import annotations
