@@ -64,19 +64,22 @@ def hard_then_random_negatives(
         return (anchors @ candidates.t()).masked_fill(~keep, float("-inf"))
     n_anchors, n_candidates = keep.shape
     k_hard = n_candidates if num_hard is None else min(num_hard, n_candidates)
+    k_chosen = k_hard if num_random is None else min(num_random, k_hard)
+    # few candidates, many of them chosen (the coarse head): one differentiable product, ranked on a copy;
+    # otherwise the product only ranks and the chosen rows are gathered below
+    product = anchors @ candidates.t() if k_chosen * _GATHER_RATIO > n_candidates else None  # (N, M)
     with torch.no_grad():
-        ranked = anchors @ candidates.t()  # (N, M), for ranking only
+        ranked = anchors @ candidates.t() if product is None else product.detach().clone()
         ranked.masked_fill_(~keep, float("-inf"))
         hard_val, hard_idx = ranked.topk(k_hard, dim=1)
         del ranked
         hard_ok = torch.isfinite(hard_val)
-        if num_random is not None and num_random < k_hard:
+        if k_chosen < k_hard:
             keys = random_uniform((n_anchors, k_hard), generator, anchors.device).masked_fill(~hard_ok, -1.0)
-            pick = keys.topk(num_random, dim=1).indices
+            pick = keys.topk(k_chosen, dim=1).indices
             hard_idx, hard_ok = hard_idx.gather(1, pick), hard_ok.gather(1, pick)
-    if hard_idx.shape[1] * _GATHER_RATIO > n_candidates:
-        # few candidates, most of them chosen (the coarse head): one product beats gathering rows
-        similarity = (anchors @ candidates.t()).gather(1, hard_idx)
+    if product is not None:
+        similarity = product.gather(1, hard_idx)
     else:
         chosen = candidates.index_select(0, hard_idx.reshape(-1)).view(*hard_idx.shape, candidates.shape[1])  # (N, K, C)
         similarity = torch.bmm(chosen, anchors.unsqueeze(2)).squeeze(2)  # (N, K)
